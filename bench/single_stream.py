@@ -1,0 +1,158 @@
+"""Single-stream decode speed: mlxd over its Unix socket vs mlx-lm's in-process
+``stream_generate``, on the same model, side by side in one run.
+
+Each trial runs both, alternating, and the table reports medians and their ratio (these
+machines are noisy: ratios, not absolute times, are what to compare). Decode tokens/s is
+measured from the first generated token to the last, on the client's side for the daemon,
+so it includes the socket, framing and the event loop.
+
+    python bench/single_stream.py [--sizes tiny demo] [--tokens 512] [--trials 5]
+
+Prints a table and writes bench/results/single_stream.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "def quicksort(items):"
+
+
+def in_process(model_dir: Path, tokens: int) -> tuple[float, int]:
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = _cached_load(model_dir, load)
+    first = last = 0.0
+    n = 0
+    for _ in stream_generate(model, tokenizer, PROMPT, max_tokens=tokens):
+        now = time.perf_counter()
+        if n == 0:
+            first = now
+        last = now
+        n += 1
+    return (n - 1) / (last - first), n
+
+
+_loaded: dict[Path, tuple[object, object]] = {}
+
+
+def _cached_load(model_dir: Path, load):  # type: ignore[no-untyped-def]
+    if model_dir not in _loaded:
+        _loaded[model_dir] = load(str(model_dir))
+    return _loaded[model_dir]
+
+
+def through_daemon(socket: Path, model: str, tokens: int) -> tuple[float, int]:
+    from mlxd.client import Chunk, Client
+
+    first = last = 0.0
+    n = 0
+    with Client(socket) as client:
+        for m in client.stream(PROMPT, model=model, max_tokens=tokens):
+            now = time.perf_counter()
+            if isinstance(m, Chunk):
+                if n == 0:
+                    first = now
+                last = now
+                n += len(m.tokens)
+    return (n - 1) / (last - first), n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "demo"])
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "single_stream.json")
+    )
+    args = parser.parse_args()
+
+    from mlxd.daemon.demo_model import build_demo_model
+
+    work = Path(tempfile.mkdtemp(prefix="mlxd-bench-", dir="/tmp"))
+    models = {size: build_demo_model(work / size, size=size) for size in args.sizes}
+    socket = work / "mlxd.sock"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlxd.daemon",
+        "serve",
+        "--socket",
+        str(socket),
+        "--log-level",
+        "warning",
+    ]
+    for size, path in models.items():
+        cmd += ["--model", f"{size}={path}"]
+    daemon = subprocess.Popen(cmd)
+    try:
+        _wait(socket)
+        rows = []
+        for size, path in models.items():
+            through_daemon(socket, size, 32)  # warm up both sides
+            in_process(path, 32)
+            mine, theirs = [], []
+            for _ in range(args.trials):
+                tps, n_in = in_process(path, args.tokens)
+                theirs.append(tps)
+                tps, n_d = through_daemon(socket, size, args.tokens)
+                mine.append(tps)
+                # mlx-lm counts a final end-of-sequence token, the daemon does not send it.
+                assert abs(n_in - n_d) <= 1, f"token counts differ: {n_in} vs {n_d}"
+            rows.append(
+                {
+                    "model": size,
+                    "tokens": n_d,
+                    "in_process_tps": statistics.median(theirs),
+                    "daemon_tps": statistics.median(mine),
+                    "ratio": statistics.median(mine) / statistics.median(theirs),
+                    "trials_in_process": theirs,
+                    "trials_daemon": mine,
+                }
+            )
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+
+    print(f"\nsingle-stream decode, median of {args.trials} trials, greedy, {args.tokens} tokens")
+    print(f"{'model':<8}{'tokens':>8}{'in-process tok/s':>20}{'mlxd tok/s':>14}{'ratio':>9}")
+    for r in rows:
+        print(
+            f"{r['model']:<8}{r['tokens']:>8}{r['in_process_tps']:>20.1f}"
+            f"{r['daemon_tps']:>14.1f}{r['ratio']:>8.3f}x"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+    }
+    out.write_text(json.dumps({"benchmark": "single_stream", **meta, "results": rows}, indent=2))
+    print(f"\nwrote {out}")
+
+
+def _wait(socket: Path) -> None:
+    from mlxd.client import Client, DaemonUnavailableError
+
+    for _ in range(1200):
+        try:
+            with Client(socket) as c:
+                c.ping()
+                return
+        except (DaemonUnavailableError, OSError):
+            time.sleep(0.05)
+    raise TimeoutError("daemon did not start")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The async client (anyio): one connection, many requests in flight, streamed by id.
+
+    async with AsyncClient() as client:
+        async for chunk in client.stream("def fib(n):", max_tokens=64):
+            print(chunk.text, end="")
+
+Leaving a ``stream`` early (``break``, an exception, or dropping it) cancels the request
+on the daemon. Threading: one event loop; the client is not shared between threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from mlxd.protocol import (
+    HEADER_SIZE,
+    PROTOCOL_VERSION,
+    Cancel,
+    Chunk,
+    Done,
+    Encoder,
+    Error,
+    GetStats,
+    Hello,
+    ListModels,
+    Load,
+    ModelInfo,
+    Ping,
+    ServerStats,
+    Unload,
+    Welcome,
+    decode_server_message,
+    frame_length,
+)
+from mlxd.protocol.paths import default_socket_path
+
+from ._common import Completion, Messages, generate_request
+from .exceptions import ConnectionClosedError, DaemonUnavailableError, MlxdError, error_from
+
+
+class AsyncClient:
+    def __init__(self, socket_path: str | Path | None = None, *, name: str = "mlxd.client") -> None:
+        self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        self.welcome: Welcome | None = None
+        self._name = name
+        self._ids = itertools.count(1)
+        self._routes: dict[int, MemoryObjectSendStream[Any]] = {}
+        self._encoder = Encoder()
+        self._send_lock = anyio.Lock()
+        self._stream: anyio.abc.SocketStream | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closed: MlxdError | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        try:
+            self._stream = await anyio.connect_unix(self.socket_path)
+        except OSError as exc:
+            raise DaemonUnavailableError(
+                "daemon_unavailable", f"no mlxd at {self.socket_path}: {exc.strerror or exc}"
+            ) from exc
+        await self._write(Hello(protocol=PROTOCOL_VERSION, client=self._name))
+        reply = await self._read()
+        if isinstance(reply, Error):
+            raise error_from(reply)
+        assert isinstance(reply, Welcome)
+        self.welcome = reply
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._reader)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._tg is not None and self._stream is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(et, e, tb)
+        await self._stream.aclose()
+
+    # ------------------------------------------------------------------ requests
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        tokens: list[int] | None = None,
+        **options: Any,
+    ) -> GenerationStream:
+        """Chunks of a completion as an async iterator; ``.done`` holds the end once reached."""
+        request = generate_request(
+            next(self._ids), prompt, messages=messages, tokens=tokens, **options
+        )
+        return GenerationStream(self, request)
+
+    async def generate(self, prompt: str | None = None, **options: Any) -> Completion:
+        stream = self.stream(prompt, **options)
+        parts, ids = [], []
+        async with stream:
+            async for chunk in stream:
+                parts.append(chunk.text)
+                ids.extend(chunk.tokens)
+        assert stream.done is not None
+        return Completion("".join(parts), ids, stream.done)
+
+    async def chat(self, messages: Messages, **options: Any) -> Completion:
+        return await self.generate(messages=messages, **options)
+
+    async def load(self, model: str, keep_alive: float | None = None) -> ModelInfo:
+        done = await self._call(Load(id=next(self._ids), model=model, keep_alive=keep_alive))
+        assert done.model is not None
+        return done.model
+
+    async def unload(self, model: str) -> None:
+        await self._call(Unload(id=next(self._ids), model=model))
+
+    async def models(self) -> list[ModelInfo]:
+        return (await self._call(ListModels(id=next(self._ids)))).models or []
+
+    async def stats(self) -> ServerStats:
+        done = await self._call(GetStats(id=next(self._ids)))
+        assert done.stats is not None
+        return done.stats
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds."""
+        start = time.perf_counter()
+        await self._call(Ping(id=next(self._ids)))
+        return time.perf_counter() - start
+
+    async def cancel(self, request_id: int) -> None:
+        await self._call(Cancel(id=next(self._ids), target=request_id))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _route(self, request_id: int) -> MemoryObjectReceiveStream[Any]:
+        if self._closed is not None:
+            raise self._closed
+        send, receive = anyio.create_memory_object_stream[Any](max_buffer_size=1 << 16)
+        self._routes[request_id] = send
+        return receive
+
+    def _unroute(self, request_id: int) -> None:
+        route = self._routes.pop(request_id, None)
+        if route is not None:
+            route.close()
+
+    async def _call(self, request: Any) -> Done:
+        receive = self._route(request.id)
+        try:
+            await self._write(request)
+            message = await receive.receive()
+        except anyio.EndOfStream:
+            raise self._closed or ConnectionClosedError("connection_closed", "closed") from None
+        finally:
+            self._unroute(request.id)
+        if isinstance(message, Error):
+            raise error_from(message)
+        return message
+
+    async def _write(self, message: Any) -> None:
+        assert self._stream is not None
+        frame = self._encoder.frame(message)
+        async with self._send_lock:
+            await self._stream.send(frame)
+
+    async def _read(self) -> Any:
+        assert self._stream is not None
+        header = await self._receive_exactly(HEADER_SIZE)
+        return decode_server_message(await self._receive_exactly(frame_length(header)))
+
+    async def _receive_exactly(self, n: int) -> bytes:
+        assert self._stream is not None
+        buf = bytearray()
+        while len(buf) < n:
+            buf += await self._stream.receive(n - len(buf))
+        return bytes(buf)
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                message = await self._read()
+                request_id = getattr(message, "id", None)
+                route = self._routes.get(request_id) if request_id is not None else None
+                if route is not None:
+                    route.send_nowait(message)
+                elif isinstance(message, Error) and request_id is None:
+                    self._closed = error_from(message)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            if self._closed is None:
+                self._closed = ConnectionClosedError(
+                    "connection_closed", "the daemon closed the connection"
+                )
+            for route in self._routes.values():
+                route.close()
+
+
+class GenerationStream:
+    """One generate request: iterate for ``Chunk``\\s; ``done`` is set when it ends.
+
+    Leaving early cancels the request on the daemon: ``aclose()`` (or ``async with``)
+    does it at once; a stream dropped mid-way sends the cancel from ``__del__``.
+    """
+
+    def __init__(self, client: AsyncClient, request: Any) -> None:
+        self.client = client
+        self.request = request
+        self.id: int = request.id
+        self.done: Done | None = None
+        self._receive: MemoryObjectReceiveStream[Any] | None = None
+        self._ended = False
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._ended:
+            raise StopAsyncIteration
+        if self._receive is None:
+            self._receive = self.client._route(self.id)
+            await self.client._write(self.request)
+        try:
+            message = await self._receive.receive()
+        except anyio.EndOfStream:
+            self._end()
+            raise self.client._closed or ConnectionClosedError(
+                "connection_closed", "closed"
+            ) from None
+        if isinstance(message, Chunk):
+            return message
+        self._end()
+        if isinstance(message, Error):
+            raise error_from(message)
+        self.done = message
+        raise StopAsyncIteration
+
+    def _end(self) -> None:
+        self._ended = True
+        self.client._unroute(self.id)
+
+    async def aclose(self) -> None:
+        """Cancel the request if it is still running, and wait for it to end."""
+        if self._ended or self._receive is None:
+            self._ended = True
+            return
+        await self.client._write(Cancel(id=next(self.client._ids), target=self.id))
+        with anyio.move_on_after(10):
+            async for _ in self:
+                pass
+        self._end()
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if self._ended or self._receive is None or self.client._tg is None:
+            return
+        client, target = self.client, self.id
+        client._unroute(target)
+        # If the client is closing, start_soon fails: the daemon cancels on disconnect anyway.
+        with contextlib.suppress(RuntimeError):
+            client._tg.start_soon(client._write, Cancel(id=next(client._ids), target=target))
+
+
+__all__ = ["AsyncClient", "GenerationStream", "MlxdError"]

@@ -1,0 +1,57 @@
+"""Typed exceptions for the daemon's error codes (see ``mlxd.protocol.errors``)."""
+
+from __future__ import annotations
+
+from mlxd.protocol import Error, errors
+
+
+class MlxdError(Exception):
+    """A request failed; ``code`` is the daemon's stable error code."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class DaemonUnavailableError(MlxdError):
+    """No daemon answers on the socket (not running, or the path is wrong)."""
+
+
+class ConnectionClosedError(MlxdError):
+    """The daemon closed the connection before the request ended."""
+
+
+class InvalidRequestError(MlxdError):
+    pass
+
+
+class UnknownModelError(MlxdError):
+    pass
+
+
+class ModelLoadError(MlxdError):
+    pass
+
+
+class OverloadedError(MlxdError):
+    pass
+
+
+class ShuttingDownError(MlxdError):
+    pass
+
+
+_BY_CODE: dict[str, type[MlxdError]] = {
+    errors.INVALID_REQUEST: InvalidRequestError,
+    errors.UNKNOWN_MODEL: UnknownModelError,
+    errors.MODEL_LOAD_FAILED: ModelLoadError,
+    errors.OVERLOADED: OverloadedError,
+    errors.TOO_MANY_REQUESTS: OverloadedError,
+    errors.SHUTTING_DOWN: ShuttingDownError,
+}
+
+
+def error_from(message: Error) -> MlxdError:
+    return _BY_CODE.get(message.code, MlxdError)(message.code, message.message, message.field)

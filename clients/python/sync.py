@@ -1,0 +1,189 @@
+"""The blocking client: plain sockets, one request at a time, for scripts and the CLI.
+
+    with Client() as client:
+        for chunk in client.stream("def fib(n):", max_tokens=64):
+            print(chunk.text, end="")
+
+Leaving a ``stream`` early (``break`` or an exception) cancels the request on the daemon.
+Threading: not shared between threads; use one client per thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mlxd.protocol import (
+    HEADER_SIZE,
+    PROTOCOL_VERSION,
+    Cancel,
+    Chunk,
+    Done,
+    Encoder,
+    Error,
+    GetStats,
+    Hello,
+    ListModels,
+    Load,
+    ModelInfo,
+    Ping,
+    ServerStats,
+    Unload,
+    Welcome,
+    decode_server_message,
+    frame_length,
+)
+from mlxd.protocol.paths import default_socket_path
+
+from ._common import Completion, Messages, generate_request
+from .exceptions import ConnectionClosedError, DaemonUnavailableError, error_from
+
+
+class Client:
+    def __init__(
+        self,
+        socket_path: str | Path | None = None,
+        *,
+        timeout: float | None = None,
+        name: str = "mlxd.client",
+    ) -> None:
+        self.socket_path = Path(socket_path) if socket_path else default_socket_path()
+        self._ids = itertools.count(1)
+        self._encoder = Encoder()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(str(self.socket_path))
+        except OSError as exc:
+            self._sock.close()
+            raise DaemonUnavailableError(
+                "daemon_unavailable", f"no mlxd at {self.socket_path}: {exc.strerror or exc}"
+            ) from exc
+        self._send(Hello(protocol=PROTOCOL_VERSION, client=name))
+        reply = self._read()
+        if isinstance(reply, Error):
+            self.close()
+            raise error_from(reply)
+        assert isinstance(reply, Welcome)
+        self.welcome: Welcome = reply
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        tokens: list[int] | None = None,
+        **options: Any,
+    ) -> Iterator[Chunk | Done]:
+        """Yields each ``Chunk``, then the final ``Done``; raises ``MlxdError`` on an error."""
+        request = generate_request(
+            next(self._ids), prompt, messages=messages, tokens=tokens, **options
+        )
+        self._send(request)
+        finished = False
+        try:
+            while True:
+                message = self._read_for(request.id)
+                if isinstance(message, Chunk):
+                    yield message
+                    continue
+                finished = True
+                if isinstance(message, Error):
+                    raise error_from(message)
+                yield message
+                return
+        finally:
+            if not finished:
+                self._cancel_and_drain(request.id)
+
+    def generate(self, prompt: str | None = None, **options: Any) -> Completion:
+        parts: list[str] = []
+        ids: list[int] = []
+        for message in self.stream(prompt, **options):
+            if isinstance(message, Chunk):
+                parts.append(message.text)
+                ids.extend(message.tokens)
+            else:
+                return Completion("".join(parts), ids, message)
+        raise ConnectionClosedError("connection_closed", "the stream ended without done")
+
+    def chat(self, messages: Messages, **options: Any) -> Completion:
+        return self.generate(messages=messages, **options)
+
+    def load(self, model: str, keep_alive: float | None = None) -> ModelInfo:
+        done = self._call(Load(id=next(self._ids), model=model, keep_alive=keep_alive))
+        assert done.model is not None
+        return done.model
+
+    def unload(self, model: str) -> None:
+        self._call(Unload(id=next(self._ids), model=model))
+
+    def models(self) -> list[ModelInfo]:
+        return self._call(ListModels(id=next(self._ids))).models or []
+
+    def stats(self) -> ServerStats:
+        done = self._call(GetStats(id=next(self._ids)))
+        assert done.stats is not None
+        return done.stats
+
+    def ping(self) -> float:
+        start = time.perf_counter()
+        self._call(Ping(id=next(self._ids)))
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, request: Any) -> Done:
+        self._send(request)
+        message = self._read_for(request.id)
+        if isinstance(message, Error):
+            raise error_from(message)
+        return message
+
+    def _cancel_and_drain(self, target: int) -> None:
+        try:
+            self._send(Cancel(id=next(self._ids), target=target))
+            while isinstance(self._read_for(target), Chunk):
+                pass
+        except (OSError, ConnectionClosedError):
+            pass  # the connection is gone: the daemon cancels on disconnect
+
+    def _send(self, message: Any) -> None:
+        self._sock.sendall(self._encoder.frame(message))
+
+    def _read_for(self, request_id: int) -> Any:
+        """The next message for ``request_id``; others (a cancel's reply, say) are skipped."""
+        while True:
+            message = self._read()
+            if getattr(message, "id", None) == request_id:
+                return message
+            if isinstance(message, Error) and message.id is None:
+                raise error_from(message)
+
+    def _read(self) -> Any:
+        header = self._receive_exactly(HEADER_SIZE)
+        return decode_server_message(self._receive_exactly(frame_length(header)))
+
+    def _receive_exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            part = self._sock.recv(n - len(buf))
+            if not part:
+                raise ConnectionClosedError("connection_closed", "the daemon closed the connection")
+            buf += part
+        return bytes(buf)

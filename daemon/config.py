@@ -1,0 +1,63 @@
+"""The daemon's settings: one msgspec ``Struct``, built from CLI flags over defaults.
+
+Also the platform facts the settings default from (memory size, state folders).
+
+Threading: a ``Config`` is immutable once built and read by every thread.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+
+from mlxd.protocol import DEFAULT_MAX_FRAME_BYTES
+from mlxd.protocol.paths import default_socket_path
+
+DEMO_MODEL_NAME = "demo"
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 1024**3
+
+
+def default_memory_budget() -> int:
+    # Leave the system and the user's other programs room: on a Mac the GPU shares this memory.
+    return int(physical_memory_bytes() * 0.6)
+
+
+def state_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "mlxd"
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mlxd"
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    socket_path: str = msgspec.field(default_factory=lambda: str(default_socket_path()))
+    models: dict[str, str] = {}
+    """Model name -> local mlx-lm model directory."""
+    models_dir: str | None = None
+    """Folder whose sub-folders are models addressable by their folder name."""
+    default_model: str | None = None
+    memory_budget_bytes: int = msgspec.field(default_factory=default_memory_budget)
+    """Bytes the resident models' weights may take together; LRU idle models are unloaded."""
+    keep_alive_s: float = 300.0
+    """Idle seconds before a model is unloaded; -1 keeps models resident forever."""
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_tokens_limit: int = 32768
+    max_requests_per_connection: int = 64
+    max_connections: int = 256
+    demo_model_dir: str | None = None
+    """Where the built-in demo model lives; built there on first use if missing."""
+    log_level: str = "info"
+    log_format: str = "auto"
+    """``json``, ``console``, or ``auto``: console on a terminal, JSON otherwise."""
+
+    def default_model_name(self) -> str | None:
+        return self.default_model or next(iter(self.models), None)

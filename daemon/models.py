@@ -1,0 +1,201 @@
+"""Resident models: name resolution, loading, LRU unloading under a byte budget, keep-alive.
+
+A model name resolves to a local mlx-lm model directory: a configured alias first, then a
+sub-folder of ``models_dir`` (never a path that leaves it). Models load on first use or by
+an explicit ``load``; when the weights of the resident models would exceed the budget, the
+least recently used idle models are unloaded first; a model idle past its keep-alive is
+unloaded by ``sweep``.
+
+Threading: worker thread only. Loading creates MLX arrays, and MLX streams are
+thread-local (mlx-lm #1181), so a model must be loaded on the thread that runs it.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load as mlx_lm_load
+
+from mlxd.protocol import ModelInfo, errors
+
+from .config import Config
+
+
+class ModelError(Exception):
+    """A request cannot be served because of its model; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    name: str
+    path: Path
+    model: Any
+    tokenizer: TokenizerWrapper
+    nbytes: int
+    vocab_size: int
+    context_length: int | None
+    keep_alive_s: float
+    last_used: float = field(default_factory=time.time)
+    active: int = 0
+    """Sequences running on it now; a model with any is never unloaded."""
+
+    def touch(self, keep_alive_s: float | None) -> None:
+        self.last_used = time.time()
+        if keep_alive_s is not None:
+            self.keep_alive_s = keep_alive_s
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            path=str(self.path),
+            resident=True,
+            bytes=self.nbytes,
+            last_used=self.last_used,
+            keep_alive_s=self.keep_alive_s,
+            active_sequences=self.active,
+        )
+
+
+def _weights_on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def _vocab_size(model: Any, tokenizer: TokenizerWrapper) -> int:
+    """Token ids the model can take: its embedding rows, else the tokenizer's size."""
+    args = getattr(model, "args", None)
+    size = getattr(args, "vocab_size", None)
+    return int(size) if size else len(tokenizer._tokenizer)
+
+
+class ModelRegistry:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._aliases = {name: Path(p).expanduser() for name, p in config.models.items()}
+        self._models_dir = Path(config.models_dir).expanduser() if config.models_dir else None
+        self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+
+    def resolve(self, name: str) -> Path:
+        if name in self._aliases:
+            return self._aliases[name]
+        if self._models_dir is not None and name not in ("", ".", "..") and "/" not in name:
+            candidate = (self._models_dir / name).resolve()
+            if candidate.parent == self._models_dir.resolve() and candidate.is_dir():
+                return candidate
+        raise ModelError(errors.UNKNOWN_MODEL, f"unknown model {name!r}")
+
+    def get(self, name: str | None, keep_alive_s: float | None = None) -> LoadedModel:
+        """The resident model called ``name`` (the default when None), loading it if needed."""
+        name = name or self._config.default_model_name()
+        if name is None:
+            raise ModelError(errors.UNKNOWN_MODEL, "no model given and no default model set")
+        loaded = self._resident.get(name)
+        if loaded is None:
+            loaded = self._load(name, self.resolve(name))
+        self._resident.move_to_end(name)
+        loaded.touch(keep_alive_s)
+        return loaded
+
+    def _load(self, name: str, path: Path) -> LoadedModel:
+        demo = self._config.demo_model_dir
+        if demo is not None and path == Path(demo).expanduser():
+            from .demo_model import ensure_demo_model
+
+            ensure_demo_model(path)
+        if not (path / "config.json").is_file():
+            raise ModelError(errors.MODEL_LOAD_FAILED, f"{path} is not an mlx-lm model directory")
+        budget = self._config.memory_budget_bytes
+        needed = _weights_on_disk(path)
+        if needed > budget:
+            raise ModelError(
+                errors.INSUFFICIENT_MEMORY,
+                f"model {name!r} needs {needed} bytes, over the memory budget of {budget}",
+            )
+        self._free_for(needed)
+        try:
+            model, tokenizer, config = mlx_lm_load(str(path), return_config=True)
+        except Exception as exc:  # any failure to load is the model's, not the daemon's
+            raise ModelError(errors.MODEL_LOAD_FAILED, f"loading {name!r} failed: {exc}") from exc
+        nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        loaded = LoadedModel(
+            name=name,
+            path=path,
+            model=model,
+            tokenizer=tokenizer,
+            nbytes=nbytes,
+            vocab_size=_vocab_size(model, tokenizer),
+            context_length=config.get("max_position_embeddings"),
+            keep_alive_s=self._config.keep_alive_s,
+        )
+        self._resident[name] = loaded
+        return loaded
+
+    def _free_for(self, needed: int) -> None:
+        budget = self._config.memory_budget_bytes
+        for victim in [m for m in self._resident.values() if m.active == 0]:
+            if self.resident_bytes() + needed <= budget:
+                return
+            self.unload(victim.name)
+        if self.resident_bytes() + needed > budget:
+            raise ModelError(
+                errors.INSUFFICIENT_MEMORY,
+                f"{needed} more bytes of weights would exceed the memory budget of {budget} "
+                "and every resident model is busy",
+            )
+
+    def unload(self, name: str) -> bool:
+        loaded = self._resident.pop(name, None)
+        if loaded is None:
+            return False
+        del loaded
+        # Release the weights now, not at some later collection.
+        gc.collect()
+        mx.clear_cache()
+        return True
+
+    def sweep(self, now: float | None = None) -> None:
+        """Unload idle models whose keep-alive has passed."""
+        now = time.time() if now is None else now
+        for m in list(self._resident.values()):
+            if m.active == 0 and m.keep_alive_s >= 0 and now - m.last_used >= m.keep_alive_s:
+                self.unload(m.name)
+
+    def next_expiry(self) -> float | None:
+        """Seconds until the next keep-alive expiry, so the worker knows how long to sleep."""
+        times = [
+            m.last_used + m.keep_alive_s - time.time()
+            for m in self._resident.values()
+            if m.active == 0 and m.keep_alive_s >= 0
+        ]
+        return max(0.0, min(times)) if times else None
+
+    def resident_bytes(self) -> int:
+        return sum(m.nbytes for m in self._resident.values())
+
+    def resident(self) -> list[LoadedModel]:
+        return list(self._resident.values())
+
+    def infos(self) -> list[ModelInfo]:
+        infos = [m.info() for m in self._resident.values()]
+        known = {i.name for i in infos}
+        for name, path in self._aliases.items():
+            if name not in known:
+                infos.append(ModelInfo(name=name, path=str(path), resident=False))
+                known.add(name)
+        if self._models_dir is not None and self._models_dir.is_dir():
+            for sub in sorted(self._models_dir.iterdir()):
+                if sub.name not in known and (sub / "config.json").is_file():
+                    infos.append(ModelInfo(name=sub.name, path=str(sub), resident=False))
+        return infos

@@ -1,0 +1,414 @@
+"""The front end: an asyncio server on a Unix socket that frames, decodes and routes.
+
+Each connection reads length-prefixed MessagePack frames, decodes each once into the
+protocol's request union, answers ``hello`` and ``ping`` itself and hands everything else
+to the worker. Replies come back from the worker through ``LoopOutbox`` and are written
+with backpressure: a slow reader gets its pending chunks merged, never the worker or
+another client stalled.
+
+Threading: everything here runs on the event loop thread; it never calls MLX. The only
+ways into the worker are ``Worker.submit``/``cancel``/``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from mlxd.protocol import (
+    HEADER_SIZE,
+    PROTOCOL_VERSION,
+    REQUEST_TYPES,
+    Cancel,
+    Chunk,
+    Done,
+    Error,
+    Generate,
+    Hello,
+    Ping,
+    ServerStats,
+    Welcome,
+    decode_request,
+    errors,
+    frame_length,
+)
+from mlxd.protocol import Encoder as FrameEncoder
+
+from . import __version__
+from .config import Config
+from .transport import SocketLock, bind_unix_socket, prepare_dir
+from .worker import LoopOutbox, Worker, WorkerStats
+
+log = structlog.get_logger("mlxd.server")
+
+WRITE_HIGH_WATER = 256 * 1024
+_AT_PATH = re.compile(r"- at `(\$[^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+class _CloseConnection(Exception):
+    pass
+
+
+class _Pending:
+    """The loop's handle for one request in flight: the worker's opaque ``sink``."""
+
+    __slots__ = ("conn", "received_at", "request")
+
+    def __init__(self, conn: Connection, request: Any, received_at: float) -> None:
+        self.conn = conn
+        self.request = request
+        self.received_at = received_at
+
+
+class Connection:
+    def __init__(
+        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, _Pending] = {}
+        self.closed = False
+        self._encoder = FrameEncoder()
+        self._queue: collections.deque[Any] = collections.deque()
+        self._flusher: asyncio.Task[None] | None = None
+        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    # ------------------------------------------------------------------ reading
+
+    async def run(self) -> None:
+        try:
+            await self._handshake()
+            while True:
+                payload = await self._read_frame()
+                received_at = time.perf_counter()
+                try:
+                    request = decode_request(payload)
+                except Exception as exc:  # any decoding failure is the frame's fault
+                    self.send(_diagnose(payload, exc))
+                    continue
+                self._dispatch(request, received_at)
+        except (asyncio.IncompleteReadError, ConnectionError, _CloseConnection):
+            pass
+        finally:
+            await self.close()
+
+    async def _read_frame(self) -> bytes:
+        header = await self.reader.readexactly(HEADER_SIZE)
+        length = frame_length(header)
+        limit = self.server.config.max_frame_bytes
+        if length == 0:
+            self.send(Error(code=errors.INVALID_FRAME, message="a frame of length 0"))
+            raise _CloseConnection
+        if length > limit:
+            self.send(
+                Error(
+                    code=errors.FRAME_TOO_LARGE,
+                    message=f"a frame of {length} bytes is over the limit of {limit}",
+                )
+            )
+            raise _CloseConnection
+        return await self.reader.readexactly(length)
+
+    async def _handshake(self) -> None:
+        payload = await self._read_frame()
+        try:
+            hello = decode_request(payload)
+        except Exception as exc:
+            self.send(_diagnose(payload, exc))
+            raise _CloseConnection from exc
+        if not isinstance(hello, Hello):
+            self.send(
+                Error(
+                    id=getattr(hello, "id", None),
+                    code=errors.HANDSHAKE_REQUIRED,
+                    message="the first message on a connection must be hello",
+                )
+            )
+            raise _CloseConnection
+        if hello.protocol != PROTOCOL_VERSION:
+            self.send(
+                Error(
+                    code=errors.UNSUPPORTED_VERSION,
+                    message=f"this server speaks protocol {PROTOCOL_VERSION}, not {hello.protocol}",
+                )
+            )
+            raise _CloseConnection
+        config = self.server.config
+        self.send(
+            Welcome(
+                protocol=PROTOCOL_VERSION,
+                server=f"mlxd {__version__}",
+                max_frame_bytes=config.max_frame_bytes,
+                default_model=config.default_model_name(),
+            )
+        )
+
+    def _dispatch(self, request: Any, received_at: float) -> None:
+        if isinstance(request, Ping):
+            self.send(Done(id=request.id))
+        elif isinstance(request, Hello):
+            self.send(Error(code=errors.INVALID_MESSAGE, message="hello was already received"))
+        elif isinstance(request, Cancel):
+            target = self.pending.get(request.target)
+            if target is not None:
+                self.server.worker.cancel(target)
+            self.send(Done(id=request.id))
+        elif request.id in self.pending:
+            self.send(
+                Error(
+                    id=request.id,
+                    code=errors.DUPLICATE_ID,
+                    message=f"request id {request.id} is already in flight on this connection",
+                )
+            )
+        elif len(self.pending) >= self.server.config.max_requests_per_connection:
+            self.send(
+                Error(
+                    id=request.id,
+                    code=errors.TOO_MANY_REQUESTS,
+                    message="too many requests in flight on this connection",
+                )
+            )
+        elif not self.server.accepting:
+            self.send(
+                Error(
+                    id=request.id, code=errors.SHUTTING_DOWN, message="the daemon is shutting down"
+                )
+            )
+        else:
+            pending = _Pending(self, request, received_at)
+            self.pending[request.id] = pending
+            self.server.requests_total += 1
+            self.server.worker.submit(request, pending, received_at)
+
+    # ------------------------------------------------------------------ writing
+
+    def send(self, message: Any) -> None:
+        """Queue or write one message; never blocks, never drops a terminal message."""
+        if self.closed:
+            return
+        if not self._queue and self.writer.transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+            self.writer.write(self._encoder.frame(message))
+            return
+        last = self._queue[-1] if self._queue else None
+        if isinstance(message, Chunk) and isinstance(last, Chunk) and last.id == message.id:
+            # The reader is slow: merge rather than grow one frame per token.
+            last.text += message.text
+            last.tokens.extend(message.tokens)
+        else:
+            self._queue.append(message)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue and not self.closed:
+                await self.writer.drain()
+                if self._queue:
+                    self.writer.write(self._encoder.frame(self._queue.popleft()))
+        except ConnectionError:
+            self.writer.transport.abort()
+        finally:
+            self._flusher = None
+
+    async def close(self) -> None:
+        # Flush what is queued (an error before closing, say), briefly, then let go.
+        if self._flusher is not None and not self.writer.transport.is_closing():
+            with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+                await asyncio.wait_for(asyncio.shield(self._flusher), 1.0)
+        self.closed = True
+        for pending in self.pending.values():
+            self.server.worker.cancel(pending)
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+
+
+def _diagnose(payload: bytes, exc: Exception) -> Error:
+    """Say precisely why a frame was refused; costs a second decode, on the error path only."""
+    try:
+        obj = msgspec.msgpack.decode(payload)
+    except Exception:
+        return Error(code=errors.INVALID_MESSAGE, message="the frame is not a MessagePack message")
+    if not isinstance(obj, dict):
+        return Error(code=errors.INVALID_MESSAGE, message="a message must be a MessagePack map")
+    raw_id = obj.get("id")
+    rid = raw_id if type(raw_id) is int and raw_id >= 0 else None
+    kind = obj.get("type")
+    if not isinstance(kind, str) or kind not in REQUEST_TYPES:
+        return Error(
+            id=rid, code=errors.UNKNOWN_MESSAGE_TYPE, message=f"unknown message type {kind!r}"
+        )
+    text = str(exc)
+    at = _AT_PATH.search(text)
+    missing = _MISSING.search(text)
+    field = at.group(1) if at else "$"
+    if missing:
+        field = f"{field}.{missing.group(1)}"
+    return Error(id=rid, code=errors.INVALID_REQUEST, message=text, field=field)
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.connections: set[Connection] = set()
+        self.accepting = True
+        self.started_at = time.monotonic()
+        self.requests_total = 0
+        self.requests_completed = 0
+        self.requests_cancelled = 0
+        self.requests_failed = 0
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self.worker: Worker
+
+    async def serve(self, socket_path: Path | None = None) -> int:
+        path = Path(socket_path or self.config.socket_path).expanduser()
+        # Handlers first: a SIGTERM that arrives once the socket exists must drain, not kill.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        if not prepare_dir(path.parent):
+            log.warning("socket_dir_not_private", dir=str(path.parent))
+        lock = SocketLock(path)
+        try:
+            sock = bind_unix_socket(path)
+            try:
+                return await self._serve_on(sock, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        finally:
+            lock.release()
+
+    async def _serve_on(self, sock: Any, path: Path) -> int:
+        loop = asyncio.get_running_loop()
+        self.worker = Worker(
+            self.config,
+            LoopOutbox(loop, self._deliver),
+            on_death=lambda exc: loop.call_soon_threadsafe(self._worker_died, exc),
+        )
+        self.worker.start()
+        if self.config.default_model_name():
+            # Warm the default model so the first request does not pay for loading it.
+            self.worker.preload(self.config.default_model_name())
+        kwargs: dict[str, Any] = {}
+        if type(loop).__module__.startswith("uvloop"):
+            kwargs["cleanup_socket"] = False  # we unlink our own socket; never uvloop's job
+        server = await asyncio.start_unix_server(self._on_connect, sock=sock, **kwargs)
+        log.info("serving", socket=str(path), pid=os.getpid())
+        await self._stop.wait()
+        await self._shutdown(server)
+        return self.exit_code
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(self, reader, writer)
+        if len(self.connections) >= self.config.max_connections or not self.accepting:
+            conn.send(Error(code=errors.OVERLOADED, message="too many connections"))
+            await conn.close()
+            return
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+    def _deliver(self, sink: _Pending, message: Any) -> None:
+        if isinstance(message, WorkerStats):
+            message = Done(id=sink.request.id, stats=self._stats(message))
+        conn = sink.conn
+        conn.send(message)
+        if isinstance(message, Done | Error):
+            conn.pending.pop(sink.request.id, None)
+            self._finished(sink, message)
+
+    def _finished(self, sink: _Pending, message: Done | Error) -> None:
+        if isinstance(message, Error):
+            self.requests_failed += 1
+        elif message.finish_reason == "cancelled":
+            self.requests_cancelled += 1
+        else:
+            self.requests_completed += 1
+        if isinstance(sink.request, Generate):
+            model = sink.request.model or self.config.default_model_name()
+            fields: dict[str, Any] = {"id": sink.request.id, "model": model}
+            if isinstance(message, Error):
+                fields["error"] = message.code
+            elif message.usage is not None and message.timings is not None:
+                fields |= {
+                    "finish_reason": message.finish_reason,
+                    "prompt_tokens": message.usage.prompt_tokens,
+                    "cached_tokens": message.usage.cached_tokens,
+                    "completion_tokens": message.usage.completion_tokens,
+                    "ttft_s": round(message.timings.ttft_s, 4),
+                    "tokens_per_s": round(message.timings.tokens_per_s, 1),
+                }
+            log.info("request", **fields)
+
+    def _stats(self, worker: WorkerStats) -> ServerStats:
+        return ServerStats(
+            uptime_s=time.monotonic() - self.started_at,
+            connections=len(self.connections),
+            requests_in_flight=sum(len(c.pending) for c in self.connections),
+            requests_total=self.requests_total,
+            requests_completed=self.requests_completed,
+            requests_cancelled=self.requests_cancelled,
+            requests_failed=self.requests_failed,
+            active_sequences=worker.active_sequences,
+            queued=0,
+            tokens_generated=worker.tokens_generated,
+            prompt_tokens_processed=worker.prompt_tokens_processed,
+            models_resident=worker.models_resident,
+            memory_active_bytes=worker.memory_active_bytes,
+            memory_peak_bytes=worker.memory_peak_bytes,
+            worker_alive=self.worker.alive(),
+        )
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        log.info("signal", signal=sig.name, count=self._signals)
+        if self._signals > 1:
+            log.warning("forced_exit")
+            os._exit(1)
+        self._stop.set()
+
+    def _worker_died(self, exc: BaseException) -> None:
+        # Never keep a socket open that nothing will answer (mlx-lm #1472): fail everything
+        # in flight and exit non-zero so the service manager restarts the daemon.
+        for conn in list(self.connections):
+            for pending in list(conn.pending.values()):
+                self._deliver(
+                    pending,
+                    Error(
+                        id=pending.request.id,
+                        code=errors.WORKER_UNAVAILABLE,
+                        message=f"the MLX worker died: {exc!r}",
+                    ),
+                )
+        self.exit_code = 1
+        self._stop.set()
+
+    async def _shutdown(self, server: asyncio.AbstractServer) -> None:
+        self.accepting = False
+        server.close()
+        if self.worker.alive():
+            self.worker.stop()
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self.worker.join, 30.0)
+        await asyncio.sleep(0)  # let the worker's last events reach their connections
+        for conn in list(self.connections):
+            await conn.close()
+        log.info("stopped", exit_code=self.exit_code)

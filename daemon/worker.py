@@ -1,0 +1,432 @@
+"""The MLX worker: the one thread that touches MLX, and everything it owns.
+
+The event loop hands commands to ``Worker`` through a thread-safe inbox (``submit``,
+``cancel``, ``stop``); the worker thread loads models, prefills and decodes, and posts
+protocol messages back through ``LoopOutbox``, one loop wake-up per decode round. Several
+requests in flight are interleaved one token at a time, so a long generation never holds
+up a short one, and a cancel takes effect before the cancelled request's next step.
+
+Each sequence is driven by mlx-lm's own ``generate_step`` on a private KV cache, so its
+tokens are exactly those mlx-lm computes for the same prompt and settings.
+
+Threading: ``submit``, ``cancel``, ``stop``, ``start`` and ``alive`` are for the event loop
+thread; every other method runs on the worker thread. No locks: the inbox and outbox are
+the only shared state, and both are thread-safe queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import structlog
+from mlx_lm.generate import generate_step
+
+from mlxd.protocol import (
+    Chunk,
+    Done,
+    Error,
+    Generate,
+    GetStats,
+    ListModels,
+    Load,
+    Timings,
+    Unload,
+    Usage,
+    errors,
+)
+
+from .config import Config
+from .models import LoadedModel, ModelError, ModelRegistry
+from .sampling import InvalidField, StopMatcher, make_sampling
+
+log = structlog.get_logger("mlxd.worker")
+
+WorkerRequest = Generate | Load | Unload | ListModels | GetStats
+Event = tuple[Any, Any]
+"""(sink, message): the sink is the loop's handle for one request, opaque to the worker."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """The worker's half of a ``stats`` reply; the loop adds the connection counters."""
+
+    active_sequences: int
+    tokens_generated: int
+    prompt_tokens_processed: int
+    models_resident: int
+    memory_active_bytes: int
+    memory_peak_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Submit:
+    request: WorkerRequest
+    sink: Any
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Cancel:
+    sink: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Preload:
+    model: str
+
+
+class _Stop:
+    pass
+
+
+_Command = _Submit | _Cancel | _Preload | _Stop
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request: Generate
+    sink: Any
+    model: LoadedModel
+    prompt_tokens: int
+    steps: Iterator[tuple[int, mx.array]]
+    stop: StopMatcher
+    received_at: float
+    started_at: float
+    detokenizer: Any = None
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+    eos: frozenset[int] = field(default_factory=frozenset)
+
+
+class LoopOutbox:
+    """Carries events from the worker to the event loop, with one wake-up per batch.
+
+    The worker appends, then schedules a drain only if none is pending; the loop clears the
+    flag before draining, so an event appended during a drain is either drained by it or
+    triggers the next one. ``deque`` appends and pops are atomic, so no lock is needed.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[Any, Any], None]):
+        self._loop = loop
+        self._deliver = deliver
+        self._events: collections.deque[Event] = collections.deque()
+        self._scheduled = False
+
+    def post(self, events: list[Event]) -> None:
+        if not events:
+            return
+        self._events.extend(events)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        events = self._events
+        while events:
+            sink, message = events.popleft()
+            self._deliver(sink, message)
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        outbox: LoopOutbox,
+        on_death: Callable[[BaseException], None],
+        models: ModelRegistry | None = None,
+    ) -> None:
+        self._config = config
+        self._outbox = outbox
+        self._on_death = on_death
+        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mlxd-worker", daemon=True)
+        self._models = models if models is not None else ModelRegistry(config)
+        self._active: dict[Any, _Sequence] = {}  # by sink, in arrival order: the round-robin
+        self._tokens_generated = 0
+        self._prompt_tokens_processed = 0
+        self._stopping = False
+
+    # ------------------------------------------------------------------ event loop thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: WorkerRequest, sink: Any, received_at: float) -> None:
+        self._inbox.put(_Submit(request, sink, received_at))
+
+    def preload(self, model: str) -> None:
+        """Load ``model`` ahead of its first request; a failure is logged, not fatal."""
+        self._inbox.put(_Preload(model))
+
+    def cancel(self, sink: Any) -> None:
+        self._inbox.put(_Cancel(sink))
+
+    def stop(self) -> None:
+        self._inbox.put(_Stop())
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                events: list[Event] = []
+                for command in self._take_commands():
+                    self._handle(command, events)
+                self._outbox.post(events)
+                if self._active:
+                    self._step_all()
+                else:
+                    self._models.sweep()
+            self._end_all(errors.SHUTTING_DOWN, "the daemon is shutting down")
+            mx.synchronize()  # no MLX work may outlive the thread that queued it
+        except BaseException as exc:
+            log.critical("worker_died", error=repr(exc), traceback=traceback.format_exc())
+            self._on_death(exc)
+
+    def _take_commands(self) -> list[_Command]:
+        commands = []
+        if not self._active:
+            # Idle: sleep until a command comes or a model's keep-alive expires.
+            try:
+                commands.append(self._inbox.get(timeout=self._models.next_expiry()))
+            except queue.Empty:
+                return commands
+        with contextlib.suppress(queue.Empty):
+            while True:
+                commands.append(self._inbox.get_nowait())
+        return commands
+
+    def _handle(self, command: _Command, events: list[Event]) -> None:
+        if isinstance(command, _Stop):
+            self._stopping = True
+            return
+        if isinstance(command, _Cancel):
+            seq = self._active.get(command.sink)
+            if seq is not None:
+                self._finish(seq, "cancelled", events)
+            return
+        if isinstance(command, _Preload):
+            try:
+                loaded = self._models.get(command.model)
+                log.info("model_loaded", model=loaded.name, bytes=loaded.nbytes)
+            except ModelError as exc:
+                log.error("preload_failed", model=command.model, code=exc.code, error=exc.message)
+            return
+        req = command.request
+        try:
+            reply = self._serve(command, events)
+            if reply is not None:
+                events.append((command.sink, reply))
+        except ModelError as exc:
+            events.append((command.sink, Error(id=req.id, code=exc.code, message=exc.message)))
+        except InvalidField as exc:
+            error = Error(id=req.id, code=errors.INVALID_REQUEST, message=str(exc), field=exc.field)
+            events.append((command.sink, error))
+        except Exception as exc:
+            log.exception("request_failed", request_id=req.id)
+            events.append(
+                (command.sink, Error(id=req.id, code=errors.INTERNAL_ERROR, message=repr(exc)))
+            )
+
+    def _serve(self, command: _Submit, events: list[Event]) -> Any:
+        """Serve one request; returns its reply, or None for a generation now running."""
+        req = command.request
+        if isinstance(req, Generate):
+            self._start(req, command.sink, command.received_at)
+            return None
+        if isinstance(req, Load):
+            return Done(id=req.id, model=self._models.get(req.model, req.keep_alive).info())
+        if isinstance(req, Unload):
+            for seq in [s for s in self._active.values() if s.model.name == req.model]:
+                self._finish(seq, "cancelled", events)
+            self._models.unload(req.model)
+            return Done(id=req.id)
+        if isinstance(req, ListModels):
+            return Done(id=req.id, models=self._models.infos())
+        return self._stats()
+
+    def _stats(self) -> WorkerStats:
+        return WorkerStats(
+            active_sequences=len(self._active),
+            tokens_generated=self._tokens_generated,
+            prompt_tokens_processed=self._prompt_tokens_processed,
+            models_resident=len(self._models.resident()),
+            memory_active_bytes=mx.get_active_memory(),
+            memory_peak_bytes=mx.get_peak_memory(),
+        )
+
+    def _prompt(self, req: Generate, loaded: LoadedModel) -> list[int]:
+        tokenizer = loaded.tokenizer
+        given = [x is not None for x in (req.prompt, req.messages, req.tokens)]
+        if sum(given) != 1:
+            raise InvalidField("$.prompt", "give exactly one of prompt, messages or tokens")
+        if req.tokens is not None:
+            bad = [t for t in req.tokens if t >= loaded.vocab_size]
+            if bad:
+                raise InvalidField("$.tokens", f"token id {bad[0]} is outside the vocabulary")
+            tokens = list(req.tokens)
+        elif req.messages is not None:
+            if not tokenizer.chat_template:
+                raise InvalidField("$.messages", f"model {loaded.name!r} has no chat template")
+            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+            tokens = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        else:
+            prompt = req.prompt or ""
+            # As mlx-lm's stream_generate does: add BOS unless the text already starts with it.
+            bos = tokenizer.bos_token
+            tokens = tokenizer.encode(
+                prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
+            )
+        if not tokens:
+            raise InvalidField("$.prompt", "the prompt is empty")
+        limit = loaded.context_length
+        if limit is not None and len(tokens) >= limit:
+            raise ModelError(
+                errors.PROMPT_TOO_LONG,
+                f"the prompt has {len(tokens)} tokens; "
+                f"model {loaded.name!r} takes fewer than {limit}",
+            )
+        return tokens
+
+    def _start(self, req: Generate, sink: Any, received_at: float) -> None:
+        if req.max_tokens > self._config.max_tokens_limit:
+            raise InvalidField(
+                "$.max_tokens",
+                f"max_tokens is over this daemon's limit of {self._config.max_tokens_limit}",
+            )
+        loaded = self._models.get(req.model, req.keep_alive)
+        tokens = self._prompt(req, loaded)
+        sampler, processors = make_sampling(req, loaded.vocab_size)
+        steps = generate_step(
+            mx.array(tokens),
+            loaded.model,
+            max_tokens=req.max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+        )
+        loaded.active += 1
+        self._active[sink] = _Sequence(
+            request=req,
+            sink=sink,
+            model=loaded,
+            prompt_tokens=len(tokens),
+            steps=steps,
+            stop=StopMatcher(req.stop),
+            received_at=received_at,
+            started_at=time.perf_counter(),
+            detokenizer=loaded.tokenizer.detokenizer,
+            eos=frozenset(loaded.tokenizer.eos_token_ids),
+        )
+
+    def _step_all(self) -> None:
+        events: list[Event] = []
+        for seq in list(self._active.values()):
+            try:
+                self._step(seq, events)
+            except Exception as exc:
+                log.exception("sequence_failed", request_id=seq.request.id)
+                self._drop(seq)
+                events.append(
+                    (
+                        seq.sink,
+                        Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=repr(exc)),
+                    )
+                )
+        self._outbox.post(events)
+
+    def _step(self, seq: _Sequence, events: list[Event]) -> None:
+        token, _ = next(seq.steps)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+            self._prompt_tokens_processed += seq.prompt_tokens
+        if token in seq.eos:
+            seq.detokenizer.finalize()
+            self._finish(seq, "stop", events, seq.detokenizer.last_segment)
+            return
+        seq.completion_tokens += 1
+        self._tokens_generated += 1
+        seq.detokenizer.add_token(token)
+        if seq.completion_tokens >= seq.request.max_tokens:
+            seq.detokenizer.finalize()
+            self._finish(seq, "length", events, seq.detokenizer.last_segment, [token])
+            return
+        text, stopped = seq.stop.feed(seq.detokenizer.last_segment)
+        if stopped:
+            self._finish(seq, "stop", events, text, [token], stopped=True)
+        else:
+            events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=[token])))
+
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: str,
+        events: list[Event],
+        text: str = "",
+        tokens: list[int] | None = None,
+        stopped: bool = False,
+    ) -> None:
+        if reason != "cancelled":
+            if not stopped:
+                text, stopped = seq.stop.feed(text)
+                text += "" if stopped else seq.stop.flush()
+                reason = "stop" if stopped else reason
+            if text or tokens:
+                events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=tokens or [])))
+        self._drop(seq)
+        now = time.perf_counter()
+        first = seq.first_token_at or now
+        decode_s = now - first
+        events.append(
+            (
+                seq.sink,
+                Done(
+                    id=seq.request.id,
+                    finish_reason=reason,  # type: ignore[arg-type]
+                    usage=Usage(
+                        prompt_tokens=seq.prompt_tokens,
+                        cached_tokens=0,
+                        completion_tokens=seq.completion_tokens,
+                    ),
+                    timings=Timings(
+                        queue_s=seq.started_at - seq.received_at,
+                        ttft_s=first - seq.received_at,
+                        total_s=now - seq.received_at,
+                        tokens_per_s=(seq.completion_tokens - 1) / decode_s
+                        if seq.completion_tokens > 1 and decode_s > 0
+                        else 0.0,
+                    ),
+                ),
+            )
+        )
+
+    def _drop(self, seq: _Sequence) -> None:
+        self._active.pop(seq.sink, None)
+        seq.model.active -= 1
+        seq.model.touch(None)
+        close = getattr(seq.steps, "close", None)
+        if close is not None:
+            close()
+
+    def _end_all(self, code: str, message: str) -> None:
+        events: list[Event] = []
+        for seq in list(self._active.values()):
+            self._drop(seq)
+            events.append((seq.sink, Error(id=seq.request.id, code=code, message=message)))
+        self._outbox.post(events)

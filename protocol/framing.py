@@ -1,0 +1,54 @@
+"""Framing: a 4-byte big-endian length, then one MessagePack message of that many bytes.
+
+Helpers to encode a message into a frame and to decode a frame's payload, shared by the
+daemon and every Python client. Transport-free: callers own the sockets.
+
+Threading: ``Encoder``/``Decoder`` objects are not shared between threads by the callers;
+each connection or client owns its own.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+from .messages import Request, ServerMessage
+
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+
+
+class Encoder:
+    """Encodes messages straight into framed bytes, reusing one buffer."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._buffer = bytearray(64)
+
+    def frame(self, message: Any) -> bytes:
+        buf = self._buffer
+        # Encode after a 4-byte gap, then fill the gap in: one copy, no concatenation.
+        self._encoder.encode_into(message, buf, HEADER_SIZE)
+        HEADER.pack_into(buf, 0, len(buf) - HEADER_SIZE)
+        return bytes(buf)
+
+
+def frame_length(header: bytes) -> int:
+    return HEADER.unpack(header)[0]
+
+
+request_decoder: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+server_message_decoder: msgspec.msgpack.Decoder[ServerMessage] = msgspec.msgpack.Decoder(
+    ServerMessage
+)
+
+
+def decode_request(payload: bytes) -> Request:
+    """Decode one request; raises ``msgspec.DecodeError`` (a ``ValidationError`` if typed)."""
+    return request_decoder.decode(payload)
+
+
+def decode_server_message(payload: bytes) -> ServerMessage:
+    return server_message_decoder.decode(payload)

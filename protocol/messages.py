@@ -1,0 +1,231 @@
+"""The wire contract: every message either side may send, as msgspec ``Struct``\\s.
+
+Each message is a MessagePack map whose ``"type"`` field names it (a msgspec tagged
+union), so a peer decodes one ``Union`` type once and dispatches on the class.
+Field constraints live here too (``Meta``), so out-of-range values are refused while
+decoding, with the offending field named, before any part of the daemon sees them.
+
+Threading: pure data; safe from any thread.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from msgspec import Meta, Struct
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change; a server refuses a ``hello`` with another version."""
+
+DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
+
+RequestId = Annotated[int, Meta(ge=0, le=2**53 - 1)]  # 2**53: exact in a JavaScript number
+ModelName = Annotated[str, Meta(min_length=1, max_length=512)]
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+# Bounded so that NaN and infinities are refused at decode time (every comparison with NaN fails).
+Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
+LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
+KeepAlive = Annotated[float, Meta(ge=-1.0, le=10.0 * 365 * 86400)]
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class _Message(Struct, tag_field="type", omit_defaults=True, kw_only=True):
+    """Base for every message: tagged by ``type``, unset optional fields left off the wire."""
+
+
+# --------------------------------------------------------------------------- client -> server
+
+
+class Hello(_Message, tag="hello"):
+    """First message on every connection; the server answers ``welcome`` or ``error``."""
+
+    protocol: int
+    client: Annotated[str, Meta(max_length=256)] = ""
+
+
+class ChatMessage(Struct, omit_defaults=True, kw_only=True):
+    role: Annotated[str, Meta(min_length=1, max_length=64)]
+    content: str = ""
+
+
+class Generate(_Message, tag="generate"):
+    """Stream a completion. Exactly one of ``prompt``, ``messages`` or ``tokens`` is given."""
+
+    id: RequestId
+    model: ModelName | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tokens: list[Annotated[int, Meta(ge=0)]] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] = 256
+    temperature: Temperature = 0.0
+    top_p: Probability = 1.0
+    top_k: Annotated[int, Meta(ge=0)] = 0
+    min_p: Probability = 0.0
+    xtc_probability: Probability = 0.0
+    xtc_threshold: Annotated[float, Meta(ge=0.0, le=0.5)] = 0.1
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
+    repetition_context_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
+    logit_bias: dict[Annotated[int, Meta(ge=0)], LogitBias] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    stop: list[Annotated[str, Meta(min_length=1, max_length=1024)]] = []
+    keep_alive: KeepAlive | None = None
+    """Seconds the model stays resident after this request; -1 forever, 0 unload at once."""
+
+
+class Cancel(_Message, tag="cancel"):
+    """Cancel request ``target`` of this connection; it ends with finish_reason cancelled."""
+
+    id: RequestId
+    target: RequestId
+
+
+class Load(_Message, tag="load"):
+    id: RequestId
+    model: ModelName
+    keep_alive: KeepAlive | None = None
+
+
+class Unload(_Message, tag="unload"):
+    id: RequestId
+    model: ModelName
+
+
+class ListModels(_Message, tag="models"):
+    id: RequestId
+
+
+class GetStats(_Message, tag="stats"):
+    id: RequestId
+
+
+class Ping(_Message, tag="ping"):
+    id: RequestId
+
+
+Request = Union[Hello, Generate, Cancel, Load, Unload, ListModels, GetStats, Ping]  # noqa: UP007
+REQUEST_TYPES: frozenset[str] = frozenset(
+    t.__struct_config__.tag
+    for t in (Hello, Generate, Cancel, Load, Unload, ListModels, GetStats, Ping)
+)
+
+# --------------------------------------------------------------------------- server -> client
+
+
+class Welcome(_Message, tag="welcome"):
+    protocol: int
+    server: str
+    max_frame_bytes: int
+    default_model: str | None = None
+
+
+class Chunk(_Message, tag="chunk"):
+    """Newly generated tokens of request ``id`` and the text that is now safe to show.
+
+    ``text`` can lag ``tokens`` while it might still turn out to be the start of a stop
+    string or an incomplete UTF-8 sequence; it is released in a later chunk (or ``done``
+    drops it if it was a stop string).
+    """
+
+    id: int
+    text: str
+    tokens: list[int]
+
+
+class Usage(Struct, kw_only=True):
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+class Timings(Struct, kw_only=True):
+    queue_s: float
+    """From the server receiving the request to the worker starting it."""
+    ttft_s: float
+    """From the server receiving the request to the first generated token."""
+    total_s: float
+    tokens_per_s: float
+    """Decode rate: completion tokens after the first, per second after the first."""
+
+
+class ModelInfo(Struct, kw_only=True, omit_defaults=True):
+    name: str
+    path: str
+    resident: bool
+    bytes: int = 0
+    """Bytes of weights in memory (0 when not resident)."""
+    last_used: float | None = None
+    """Unix time of the last request that used it."""
+    keep_alive_s: float | None = None
+    """Seconds of idleness after which it is unloaded; -1 never."""
+    active_sequences: int = 0
+
+
+class ServerStats(Struct, kw_only=True):
+    uptime_s: float
+    connections: int
+    requests_in_flight: int
+    requests_total: int
+    requests_completed: int
+    requests_cancelled: int
+    requests_failed: int
+    active_sequences: int
+    queued: int
+    tokens_generated: int
+    prompt_tokens_processed: int
+    models_resident: int
+    memory_active_bytes: int
+    memory_peak_bytes: int
+    worker_alive: bool
+
+
+class Done(_Message, tag="done"):
+    """The successful end of request ``id``; which fields are set depends on the request."""
+
+    id: int
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    model: ModelInfo | None = None
+    """``load``: the model now resident; ``generate``: not set (see the request's model)."""
+    models: list[ModelInfo] | None = None
+    stats: ServerStats | None = None
+
+
+class Error(_Message, tag="error"):
+    """The failed end of request ``id`` (``id`` is absent when the frame could not be read)."""
+
+    code: str
+    message: str
+    id: int | None = None
+    field: str | None = None
+    """The offending request field, for ``invalid_request``, as a path like ``$.top_p``."""
+
+
+ServerMessage = Union[Welcome, Chunk, Done, Error]  # noqa: UP007
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "REQUEST_TYPES",
+    "Cancel",
+    "ChatMessage",
+    "Chunk",
+    "Done",
+    "Error",
+    "FinishReason",
+    "Generate",
+    "GetStats",
+    "Hello",
+    "ListModels",
+    "Load",
+    "ModelInfo",
+    "Ping",
+    "Request",
+    "ServerMessage",
+    "ServerStats",
+    "Timings",
+    "Unload",
+    "Usage",
+    "Welcome",
+]

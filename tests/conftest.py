@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny models built by the project's own builder, and real daemons.
+
+Every daemon here is a real ``mlxd serve`` subprocess on a real Unix socket.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from mlxd.client import Client, DaemonUnavailableError
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_root: Path) -> Path:
+    from mlxd.daemon.demo_model import build_demo_model
+
+    return build_demo_model(models_root / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(models_root: Path) -> Path:
+    """A second model: same shapes and tokenizer, other weights."""
+    from mlxd.daemon.demo_model import build_demo_model
+
+    return build_demo_model(models_root / "tiny-b", size="tiny", seed=1)
+
+
+def short_tmpdir() -> Path:
+    # AF_UNIX paths are limited to ~104 bytes; pytest's tmp_path can be longer.
+    return Path(tempfile.mkdtemp(prefix="mlxd-", dir="/tmp"))
+
+
+@dataclass
+class Daemon:
+    socket: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def client(self, **kwargs: object) -> Client:
+        return Client(self.socket, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_daemon(
+    socket: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True
+) -> Daemon:
+    fd, name = tempfile.mkstemp(prefix="mlxd-daemon-", suffix=".log")
+    os.close(fd)
+    log_path = Path(name)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlxd.daemon",
+        "serve",
+        "--socket",
+        str(socket),
+        "--log-format",
+        "json",
+        *args,
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    daemon = Daemon(socket, proc, log_path, list(args))
+    if wait:
+        wait_ready(daemon)
+    return daemon
+
+
+def wait_ready(daemon: Daemon, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited {daemon.proc.returncode}:\n{daemon.log()}")
+        try:
+            with daemon.client() as c:
+                c.ping()
+                return
+        except (DaemonUnavailableError, OSError):
+            time.sleep(0.05)
+    raise TimeoutError(f"daemon not ready:\n{daemon.log()}")
+
+
+@pytest.fixture(scope="session")
+def daemon(tiny_model: Path, tiny_model_b: Path) -> Iterator[Daemon]:
+    """One daemon for the read-mostly tests, serving both tiny models."""
+    d = start_daemon(
+        short_tmpdir() / "mlxd.sock",
+        "--model",
+        f"tiny={tiny_model}",
+        "--model",
+        f"tiny-b={tiny_model_b}",
+        "--default-model",
+        "tiny",
+    )
+    yield d
+    code = d.stop()
+    shutil.rmtree(d.socket.parent, ignore_errors=True)
+    assert code == 0, d.log()
+
+
+def wait_idle(client: Client, timeout: float = 10) -> None:
+    """Until nothing is in flight: cancels are asynchronous by nature."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = client.stats()
+        # This client's own stats request is the one in flight.
+        if s.active_sequences == 0 and s.requests_in_flight <= 1:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"daemon not idle: {client.stats()}")

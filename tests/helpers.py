@@ -1,0 +1,95 @@
+"""Test helpers: mlx-lm's own in-process reference outputs, and a raw protocol connection."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+
+@functools.cache
+def _load(model_dir: str) -> tuple[Any, Any]:
+    from mlx_lm import load
+
+    return load(model_dir)
+
+
+def reference(model_dir: Path, prompt: str | list[int], max_tokens: int) -> tuple[str, list[int]]:
+    """mlx-lm's greedy output for ``prompt``, in this process: (text, token ids).
+
+    Text comes from ``mlx_lm.generate``; ids from ``stream_generate``, less a final EOS
+    (the daemon does not send EOS ids, as mlx-lm's text leaves them out).
+    """
+    from mlx_lm import generate, stream_generate
+
+    model, tokenizer = _load(str(model_dir))
+    text = generate(model, tokenizer, prompt, max_tokens=max_tokens)
+    ids, finish = [], None
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        ids.append(r.token)
+        finish = r.finish_reason
+    if finish == "stop" and ids and ids[-1] in tokenizer.eos_token_ids:
+        ids.pop()
+    return text, ids
+
+
+def chat_tokens(model_dir: Path, messages: list[dict[str, str]]) -> list[int]:
+    _, tokenizer = _load(str(model_dir))
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+class RawConn:
+    """A protocol connection with nothing hidden: frames go out as given."""
+
+    def __init__(self, path: Path, hello: bool = True, timeout: float = 30) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        if hello:
+            self.send({"type": "hello", "protocol": 1})
+            welcome = self.recv()
+            assert welcome["type"] == "welcome", welcome
+
+    def send_frame(self, payload: bytes) -> None:
+        self.sock.sendall(struct.pack(">I", len(payload)) + payload)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.send_frame(msgspec.msgpack.encode(message))
+
+    def recv(self) -> dict[str, Any]:
+        header = self._exactly(4)
+        return msgspec.msgpack.decode(self._exactly(struct.unpack(">I", header)[0]))
+
+    def recv_until_end(self, request_id: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Chunks of ``request_id``, then its done or error."""
+        chunks = []
+        while True:
+            m = self.recv()
+            if m.get("id") != request_id:
+                continue
+            if m["type"] == "chunk":
+                chunks.append(m)
+            else:
+                return chunks, m
+
+    def is_closed_by_peer(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def _exactly(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            part = self.sock.recv(n - len(buf))
+            if not part:
+                raise ConnectionError("closed by the daemon")
+            buf += part
+        return buf
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,69 @@
+"""The ``mlxd`` command's contract: what scripts and other tools rely on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import Daemon, short_tmpdir
+from helpers import reference
+
+
+def mlxd(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mlxd.daemon", *args],
+        input=stdin, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_generate_streams_only_the_text(daemon: Daemon, tiny_model: Path) -> None:
+    out = mlxd("generate", "--socket", str(daemon.socket), "--max-tokens", "20", "def f():")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == reference(tiny_model, "def f():", 20)[0] + "\n"
+
+
+def test_generate_reads_the_prompt_from_stdin(daemon: Daemon, tiny_model: Path) -> None:
+    out = mlxd(
+        "generate", "--socket", str(daemon.socket), "--max-tokens", "12", "-", stdin="def g():"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == reference(tiny_model, "def g():", 12)[0] + "\n"
+
+
+def test_generate_json_prints_chunks_then_done(daemon: Daemon, tiny_model: Path) -> None:
+    out = mlxd("generate", "--socket", str(daemon.socket), "--max-tokens", "8", "--json", "x = ")
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert all(m["type"] == "chunk" for m in lines[:-1])
+    done = lines[-1]
+    assert done["type"] == "done"
+    assert set(done["usage"]) == {"prompt_tokens", "cached_tokens", "completion_tokens"}
+    assert {"ttft_s", "total_s", "tokens_per_s"} <= set(done["timings"])
+    assert [t for m in lines[:-1] for t in m["tokens"]] == reference(tiny_model, "x = ", 8)[1]
+
+
+def test_models_and_stats_print_one_json_object(daemon: Daemon) -> None:
+    models = json.loads(mlxd("models", "--socket", str(daemon.socket), "--json").stdout)
+    names = {m["name"] for m in models["models"]}
+    assert {"tiny", "tiny-b"} <= names
+    stats = json.loads(mlxd("stats", "--socket", str(daemon.socket), "--json").stdout)
+    assert stats["worker_alive"] is True and stats["requests_total"] >= 0
+
+
+def test_failures_exit_nonzero_with_one_line_on_stderr(daemon: Daemon) -> None:
+    out = mlxd("generate", "--socket", str(daemon.socket), "--model", "nope", "hi")
+    assert out.returncode != 0 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "unknown_model" in out.stderr
+    missing = short_tmpdir() / "none.sock"
+    out = mlxd("stats", "--socket", str(missing))
+    assert out.returncode != 0 and "daemon_unavailable" in out.stderr
+
+
+def test_demo_model_command_writes_a_loadable_model(tmp_path: Path) -> None:
+    out = mlxd("demo-model", "--out", str(tmp_path / "m"), "--size", "tiny")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert reference(tmp_path / "m", "hi", 3)[1]

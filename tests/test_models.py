@@ -1,0 +1,79 @@
+"""Resident models: explicit load and unload, keep-alive, LRU unloading under a budget."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, short_tmpdir, start_daemon
+
+from mlxd.client import Client, ModelLoadError
+
+
+def resident(client: Client) -> dict[str, int]:
+    return {m.name: m.bytes for m in client.models() if m.resident}
+
+
+@pytest.fixture
+def fresh_daemon(request: pytest.FixtureRequest, tiny_model: Path, tiny_model_b: Path):
+    """A daemon of its own, for tests that change what is resident."""
+    args = getattr(request, "param", ())
+    base = short_tmpdir()
+    (base / "models").mkdir()
+    (base / "models" / "broken").mkdir()
+    (base / "models" / "broken" / "config.json").write_text("{}")
+    d = start_daemon(
+        base / "mlxd.sock",
+        "--model", f"tiny={tiny_model}",
+        "--model", f"tiny-b={tiny_model_b}",
+        "--models-dir", str(base / "models"),
+        *args,
+    )  # fmt: skip
+    yield d
+    assert d.stop() == 0, d.log()
+    shutil.rmtree(base)
+
+
+def test_load_unload_and_list(fresh_daemon: Daemon, tiny_model_b: Path) -> None:
+    with fresh_daemon.client() as client:
+        info = client.load("tiny-b", keep_alive=-1)
+        assert info.resident and info.bytes > 0 and info.path == str(tiny_model_b)
+        assert "tiny-b" in resident(client)
+        listed = {m.name: m for m in client.models()}
+        assert listed["tiny-b"].keep_alive_s == -1 and listed["tiny-b"].last_used
+        client.unload("tiny-b")
+        assert "tiny-b" not in resident(client)
+        assert not listed["broken"].resident  # known from --models-dir, not loaded
+
+
+def test_keep_alive_zero_unloads_after_the_request(fresh_daemon: Daemon) -> None:
+    with fresh_daemon.client() as client:
+        client.generate("hi", model="tiny-b", max_tokens=3, keep_alive=0)
+        deadline = time.monotonic() + 10
+        while "tiny-b" in resident(client) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "tiny-b" not in resident(client)
+        client.generate("hi", model="tiny-b", max_tokens=3, keep_alive=60)
+        time.sleep(0.3)
+        assert "tiny-b" in resident(client)
+
+
+def test_a_model_that_fails_to_load_fails_its_requests_only(fresh_daemon: Daemon) -> None:
+    with fresh_daemon.client() as client:
+        with pytest.raises(ModelLoadError) as info:
+            client.generate("hi", model="broken", max_tokens=3)
+        assert info.value.code == "model_load_failed"
+        assert client.generate("hi", model="tiny", max_tokens=3).done.finish_reason == "length"
+
+
+@pytest.mark.parametrize("fresh_daemon", [("--memory-budget", "600K")], indirect=True)
+def test_lru_model_is_unloaded_when_the_budget_would_be_exceeded(fresh_daemon: Daemon) -> None:
+    with fresh_daemon.client() as client:
+        size = client.load("tiny").bytes
+        assert size < 600 * 1024 < 2 * size, "the budget must fit one tiny model, not two"
+        client.load("tiny-b")
+        assert set(resident(client)) == {"tiny-b"}
+        client.generate("hi", model="tiny", max_tokens=2)
+        assert set(resident(client)) == {"tiny"}

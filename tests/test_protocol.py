@@ -1,0 +1,76 @@
+"""The wire contract by itself: framing, tags, defaults and field constraints."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import pytest
+
+from mlxd.protocol import (
+    HEADER_SIZE,
+    Chunk,
+    Done,
+    Encoder,
+    Error,
+    Generate,
+    Usage,
+    decode_request,
+    decode_server_message,
+    errors,
+    frame_length,
+)
+
+
+def test_frame_is_length_then_msgpack() -> None:
+    frame = Encoder().frame(Generate(id=7, prompt="hi"))
+    assert frame_length(frame[:HEADER_SIZE]) == len(frame) - HEADER_SIZE
+    assert msgspec.msgpack.decode(frame[HEADER_SIZE:]) == {
+        "type": "generate",
+        "id": 7,
+        "prompt": "hi",
+    }
+
+
+def test_encoder_reuse_does_not_leak_between_frames() -> None:
+    enc = Encoder()
+    long = enc.frame(Chunk(id=1, text="x" * 1000, tokens=[1] * 100))
+    short = enc.frame(Chunk(id=2, text="y", tokens=[2]))
+    assert decode_server_message(long[HEADER_SIZE:]) == Chunk(
+        id=1, text="x" * 1000, tokens=[1] * 100
+    )
+    assert decode_server_message(short[HEADER_SIZE:]) == Chunk(id=2, text="y", tokens=[2])
+
+
+def test_server_messages_round_trip() -> None:
+    done = Done(
+        id=3,
+        finish_reason="length",
+        usage=Usage(prompt_tokens=1, cached_tokens=0, completion_tokens=2),
+    )
+    err = Error(id=4, code=errors.UNKNOWN_MODEL, message="nope")
+    for message in (done, err):
+        assert decode_server_message(Encoder().frame(message)[HEADER_SIZE:]) == message
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": math.nan},
+        {"temperature": math.inf},
+        {"top_p": -0.1},
+        {"logit_bias": {1: math.inf}},
+        {"id": -1},
+        {"id": 2**53},
+        {"seed": -5},
+    ],
+)
+def test_out_of_range_values_are_refused_at_decode(bad: dict[str, object]) -> None:
+    message = {"type": "generate", "id": 1, "prompt": "x", **bad}
+    with pytest.raises(msgspec.ValidationError):
+        decode_request(msgspec.msgpack.encode(message))
+
+
+def test_error_codes_are_stable_strings() -> None:
+    assert errors.INVALID_REQUEST == "invalid_request"
+    assert "frame_too_large" in errors.ALL_CODES
