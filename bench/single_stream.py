@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "demo"])
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--trials", type=int, default=9)
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "single_stream.json")
     )
