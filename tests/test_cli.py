@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import Daemon, short_tmpdir
-from helpers import reference
+from helpers import chat_tokens, reference
 
 
 def mlxd(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -67,3 +67,63 @@ def test_demo_model_command_writes_a_loadable_model(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "m" / "config.json").is_file()
     assert reference(tmp_path / "m", "hi", 3)[1]
+
+
+def test_chat_keeps_the_conversation(daemon: Daemon, tiny_model: Path) -> None:
+    out = mlxd("chat", "--socket", str(daemon.socket), "--max-tokens", "6", stdin="hi\nmore\n\n")
+    assert out.returncode == 0, out.stderr
+    replies = out.stdout.split("\n")[:2]
+    first = [{"role": "user", "content": "hi"}]
+    assert replies[0] == reference_chat(tiny_model, first, 6)
+    second = [
+        *first,
+        {"role": "assistant", "content": replies[0]},
+        {"role": "user", "content": "more"},
+    ]
+    assert replies[1] == reference_chat(tiny_model, second, 6)
+
+
+def reference_chat(model_dir: Path, messages: list[dict[str, str]], max_tokens: int) -> str:
+    return reference(model_dir, chat_tokens(model_dir, messages), max_tokens)[0]
+
+
+def test_request_log_lines_are_json_and_never_hold_the_prompt(daemon: Daemon) -> None:
+    secret = "my-private-prompt-4242"
+    assert (
+        mlxd("generate", "--socket", str(daemon.socket), "--max-tokens", "3", secret).returncode
+        == 0
+    )
+    lines = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    requests = [e for e in lines if e.get("event") == "request"]
+    assert requests, daemon.log()
+    last = requests[-1]
+    assert {
+        "model",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "ttft_s",
+        "tokens_per_s",
+    } <= set(last)
+    assert last["model"] == "tiny" and last["completion_tokens"] == 3
+    assert secret not in daemon.log()
+
+
+def test_serve_with_no_model_builds_and_serves_the_demo_model(tmp_path: Path) -> None:
+    from conftest import start_daemon
+
+    sock = short_tmpdir() / "mlxd.sock"
+    d = start_daemon(sock, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        with d.client() as client:
+            assert client.welcome.default_model == "demo"
+            done = client.generate("def main():", max_tokens=8)
+            assert len(done.tokens) == 8
+        assert (tmp_path / "cache" / "mlxd" / "demo-model" / "config.json").is_file()
+        models = {
+            m["name"]: m
+            for m in json.loads(mlxd("models", "--socket", str(sock), "--json").stdout)["models"]
+        }
+        assert models["demo"]["resident"] is True
+    finally:
+        assert d.stop() == 0
