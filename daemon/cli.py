@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-budget", type=_bytes, help="bytes for resident weights, e.g. 8G")
     serve.add_argument("--keep-alive", type=float, help="idle seconds before unloading; -1 never")
     serve.add_argument("--max-frame-bytes", type=_bytes)
+    serve.add_argument("--cache-max-bytes", type=_bytes, help="prompt cache budget; 0 disables")
+    serve.add_argument("--cache-max-entries", type=int)
+    serve.add_argument(
+        "--no-cache-persist",
+        dest="cache_persist",
+        action="store_false",
+        help="do not save the prompt cache on shutdown nor restore it",
+    )
+    serve.add_argument("--state-dir", help="where the prompt cache is saved")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
 
@@ -87,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--keep-alive", type=float)
     unload = command("unload", "unload a model")
     unload.add_argument("model")
+    clear = command("clear-cache", "drop the prompt cache of one model, or of all")
+    clear.add_argument("--model")
 
     demo = commands.add_parser("demo-model", help="build the demo model directory and exit")
     demo.add_argument("--out", required=True, help="the directory to write")
@@ -142,8 +153,10 @@ def serve(args: argparse.Namespace) -> int:
         fields["memory_budget_bytes"] = args.memory_budget
     if args.keep_alive is not None:
         fields["keep_alive_s"] = args.keep_alive
-    if args.max_frame_bytes is not None:
-        fields["max_frame_bytes"] = args.max_frame_bytes
+    for name in ("max_frame_bytes", "cache_max_bytes", "cache_max_entries", "state_dir"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    fields["cache_persist"] = args.cache_persist
     config = Config(**fields)
     logs.setup(config.log_level, config.log_format)
     code = run_server(config)
@@ -263,6 +276,12 @@ def unload(args: argparse.Namespace) -> int:
     return 0
 
 
+def clear_cache(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.clear_cache(args.model)
+    return 0
+
+
 def demo_model(args: argparse.Namespace) -> int:
     from .demo_model import build_demo_model
 
@@ -278,6 +297,7 @@ _COMMANDS = {
     "stats": stats,
     "load": load,
     "unload": unload,
+    "clear-cache": clear_cache,
     "demo-model": demo_model,
 }
 

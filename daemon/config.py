@@ -31,7 +31,11 @@ def default_memory_budget() -> int:
     return int(physical_memory_bytes() * 0.6)
 
 
-def state_dir() -> Path:
+def default_cache_budget() -> int:
+    return int(physical_memory_bytes() * 0.15)
+
+
+def default_state_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "mlxd"
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
@@ -53,6 +57,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens_limit: int = 32768
     max_requests_per_connection: int = 64
     max_connections: int = 256
+    cache_max_bytes: int = msgspec.field(default_factory=default_cache_budget)
+    """Bytes of KV state the prompt cache may hold, across all models; 0 disables it."""
+    cache_max_entries: int = 256
+    cache_persist: bool = True
+    """Write the prompt cache to ``state_dir`` on shutdown; restore it when a model loads."""
+    cache_persist_max_bytes: int = 1024**3
+    state_dir: str = msgspec.field(default_factory=lambda: str(default_state_dir()))
     demo_model_dir: str | None = None
     """Where the built-in demo model lives; built there on first use if missing."""
     log_level: str = "info"
@@ -61,3 +72,6 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
     def default_model_name(self) -> str | None:
         return self.default_model or next(iter(self.models), None)
+
+    def cache_dir(self) -> Path:
+        return Path(self.state_dir).expanduser() / "prompt-cache"

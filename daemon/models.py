@@ -13,8 +13,10 @@ thread-local (mlx-lm #1181), so a model must be loaded on the thread that runs i
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,8 @@ class LoadedModel:
     model: Any
     tokenizer: TokenizerWrapper
     nbytes: int
+    identity: str
+    """A fingerprint of the weights: saved prompt caches are reused only for the same."""
     vocab_size: int
     context_length: int | None
     keep_alive_s: float
@@ -73,6 +77,14 @@ def _weights_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+def _identity(path: Path) -> str:
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        st = f.stat()
+        digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
 def _vocab_size(model: Any, tokenizer: TokenizerWrapper) -> int:
     """Token ids the model can take: its embedding rows, else the tokenizer's size."""
     args = getattr(model, "args", None)
@@ -81,8 +93,15 @@ def _vocab_size(model: Any, tokenizer: TokenizerWrapper) -> int:
 
 
 class ModelRegistry:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        on_load: Callable[[LoadedModel], None] | None = None,
+        on_unload: Callable[[LoadedModel], None] | None = None,
+    ) -> None:
         self._config = config
+        self._on_load = on_load
+        self._on_unload = on_unload
         self._aliases = {name: Path(p).expanduser() for name, p in config.models.items()}
         self._models_dir = Path(config.models_dir).expanduser() if config.models_dir else None
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
@@ -135,11 +154,14 @@ class ModelRegistry:
             model=model,
             tokenizer=tokenizer,
             nbytes=nbytes,
+            identity=_identity(path),
             vocab_size=_vocab_size(model, tokenizer),
             context_length=config.get("max_position_embeddings"),
             keep_alive_s=self._config.keep_alive_s,
         )
         self._resident[name] = loaded
+        if self._on_load is not None:
+            self._on_load(loaded)
         return loaded
 
     def _free_for(self, needed: int) -> None:
@@ -159,6 +181,8 @@ class ModelRegistry:
         loaded = self._resident.pop(name, None)
         if loaded is None:
             return False
+        if self._on_unload is not None:
+            self._on_unload(loaded)
         del loaded
         # Release the weights now, not at some later collection.
         gc.collect()

@@ -375,6 +375,7 @@ class Server:
             memory_active_bytes=worker.memory_active_bytes,
             memory_peak_bytes=worker.memory_peak_bytes,
             worker_alive=self.worker.alive(),
+            cache=worker.cache,
         )
 
     def _on_signal(self, sig: signal.Signals) -> None:

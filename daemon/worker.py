@@ -30,9 +30,13 @@ from typing import Any
 import mlx.core as mx
 import structlog
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlxd.protocol import (
+    CacheStats,
+    CacheUse,
     Chunk,
+    ClearCache,
     Done,
     Error,
     Generate,
@@ -45,13 +49,14 @@ from mlxd.protocol import (
     errors,
 )
 
+from .cache import Lease, Lookup, PromptCache
 from .config import Config
 from .models import LoadedModel, ModelError, ModelRegistry
 from .sampling import InvalidField, StopMatcher, make_sampling
 
 log = structlog.get_logger("mlxd.worker")
 
-WorkerRequest = Generate | Load | Unload | ListModels | GetStats
+WorkerRequest = Generate | Load | Unload | ListModels | ClearCache | GetStats
 Event = tuple[Any, Any]
 """(sink, message): the sink is the loop's handle for one request, opaque to the worker."""
 
@@ -66,6 +71,7 @@ class WorkerStats:
     models_resident: int
     memory_active_bytes: int
     memory_peak_bytes: int
+    cache: CacheStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +103,11 @@ class _Sequence:
     request: Generate
     sink: Any
     model: LoadedModel
-    prompt_tokens: int
+    prompt: list[int]
+    cache_use: CacheUse
+    cached_tokens: int
+    state: list[Any]
+    lease: Lease | None
     steps: Iterator[tuple[int, mx.array]]
     stop: StopMatcher
     received_at: float
@@ -105,6 +115,8 @@ class _Sequence:
     detokenizer: Any = None
     first_token_at: float | None = None
     completion_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
+    """Every token fed back into the model, end-of-sequence included: the cache key."""
     eos: frozenset[int] = field(default_factory=frozenset)
 
 
@@ -144,14 +156,17 @@ class Worker:
         config: Config,
         outbox: LoopOutbox,
         on_death: Callable[[BaseException], None],
-        models: ModelRegistry | None = None,
     ) -> None:
         self._config = config
         self._outbox = outbox
         self._on_death = on_death
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mlxd-worker", daemon=True)
-        self._models = models if models is not None else ModelRegistry(config)
+        self._cache = PromptCache(config.cache_max_bytes, config.cache_max_entries)
+        self._restored: set[str] = set()
+        self._models = ModelRegistry(
+            config, on_load=self._model_loaded, on_unload=self._model_unloaded
+        )
         self._active: dict[Any, _Sequence] = {}  # by sink, in arrival order: the round-robin
         self._tokens_generated = 0
         self._prompt_tokens_processed = 0
@@ -195,6 +210,7 @@ class Worker:
                 else:
                     self._models.sweep()
             self._end_all(errors.SHUTTING_DOWN, "the daemon is shutting down")
+            self._persist_cache()
             mx.synchronize()  # no MLX work may outlive the thread that queued it
         except BaseException as exc:
             log.critical("worker_died", error=repr(exc), traceback=traceback.format_exc())
@@ -260,6 +276,10 @@ class Worker:
             return Done(id=req.id)
         if isinstance(req, ListModels):
             return Done(id=req.id, models=self._models.infos())
+        if isinstance(req, ClearCache):
+            dropped = self._cache.clear(req.model)
+            log.info("cache_cleared", model=req.model, entries=dropped)
+            return Done(id=req.id)
         return self._stats()
 
     def _stats(self) -> WorkerStats:
@@ -270,7 +290,54 @@ class Worker:
             models_resident=len(self._models.resident()),
             memory_active_bytes=mx.get_active_memory(),
             memory_peak_bytes=mx.get_peak_memory(),
+            cache=self._cache_stats(),
         )
+
+    def _cache_stats(self) -> CacheStats:
+        c = self._cache.counters
+        return CacheStats(
+            hits=dict(c.hits),
+            tokens_reused=c.tokens_reused,
+            tokens_processed=c.tokens_processed,
+            entries=len(self._cache),
+            bytes=self._cache.nbytes,
+            max_bytes=self._cache.max_bytes,
+            bytes_by_model=self._cache.bytes_by_model(),
+            evictions=c.evictions,
+            forks=c.forks,
+        )
+
+    # ------------------------------------------------------------------ the prompt cache
+
+    def _model_loaded(self, loaded: LoadedModel) -> None:
+        if not self._config.cache_persist or loaded.name in self._restored:
+            return
+        self._restored.add(loaded.name)
+        folder = self._config.cache_dir()
+        if folder.is_dir():
+            n = self._cache.restore(folder, loaded.name, loaded.identity)
+            if n:
+                log.info("cache_restored", model=loaded.name, entries=n)
+
+    def _model_unloaded(self, loaded: LoadedModel) -> None:
+        self._cache.drop_model(loaded.name)
+
+    def _persist_cache(self) -> None:
+        if not self._config.cache_persist or not len(self._cache):
+            return
+        identities = {m.name: m.identity for m in self._models.resident()}
+        try:
+            n = self._cache.save(
+                self._config.cache_dir(), identities, self._config.cache_persist_max_bytes
+            )
+            log.info("cache_saved", entries=n, dir=str(self._config.cache_dir()))
+        except OSError as exc:
+            log.error("cache_save_failed", error=repr(exc))
+
+    def _lookup(self, req: Generate, loaded: LoadedModel, tokens: list[int]) -> Lookup:
+        if not req.cache or self._cache.max_bytes <= 0:
+            return Lookup(None, 0, "bypass")
+        return self._cache.fetch(loaded.name, tokens)
 
     def _prompt(self, req: Generate, loaded: LoadedModel) -> list[int]:
         tokenizer = loaded.tokenizer
@@ -286,7 +353,10 @@ class Worker:
             if not tokenizer.chat_template:
                 raise InvalidField("$.messages", f"model {loaded.name!r} has no chat template")
             messages = [{"role": m.role, "content": m.content} for m in req.messages]
-            tokens = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            try:
+                tokens = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            except Exception as exc:  # a template may refuse roles or orders (raise_exception)
+                raise InvalidField("$.messages", f"the chat template refused them: {exc}") from exc
         else:
             prompt = req.prompt or ""
             # As mlx-lm's stream_generate does: add BOS unless the text already starts with it.
@@ -313,20 +383,28 @@ class Worker:
             )
         loaded = self._models.get(req.model, req.keep_alive)
         tokens = self._prompt(req, loaded)
-        sampler, processors = make_sampling(req, loaded.vocab_size)
+        lookup = self._lookup(req, loaded, tokens)
+        sampler, processors = make_sampling(req, loaded.vocab_size, tokens[: lookup.reused])
+        state = lookup.state if lookup.state is not None else make_prompt_cache(loaded.model)
         steps = generate_step(
-            mx.array(tokens),
+            mx.array(tokens[lookup.reused :]),
             loaded.model,
             max_tokens=req.max_tokens,
             sampler=sampler,
             logits_processors=processors,
+            prompt_cache=state,
         )
         loaded.active += 1
+        use = CacheUse(kind=lookup.kind, miss_reason=lookup.miss_reason)  # type: ignore[arg-type]
         self._active[sink] = _Sequence(
             request=req,
             sink=sink,
             model=loaded,
-            prompt_tokens=len(tokens),
+            prompt=tokens,
+            cache_use=use,
+            cached_tokens=lookup.reused,
+            state=state,
+            lease=self._cache.lease(loaded.name, tokens, state) if use.kind != "bypass" else None,
             steps=steps,
             stop=StopMatcher(req.stop),
             received_at=received_at,
@@ -342,7 +420,7 @@ class Worker:
                 self._step(seq, events)
             except Exception as exc:
                 log.exception("sequence_failed", request_id=seq.request.id)
-                self._drop(seq)
+                self._drop(seq, keep_state=False)
                 events.append(
                     (
                         seq.sink,
@@ -353,9 +431,10 @@ class Worker:
 
     def _step(self, seq: _Sequence, events: list[Event]) -> None:
         token, _ = next(seq.steps)
+        seq.generated.append(token)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-            self._prompt_tokens_processed += seq.prompt_tokens
+            self._prompt_tokens_processed += len(seq.prompt) - seq.cached_tokens
         if token in seq.eos:
             seq.detokenizer.finalize()
             self._finish(seq, "stop", events, seq.detokenizer.last_segment)
@@ -400,10 +479,11 @@ class Worker:
                     id=seq.request.id,
                     finish_reason=reason,  # type: ignore[arg-type]
                     usage=Usage(
-                        prompt_tokens=seq.prompt_tokens,
-                        cached_tokens=0,
+                        prompt_tokens=len(seq.prompt),
+                        cached_tokens=seq.cached_tokens,
                         completion_tokens=seq.completion_tokens,
                     ),
+                    cache=seq.cache_use,
                     timings=Timings(
                         queue_s=seq.started_at - seq.received_at,
                         ttft_s=first - seq.received_at,
@@ -416,13 +496,21 @@ class Worker:
             )
         )
 
-    def _drop(self, seq: _Sequence) -> None:
+    def _drop(self, seq: _Sequence, keep_state: bool = True) -> None:
+        """Remove ``seq``; its KV state goes back to the prompt cache unless it failed."""
         self._active.pop(seq.sink, None)
         seq.model.active -= 1
         seq.model.touch(None)
         close = getattr(seq.steps, "close", None)
         if close is not None:
             close()
+        if seq.lease is not None:
+            self._cache.release(seq.lease)
+            if keep_state and seq.model in self._models.resident():
+                # Keyed by everything the model has seen: the prompt, then each token fed
+                # back (the state may hold one more than was streamed: generate_step computes
+                # a step ahead). The cache trims the state to the key.
+                self._cache.insert(seq.model.name, seq.prompt + seq.generated, seq.state)
 
     def _end_all(self, code: str, message: str) -> None:
         events: list[Event] = []

@@ -71,6 +71,8 @@ class Generate(_Message, tag="generate"):
     stop: list[Annotated[str, Meta(min_length=1, max_length=1024)]] = []
     keep_alive: KeepAlive | None = None
     """Seconds the model stays resident after this request; -1 forever, 0 unload at once."""
+    cache: bool = True
+    """Use and update the prompt cache; false bypasses it for this request."""
 
 
 class Cancel(_Message, tag="cancel"):
@@ -95,6 +97,13 @@ class ListModels(_Message, tag="models"):
     id: RequestId
 
 
+class ClearCache(_Message, tag="clear_cache"):
+    """Drop the prompt cache of ``model``, or of every model when absent."""
+
+    id: RequestId
+    model: ModelName | None = None
+
+
 class GetStats(_Message, tag="stats"):
     id: RequestId
 
@@ -103,11 +112,9 @@ class Ping(_Message, tag="ping"):
     id: RequestId
 
 
-Request = Union[Hello, Generate, Cancel, Load, Unload, ListModels, GetStats, Ping]  # noqa: UP007
-REQUEST_TYPES: frozenset[str] = frozenset(
-    t.__struct_config__.tag
-    for t in (Hello, Generate, Cancel, Load, Unload, ListModels, GetStats, Ping)
-)
+_REQUESTS = (Hello, Generate, Cancel, Load, Unload, ListModels, ClearCache, GetStats, Ping)
+Request = Union[_REQUESTS]  # type: ignore[valid-type]  # noqa: UP007
+REQUEST_TYPES: frozenset[str] = frozenset(t.__struct_config__.tag for t in _REQUESTS)
 
 # --------------------------------------------------------------------------- server -> client
 
@@ -148,6 +155,30 @@ class Timings(Struct, kw_only=True):
     """Decode rate: completion tokens after the first, per second after the first."""
 
 
+class CacheUse(Struct, kw_only=True, omit_defaults=True):
+    """How a generate used the prompt cache."""
+
+    kind: Literal["exact", "shorter", "longer", "miss", "bypass"]
+    """exact: the whole prompt was cached; shorter: a cached prompt was a prefix of it;
+    longer: a longer cached sequence was trimmed back to the shared prefix; miss: nothing
+    reusable (see ``miss_reason``); bypass: the request asked not to use the cache."""
+    miss_reason: str | None = None
+
+
+class CacheStats(Struct, kw_only=True):
+    hits: dict[str, int]
+    """Lookups by kind: exact, shorter, longer, miss."""
+    tokens_reused: int
+    tokens_processed: int
+    entries: int
+    bytes: int
+    max_bytes: int
+    bytes_by_model: dict[str, int]
+    evictions: int
+    forks: int
+    """Lookups served by forking a live sequence's state (copy-on-write)."""
+
+
 class ModelInfo(Struct, kw_only=True, omit_defaults=True):
     name: str
     path: str
@@ -177,6 +208,7 @@ class ServerStats(Struct, kw_only=True):
     memory_active_bytes: int
     memory_peak_bytes: int
     worker_alive: bool
+    cache: CacheStats | None = None
 
 
 class Done(_Message, tag="done"):
@@ -186,6 +218,7 @@ class Done(_Message, tag="done"):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    cache: CacheUse | None = None
     model: ModelInfo | None = None
     """``load``: the model now resident; ``generate``: not set (see the request's model)."""
     models: list[ModelInfo] | None = None
@@ -208,9 +241,12 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
     "REQUEST_TYPES",
+    "CacheStats",
+    "CacheUse",
     "Cancel",
     "ChatMessage",
     "Chunk",
+    "ClearCache",
     "Done",
     "Error",
     "FinishReason",

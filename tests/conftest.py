@@ -80,6 +80,8 @@ def start_daemon(
         str(socket),
         "--log-format",
         "json",
+        "--state-dir",
+        str(socket.parent / "state"),
         *args,
     ]
     with open(log_path, "wb") as log:

@@ -27,6 +27,7 @@ from mlxd.protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
+    ClearCache,
     Done,
     Encoder,
     Error,
@@ -123,6 +124,10 @@ class AsyncClient:
 
     async def unload(self, model: str) -> None:
         await self._call(Unload(id=next(self._ids), model=model))
+
+    async def clear_cache(self, model: str | None = None) -> None:
+        """Drop the prompt cache of ``model``, or of every model."""
+        await self._call(ClearCache(id=next(self._ids), model=model))
 
     async def models(self) -> list[ModelInfo]:
         return (await self._call(ListModels(id=next(self._ids)))).models or []

@@ -22,6 +22,7 @@ from mlxd.protocol import (
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
+    ClearCache,
     Done,
     Encoder,
     Error,
@@ -132,6 +133,10 @@ class Client:
 
     def unload(self, model: str) -> None:
         self._call(Unload(id=next(self._ids), model=model))
+
+    def clear_cache(self, model: str | None = None) -> None:
+        """Drop the prompt cache of ``model``, or of every model."""
+        self._call(ClearCache(id=next(self._ids), model=model))
 
     def models(self) -> list[ModelInfo]:
         return self._call(ListModels(id=next(self._ids))).models or []

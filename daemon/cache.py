@@ -1,0 +1,361 @@
+"""The prompt cache: a model-namespaced LRU prefix trie of KV caches, owned by the worker.
+
+A lookup for a prompt returns reusable KV state and the tokens still to process:
+
+- ``exact``: a stored sequence equals the prompt; reuse all but its last token (which must
+  be processed again, to have logits to sample from);
+- ``shorter``: a stored sequence is a prefix of the prompt; reuse it, process the rest;
+- ``longer``: a stored sequence shares a prefix with the prompt and goes beyond it; trim
+  it back to the shared prefix, when its cache type can be trimmed;
+- ``miss``: start empty, with a reason (nothing stored for the model, no shared prefix,
+  the shared part too short, or only an untrimmable longer entry).
+
+Ownership. A stored entry handed to a sequence is *taken out* of the trie, without a copy:
+the sequence owns it, writes into its spare capacity in place, and gives it back (prompt +
+generated tokens) when it ends, so the next turn or keystroke starts from it. No two live
+sequences can write into one KV state. When a second sequence wants a prefix that a live
+sequence holds, it gets a *fork*: slices of the live arrays, which MLX's copy-on-write
+keeps independent (a buffer with two owners is copied before it is written, not shared).
+
+Built on mlx-lm: its ``PromptTrie`` (search, add, pop, pop of redundant prefixes), its
+cache classes and ``trim_prompt_cache``, ``save_prompt_cache``/``load_prompt_cache``. Not
+on its ``LRUPromptCache``, which deep-copies every entry it returns (doubling peak memory,
+mlx-lm #1395), keeps no per-model byte counts, and has no notion of leased entries.
+
+Threading: worker thread only. It holds MLX arrays and calls MLX; no locks, by design.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import structlog
+from mlx_lm.models.cache import (
+    KVCache,
+    PromptTrie,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+
+log = structlog.get_logger("mlxd.cache")
+
+KVState = list[Any]
+"""One model's per-layer cache objects (mlx-lm's ``KVCache`` and friends)."""
+
+KINDS = ("exact", "shorter", "longer", "miss")
+
+
+def cache_bytes(state: KVState) -> int:
+    return sum(c.nbytes for c in state)
+
+
+def cache_length(state: KVState) -> int:
+    """Tokens the state holds (the first layer's offset: every layer holds the same)."""
+    return int(getattr(state[0], "offset", 0)) if state else 0
+
+
+def fork(state: KVState, length: int) -> KVState:
+    """An independent copy of the first ``length`` tokens of ``state``, sharing memory.
+
+    A ``KVCache`` is forked by slicing: the slice is a view until either side writes, and
+    MLX copies a buffer that has two owners before it writes to it. Other cache types
+    (rotating, quantized, recurrent) are deep-copied and trimmed.
+    """
+    out: KVState = []
+    for c in state:
+        if type(c) is KVCache:
+            f = KVCache()
+            if c.keys is not None:
+                f.keys = c.keys[..., :length, :]
+                f.values = c.values[..., :length, :]
+                f.offset = length
+            out.append(f)
+        else:
+            out.append(copy.deepcopy(c))
+    if any(type(c) is not KVCache for c in state):
+        excess = cache_length(out) - length
+        if excess > 0:
+            trim_prompt_cache(out, excess)
+    # Evaluate the views now, so they hold the current buffers rather than a graph.
+    mx.eval([c.state for c in out if not c.empty()])
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    state: KVState | None
+    reused: int
+    """Prompt tokens covered by ``state``."""
+    kind: str
+    miss_reason: str | None = None
+
+
+@dataclass(eq=False)
+class _Entry:
+    model: str
+    tokens: tuple[int, ...]
+    state: KVState
+    nbytes: int
+
+
+@dataclass(eq=False)
+class Lease:
+    """A live sequence's state, open to forks while the sequence runs."""
+
+    model: str
+    prompt: list[int]
+    state: KVState
+
+
+@dataclass
+class CacheCounters:
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    tokens_reused: int = 0
+    tokens_processed: int = 0
+    evictions: int = 0
+    forks: int = 0
+    not_cached_too_large: int = 0
+
+
+class PromptCache:
+    def __init__(self, max_bytes: int, max_entries: int = 256) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.counters = CacheCounters()
+        self._trie = PromptTrie()
+        self._lru: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
+        self._bytes_by_model: dict[str, int] = {}
+        self._leases: list[Lease] = []
+
+    # ------------------------------------------------------------------ lookup
+
+    def fetch(self, model: str, tokens: list[int]) -> Lookup:
+        """Best reusable state for ``tokens``; the caller now owns it."""
+        result = self._best(model, tokens)
+        self.counters.hits[result.kind] += 1
+        self.counters.tokens_reused += result.reused
+        self.counters.tokens_processed += len(tokens) - result.reused
+        return result
+
+    def _best(self, model: str, tokens: list[int]) -> Lookup:
+        if len(tokens) < 2:
+            return Lookup(None, 0, "miss", "the prompt is a single token")
+        found = self._trie.search(model, tokens)
+        # At least one token is always processed: its logits give the first new token.
+        usable = len(tokens) - 1
+        if found.exact is not None:
+            entry = self._lru[model, tuple(found.exact)]
+            if can_trim_prompt_cache(entry.state):
+                return Lookup(self._take(entry, usable), usable, "exact")
+        # Candidates as (tokens reused, preference on ties, how to get the state).
+        candidates: list[tuple[int, int, str, Any]] = []
+        if found.shorter is not None:
+            entry = self._lru[model, tuple(found.shorter)]
+            candidates.append((len(found.shorter), 2, "shorter", entry))
+        untrimmable_longer = False
+        if found.longer is not None:
+            entry = self._lru[model, tuple(found.longer)]
+            if can_trim_prompt_cache(entry.state):
+                candidates.append((min(usable, found.common_prefix), 1, "longer", entry))
+            else:
+                untrimmable_longer = True
+        lease, n, kind = self._best_lease(model, tokens)
+        if lease is not None:
+            candidates.append((n, 0, kind, lease))
+        if candidates:
+            reused, _, kind, source = max(candidates, key=lambda c: (c[0], c[1]))
+            if reused > 0:
+                if isinstance(source, Lease):
+                    self.counters.forks += 1
+                    return Lookup(fork(source.state, reused), reused, kind)
+                return Lookup(self._take(source, reused), reused, kind)
+        if untrimmable_longer:
+            return Lookup(None, 0, "miss", "the only entry sharing a prefix cannot be trimmed")
+        if not any(key[0] == model for key in self._lru) and not any(
+            lease.model == model for lease in self._leases
+        ):
+            return Lookup(None, 0, "miss", "nothing is cached for this model")
+        return Lookup(None, 0, "miss", "no cached prompt shares a prefix with this one")
+
+    def _best_lease(self, model: str, tokens: list[int]) -> tuple[Lease | None, int, str]:
+        """The live sequence whose computed state covers most of ``tokens``."""
+        best: tuple[Lease | None, int, str] = (None, 0, "miss")
+        for lease in self._leases:
+            if lease.model != model:
+                continue
+            common = 0
+            for a, b in zip(lease.prompt, tokens, strict=False):
+                if a != b:
+                    break
+                common += 1
+            n = min(common, len(tokens) - 1, cache_length(lease.state))
+            if n > best[1]:
+                if lease.prompt == tokens:
+                    kind = "exact"
+                elif common == len(lease.prompt):
+                    kind = "shorter"
+                else:
+                    kind = "longer"
+                best = (lease, n, kind)
+        return best
+
+    def _take(self, entry: _Entry, length: int) -> KVState:
+        """Hand ``entry`` over, trimmed to ``length`` tokens: out of the trie, no copy."""
+        self._remove(entry)
+        excess = cache_length(entry.state) - length
+        if excess > 0:
+            trim_prompt_cache(entry.state, excess)
+        return entry.state
+
+    # ------------------------------------------------------------------ leases
+
+    def lease(self, model: str, prompt: list[int], state: KVState) -> Lease:
+        lease = Lease(model, prompt, state)
+        self._leases.append(lease)
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        if lease in self._leases:
+            self._leases.remove(lease)
+
+    # ------------------------------------------------------------------ storing
+
+    def insert(self, model: str, tokens: list[int], state: KVState) -> bool:
+        """Store ``state`` for ``tokens`` (the state may hold more: it is trimmed to fit).
+
+        Returns False when it was not stored (alone over the byte budget, or empty).
+        """
+        length = cache_length(state)
+        if length < len(tokens):
+            tokens = tokens[:length]
+        elif length > len(tokens):
+            if not can_trim_prompt_cache(state):
+                return False
+            trim_prompt_cache(state, length - len(tokens))
+        if not tokens:
+            return False
+        nbytes = cache_bytes(state)
+        if nbytes > self.max_bytes:
+            self.counters.not_cached_too_large += 1
+            return False
+        key = (model, tuple(tokens))
+        if key in self._lru:
+            self._remove(self._lru[key])
+        entry = _Entry(model, key[1], state, nbytes)
+        self._trie.add(model, tokens, entry)
+        self._lru[key] = entry
+        self._bytes_by_model[model] = self._bytes_by_model.get(model, 0) + nbytes
+        if can_trim_prompt_cache(state):
+            # Shorter entries on this path are now redundant: this one can be trimmed to them.
+            for n, _ in self._trie.pop_prefixes(model, tokens):
+                self._forget(self._lru.pop((model, tuple(tokens[:n]))))
+        self._evict()
+        return True
+
+    def _evict(self) -> None:
+        while self._lru and (len(self._lru) > self.max_entries or self.nbytes > self.max_bytes):
+            _, entry = next(iter(self._lru.items()))
+            self._remove(entry)
+            self.counters.evictions += 1
+            log.debug("cache_evicted", model=entry.model, tokens=len(entry.tokens))
+
+    def _remove(self, entry: _Entry) -> None:
+        self._trie.pop(entry.model, list(entry.tokens))
+        del self._lru[entry.model, entry.tokens]
+        self._forget(entry)
+
+    def _forget(self, entry: _Entry) -> None:
+        left = self._bytes_by_model.get(entry.model, 0) - entry.nbytes
+        if left > 0:
+            self._bytes_by_model[entry.model] = left
+        else:
+            self._bytes_by_model.pop(entry.model, None)
+
+    def drop_model(self, model: str) -> int:
+        """Forget every entry of ``model`` (unloaded, or cleared); returns how many."""
+        victims = [e for (m, _), e in self._lru.items() if m == model]
+        for entry in victims:
+            self._remove(entry)
+        return len(victims)
+
+    def clear(self, model: str | None = None) -> int:
+        if model is not None:
+            return self.drop_model(model)
+        return sum(self.drop_model(m) for m in {m for m, _ in self._lru})
+
+    # ------------------------------------------------------------------ reporting
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._bytes_by_model.values())
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def bytes_by_model(self) -> dict[str, int]:
+        return dict(self._bytes_by_model)
+
+    def entries(self, model: str | None = None) -> list[tuple[str, tuple[int, ...]]]:
+        """Keys, least recently used first."""
+        return [k for k in self._lru if model is None or k[0] == model]
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, folder: Path, identities: dict[str, str], max_bytes: int) -> int:
+        """Write the most recently used entries, up to ``max_bytes``, for the models in
+        ``identities`` (name -> fingerprint of its weights). Returns the entries written."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.safetensors"):
+            old.unlink()
+        written = total = 0
+        counts: dict[str, int] = {}
+        for (model, tokens), entry in reversed(self._lru.items()):
+            identity = identities.get(model)
+            if identity is None or total + entry.nbytes > max_bytes:
+                continue
+            meta = {
+                "mlxd_model": model,
+                "mlxd_identity": identity,
+                "mlxd_tokens": json.dumps(list(tokens)),
+            }
+            # Numbered most recent first, per model, so a restore can replay LRU order.
+            rank = counts[model] = counts.get(model, -1) + 1
+            path = folder / f"{_file_key(model)}-{rank:05d}.safetensors"
+            save_prompt_cache(str(path), entry.state, meta)
+            written += 1
+            total += entry.nbytes
+        return written
+
+    def restore(self, folder: Path, model: str, identity: str) -> int:
+        """Load the saved entries of ``model``; skip, with a warning, any file that is
+        corrupt or belongs to other weights. Newest entries end most recently used."""
+        restored = 0
+        for path in sorted(folder.glob(f"{_file_key(model)}-*.safetensors"), reverse=True):
+            try:
+                state, meta = load_prompt_cache(str(path), return_metadata=True)
+                if meta.get("mlxd_model") != model:
+                    continue
+                if meta.get("mlxd_identity") != identity:
+                    log.warning("cache_file_skipped", file=path.name, reason="other weights")
+                    continue
+                tokens = json.loads(meta["mlxd_tokens"])
+                mx.eval([c.state for c in state])
+            except Exception as exc:  # a half-written or foreign file must never stop us
+                log.warning("cache_file_skipped", file=path.name, reason=repr(exc))
+                continue
+            if self.insert(model, tokens, state):
+                restored += 1
+        return restored
+
+
+def _file_key(model: str) -> str:
+    return hashlib.sha256(model.encode()).hexdigest()[:16]

@@ -1,0 +1,207 @@
+"""The prompt cache by itself, on real MLX cache objects (no daemon)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from mlxd.daemon.cache import PromptCache, cache_length, fork
+
+LAYERS, HEADS, DIM = 2, 2, 4
+
+
+def positions(start: int, n: int) -> mx.array:
+    """Keys whose every value is the token position: contents are easy to check."""
+    pos = mx.arange(start, start + n, dtype=mx.float32)
+    return mx.broadcast_to(pos[None, None, :, None], (1, HEADS, n, DIM))
+
+
+def state_for(n: int, cls: type = KVCache, **kwargs: int) -> list:
+    state = [cls(**kwargs) for _ in range(LAYERS)]
+    extend(state, 0, n)
+    return state
+
+
+def extend(state: list, start: int, n: int, marker: float = 0.0) -> None:
+    for c in state:
+        k = positions(start, n) + marker
+        c.update_and_fetch(k, k)
+
+
+def contents(state: list) -> list[float]:
+    keys, _ = (
+        state[0].keys_and_values() if hasattr(state[0], "keys_and_values") else state[0].state[:2]
+    )
+    return keys[0, 0, :, 0].tolist()
+
+
+def test_every_lookup_mode() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    stored = list(range(100, 120))
+    assert cache.fetch("m", stored).kind == "miss"
+    assert cache.fetch("m", stored).miss_reason == "nothing is cached for this model"
+
+    cache.insert("m", stored, state_for(20))
+    exact = cache.fetch("m", stored)
+    assert (exact.kind, exact.reused) == ("exact", 19)  # the last token is processed again
+    assert cache_length(exact.state) == 19 and contents(exact.state) == list(range(19))
+
+    cache.insert("m", stored, state_for(20))
+    longer_prompt = [*stored, 1, 2, 3]
+    shorter = cache.fetch("m", longer_prompt)
+    assert (shorter.kind, shorter.reused) == ("shorter", 20)
+
+    cache.insert("m", stored, state_for(20))
+    prefix = stored[:12]
+    trimmed = cache.fetch("m", prefix)
+    assert (trimmed.kind, trimmed.reused) == ("longer", 11)
+    assert contents(trimmed.state) == list(range(11))
+
+    cache.insert("m", stored, state_for(20))
+    diverging = [*stored[:8], 999, 998]
+    longer = cache.fetch("m", diverging)
+    assert (longer.kind, longer.reused) == ("longer", 8)
+
+    cache.insert("m", stored, state_for(20))
+    unrelated = cache.fetch("m", [1, 2, 3])
+    assert unrelated.kind == "miss" and unrelated.state is None
+    assert unrelated.miss_reason == "no cached prompt shares a prefix with this one"
+    assert cache.counters.hits == {"exact": 1, "shorter": 1, "longer": 2, "miss": 3}
+
+
+def test_models_are_namespaced() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    cache.insert("a", [1, 2, 3, 4], state_for(4))
+    assert cache.fetch("b", [1, 2, 3, 4]).kind == "miss"
+    assert cache.fetch("a", [1, 2, 3, 4]).kind == "exact"
+
+
+def test_a_taken_entry_is_gone_until_given_back() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    cache.insert("m", [1, 2, 3, 4], state_for(4))
+    first = cache.fetch("m", [1, 2, 3, 4])
+    assert first.kind == "exact" and len(cache) == 0
+    assert cache.fetch("m", [1, 2, 3, 4]).kind == "miss"  # never visible twice
+    extend(first.state, 3, 3)
+    cache.insert("m", [1, 2, 3, 4, 5, 6], first.state)
+    assert cache.fetch("m", [1, 2, 3, 4, 5, 6, 7]).reused == 6
+
+
+def test_two_live_sequences_on_one_prefix_get_independent_states() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    prompt = list(range(10))
+    live = state_for(10)
+    lease = cache.lease("m", prompt, live)
+    other = cache.fetch("m", [*prompt[:6], 50, 51])
+    assert (other.kind, other.reused) == ("longer", 6)
+    assert cache.counters.forks == 1
+    # Both write different tokens after the shared prefix.
+    extend(live, 10, 2, marker=1000.0)
+    extend(other.state, 6, 2, marker=2000.0)
+    mx.eval([c.state for c in live + other.state])
+    assert contents(live) == [*range(10), 1010.0, 1011.0]
+    assert contents(other.state) == [*range(6), 2006.0, 2007.0]
+    cache.release(lease)
+    assert cache.fetch("m", prompt).kind == "miss"
+
+
+def test_lru_eviction_by_count_and_by_bytes() -> None:
+    one = sum(c.nbytes for c in state_for(4))
+    cache = PromptCache(max_bytes=10**9, max_entries=2)
+    for first in (1, 2, 3):
+        cache.insert("m", [first, 0, 0, 0], state_for(4))
+    assert cache.entries() == [("m", (2, 0, 0, 0)), ("m", (3, 0, 0, 0))]
+    assert cache.counters.evictions == 1
+
+    cache = PromptCache(max_bytes=2 * one)
+    for first in (1, 2, 3):
+        cache.insert("m", [first, 0, 0, 0], state_for(4))
+    assert [k[1][0] for k in cache.entries()] == [2, 3]
+    assert cache.nbytes <= 2 * one
+
+
+def test_a_state_over_the_whole_budget_is_not_cached() -> None:
+    cache = PromptCache(max_bytes=100)
+    assert not cache.insert("m", [1, 2, 3], state_for(3))
+    assert len(cache) == 0 and cache.counters.not_cached_too_large == 1
+
+
+def test_a_longer_trimmable_entry_replaces_its_prefixes() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    cache.insert("m", [1, 2, 3], state_for(3))
+    cache.insert("m", [1, 2, 3, 4, 5], state_for(5))
+    assert cache.entries() == [("m", (1, 2, 3, 4, 5))]
+    assert cache.bytes_by_model() == {"m": sum(c.nbytes for c in state_for(5))}
+
+
+def test_a_state_holding_more_than_its_key_is_trimmed_to_it() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    state = state_for(7)  # e.g. generate_step ran one step ahead
+    cache.insert("m", [1, 2, 3, 4, 5], state)
+    assert cache_length(state) == 5
+
+
+def test_an_untrimmable_longer_entry_is_a_miss_with_its_reason() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    full = state_for(8, RotatingKVCache, max_size=4)
+    assert not full[0].is_trimmable()
+    cache.insert("m", list(range(8)), full)
+    result = cache.fetch("m", [0, 1, 2, 9])
+    assert result.kind == "miss"
+    assert result.miss_reason == "the only entry sharing a prefix cannot be trimmed"
+
+
+def test_fork_is_a_view_not_a_copy() -> None:
+    state = state_for(300)
+    mx.eval([c.state for c in state])
+    before = mx.get_active_memory()
+    forked = fork(state, 200)
+    assert mx.get_active_memory() - before < sum(c.nbytes for c in state) // 4
+    assert contents(forked) == list(range(200))
+
+
+def test_drop_model_and_clear() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    cache.insert("a", [1, 2], state_for(2))
+    cache.insert("b", [1, 2], state_for(2))
+    assert cache.drop_model("a") == 1
+    assert set(cache.bytes_by_model()) == {"b"}
+    assert cache.clear() == 1 and len(cache) == 0 and cache.nbytes == 0
+
+
+def test_save_and_restore_skips_foreign_and_corrupt_files(tmp_path: Path) -> None:
+    cache = PromptCache(max_bytes=10**9)
+    cache.insert("m", [1, 2, 3, 4], state_for(4))
+    cache.insert("m", [7, 8, 9], state_for(3))
+    cache.insert("other", [5, 6], state_for(2))
+    assert cache.save(tmp_path, {"m": "id-1", "other": "id-2"}, max_bytes=10**9) == 3
+
+    files = sorted(tmp_path.glob("*.safetensors"))
+    restored = PromptCache(max_bytes=10**9)
+    assert restored.restore(tmp_path, "m", "id-1") == 2
+    assert restored.entries() == [("m", (1, 2, 3, 4)), ("m", (7, 8, 9))]  # LRU order kept
+    assert contents(restored.fetch("m", [1, 2, 3, 4]).state) == [0.0, 1.0, 2.0]
+
+    assert PromptCache(max_bytes=10**9).restore(tmp_path, "m", "other-weights") == 0
+    for f in files:
+        f.write_bytes(f.read_bytes()[:50])  # truncated: corrupt
+    assert PromptCache(max_bytes=10**9).restore(tmp_path, "m", "id-1") == 0
+
+
+def test_save_respects_its_size_cap(tmp_path: Path) -> None:
+    cache = PromptCache(max_bytes=10**9)
+    one = sum(c.nbytes for c in state_for(4))
+    for first in (1, 2, 3):
+        cache.insert("m", [first, 0, 0, 0], state_for(4))
+    assert cache.save(tmp_path, {"m": "x"}, max_bytes=2 * one) == 2
+    restored = PromptCache(max_bytes=10**9)
+    restored.restore(tmp_path, "m", "x")
+    assert [k[1][0] for k in restored.entries()] == [2, 3]  # the most recent two
+
+
+def test_a_single_token_prompt_is_never_a_hit() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    cache.insert("m", [5], state_for(1))
+    assert cache.fetch("m", [5]).kind == "miss"
