@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--keep-alive", type=float)
     unload = command("unload", "unload a model")
     unload.add_argument("model")
+    stop = command("stop", "stop the daemon gracefully (SIGTERM) and wait for it to exit")
+    stop.add_argument("--timeout", type=float, default=60.0)
     clear = command("clear-cache", "drop the prompt cache of one model, or of all")
     clear.add_argument("--model")
 
@@ -276,6 +278,28 @@ def unload(args: argparse.Namespace) -> int:
     return 0
 
 
+def stop(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from mlxd.client import DaemonUnavailableError
+
+    from .transport import running_pid
+
+    path = Path(args.socket).expanduser() if args.socket else default_socket_path()
+    pid = running_pid(path)
+    if pid is None:
+        raise DaemonUnavailableError("daemon_unavailable", f"no mlxd is running on {path}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while running_pid(path) == pid:
+        if time.monotonic() > deadline:
+            print(f"mlxd: error: timeout: pid {pid} still running", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    return 0
+
+
 def clear_cache(args: argparse.Namespace) -> int:
     with _client(args) as client:
         client.clear_cache(args.model)
@@ -298,6 +322,7 @@ _COMMANDS = {
     "load": load,
     "unload": unload,
     "clear-cache": clear_cache,
+    "stop": stop,
     "demo-model": demo_model,
 }
 

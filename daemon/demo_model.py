@@ -64,7 +64,23 @@ TINY_CONFIG: dict[str, Any] = {
     "intermediate_size": 128,
     "vocab_size": 1024,
 }
-SIZES: dict[str, dict[str, Any]] = {"demo": DEMO_CONFIG, "tiny": TINY_CONFIG}
+# For benchmarks (bench/prompt_cache.py): big enough that prefilling a ~1500-token prompt
+# takes on the order of a second on a laptop CPU, so prefill dominates time to first token
+# and what the prompt cache saves is measurable; same tokenizer (vocab) as "demo".
+BENCH_CONFIG: dict[str, Any] = {
+    **_COMMON,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 8,
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "vocab_size": 4096,
+}
+SIZES: dict[str, dict[str, Any]] = {
+    "demo": DEMO_CONFIG,
+    "tiny": TINY_CONFIG,
+    "bench": BENCH_CONFIG,
+}
 
 SPECIAL_TOKENS = [
     "<s>",
@@ -114,7 +130,7 @@ def ensure_demo_model(out_dir: str | Path | None = None) -> Path:
 
 
 def build_demo_model(
-    out_dir: str | Path, *, size: Literal["demo", "tiny"] = "demo", seed: int = 0
+    out_dir: str | Path, *, size: Literal["demo", "tiny", "bench"] = "demo", seed: int = 0
 ) -> Path:
     """Write the model to ``out_dir`` (unless it is already there) and return the path."""
     if size not in SIZES:

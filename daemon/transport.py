@@ -40,6 +40,24 @@ class SocketLock:
             os.close(self._fd)
 
 
+def running_pid(socket_path: Path) -> int | None:
+    """The pid of the daemon holding ``socket_path``'s lock, or None if none holds it."""
+    lock = socket_path.with_name(socket_path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+        fcntl.flock(fd, fcntl.LOCK_UN)  # we got it: nobody holds it
+        return None
+    finally:
+        os.close(fd)
+
+
 def prepare_dir(path: Path) -> bool:
     """Make the socket's folder private to its owner (0700) if it is missing.
 

@@ -67,3 +67,22 @@ def test_a_killed_daemon_leaves_a_socket_the_next_one_replaces(tiny_model: Path)
     finally:
         assert second.stop() == 0
     shutil.rmtree(base)
+
+
+def test_mlxd_stop_drains_and_waits(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    path = base / "mlxd.sock"
+    d = start_daemon(path, "--model", f"tiny={tiny_model}")
+    out = subprocess.run(
+        [sys.executable, "-m", "mlxd.daemon", "stop", "--socket", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert d.proc.poll() == 0  # already exited, cleanly, when stop returned
+    assert not path.exists()
+    again = subprocess.run(
+        [sys.executable, "-m", "mlxd.daemon", "stop", "--socket", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode != 0 and "daemon_unavailable" in again.stderr
+    shutil.rmtree(base)
