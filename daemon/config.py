@@ -55,6 +55,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """Idle seconds before a model is unloaded; -1 keeps models resident forever."""
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_tokens_limit: int = 32768
+    max_batch_size: int = 32
+    """Sequences of one model decoded together in one forward pass."""
+    prefill_batch_size: int = 8
+    prefill_step_size: int = 512
+    """Prompt tokens prefilled per step: bounds how long one prompt holds up the others."""
     max_requests_per_connection: int = 64
     max_connections: int = 256
     cache_max_bytes: int = msgspec.field(default_factory=default_cache_budget)

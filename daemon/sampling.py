@@ -46,15 +46,8 @@ def _seeded(sampler: Sampler, seed: int) -> Sampler:
     return sample
 
 
-def make_sampling(
-    req: Generate, vocab_size: int, context: list[int]
-) -> tuple[Sampler, list[LogitsProcessor]]:
-    """The sampler and logits processors for ``req``.
-
-    ``context`` is the part of the prompt served from the prompt cache: mlx-lm's
-    processors only see the tokens ``generate_step`` is given, so penalties would
-    otherwise forget the cached part of the prompt.
-    """
+def make_sampling(req: Generate, vocab_size: int) -> tuple[Sampler, list[LogitsProcessor]]:
+    """The sampler and logits processors for ``req`` (mlx-lm's, seeded per request)."""
     if req.logit_bias:
         for token in req.logit_bias:
             if token >= vocab_size:
@@ -77,17 +70,7 @@ def make_sampling(
         repetition_penalty=req.repetition_penalty,
         repetition_context_size=req.repetition_context_size,
     )
-    if context and processors:
-        prefix = mx.array(context)
-        processors = [_with_context(p, prefix) for p in processors]
     return sampler, processors
-
-
-def _with_context(processor: LogitsProcessor, prefix: mx.array) -> LogitsProcessor:
-    def process(tokens: mx.array, logits: mx.array) -> mx.array:
-        return processor(mx.concatenate([prefix, tokens]), logits)
-
-    return process
 
 
 class StopMatcher:

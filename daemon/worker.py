@@ -2,12 +2,18 @@
 
 The event loop hands commands to ``Worker`` through a thread-safe inbox (``submit``,
 ``cancel``, ``stop``); the worker thread loads models, prefills and decodes, and posts
-protocol messages back through ``LoopOutbox``, one loop wake-up per decode round. Several
-requests in flight are interleaved one token at a time, so a long generation never holds
-up a short one, and a cancel takes effect before the cancelled request's next step.
+protocol messages back through ``LoopOutbox``, one loop wake-up per decode round.
 
-Each sequence is driven by mlx-lm's own ``generate_step`` on a private KV cache, so its
-tokens are exactly those mlx-lm computes for the same prompt and settings.
+Continuous batching: each resident model with work has one mlx-lm ``BatchGenerator``;
+concurrent sequences of that model decode together in one forward pass, new ones join
+between steps (their prompts prefilled in chunks of ``prefill_step_size``, so a long prompt
+never freezes the others' decoding), finished or cancelled ones leave. Models with work
+take turns, one batch step each per round, so none starves. Between rounds the inbox is
+drained, so a cancel takes effect before the cancelled sequence's next step.
+
+Threading: ``submit``, ``cancel``, ``stop``, ``start`` and ``alive`` are for the event loop
+thread; every other method runs on the worker thread. No locks: the inbox and outbox are
+the only shared state, and both are thread-safe queues.
 
 Threading: ``submit``, ``cancel``, ``stop``, ``start`` and ``alive`` are for the event loop
 thread; every other method runs on the worker thread. No locks: the inbox and outbox are
@@ -23,14 +29,13 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import structlog
-from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.generate import BatchGenerator
 
 from mlxd.protocol import (
     CacheStats,
@@ -99,24 +104,31 @@ _Command = _Submit | _Cancel | _Preload | _Stop
 
 
 @dataclass(eq=False)
+class _Batch:
+    """One model's continuous batch: its ``BatchGenerator`` and the sequences in it."""
+
+    model: LoadedModel
+    generator: BatchGenerator
+    sequences: dict[int, _Sequence] = field(default_factory=dict)  # by the generator's uid
+
+
+@dataclass(eq=False)
 class _Sequence:
     request: Generate
     sink: Any
     model: LoadedModel
+    batch: _Batch
+    uid: int
     prompt: list[int]
     cache_use: CacheUse
     cached_tokens: int
-    state: list[Any]
     lease: Lease | None
-    steps: Iterator[tuple[int, mx.array]]
     stop: StopMatcher
     received_at: float
     started_at: float
     detokenizer: Any = None
     first_token_at: float | None = None
     completion_tokens: int = 0
-    generated: list[int] = field(default_factory=list)
-    """Every token fed back into the model, end-of-sequence included: the cache key."""
     eos: frozenset[int] = field(default_factory=frozenset)
 
 
@@ -167,7 +179,8 @@ class Worker:
         self._models = ModelRegistry(
             config, on_load=self._model_loaded, on_unload=self._model_unloaded
         )
-        self._active: dict[Any, _Sequence] = {}  # by sink, in arrival order: the round-robin
+        self._active: dict[Any, _Sequence] = {}  # by sink
+        self._batches: dict[str, _Batch] = {}  # by model name, in turn order
         self._tokens_generated = 0
         self._prompt_tokens_processed = 0
         self._stopping = False
@@ -272,7 +285,7 @@ class Worker:
         if isinstance(req, Unload):
             for seq in [s for s in self._active.values() if s.model.name == req.model]:
                 self._finish(seq, "cancelled", events)
-            self._models.unload(req.model)
+            self._models.unload(req.model)  # closes its batch (_model_unloaded)
             return Done(id=req.id)
         if isinstance(req, ListModels):
             return Done(id=req.id, models=self._models.infos())
@@ -321,6 +334,23 @@ class Worker:
 
     def _model_unloaded(self, loaded: LoadedModel) -> None:
         self._cache.drop_model(loaded.name)
+        batch = self._batches.pop(loaded.name, None)
+        if batch is not None:
+            batch.generator.close()
+
+    def _batch_for(self, loaded: LoadedModel) -> _Batch:
+        batch = self._batches.get(loaded.name)
+        if batch is None or batch.model is not loaded:
+            config = self._config
+            generator = BatchGenerator(
+                loaded.model,
+                stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
+                completion_batch_size=config.max_batch_size,
+                prefill_batch_size=min(config.prefill_batch_size, config.max_batch_size),
+                prefill_step_size=config.prefill_step_size,
+            )
+            batch = self._batches[loaded.name] = _Batch(loaded, generator)
+        return batch
 
     def _persist_cache(self) -> None:
         if not self._config.cache_persist or not len(self._cache):
@@ -383,72 +413,91 @@ class Worker:
             )
         loaded = self._models.get(req.model, req.keep_alive)
         tokens = self._prompt(req, loaded)
+        sampler, processors = make_sampling(req, loaded.vocab_size)
         lookup = self._lookup(req, loaded, tokens)
-        sampler, processors = make_sampling(req, loaded.vocab_size, tokens[: lookup.reused])
-        state = lookup.state if lookup.state is not None else make_prompt_cache(loaded.model)
-        steps = generate_step(
-            mx.array(tokens[lookup.reused :]),
-            loaded.model,
-            max_tokens=req.max_tokens,
-            sampler=sampler,
-            logits_processors=processors,
-            prompt_cache=state,
+        batch = self._batch_for(loaded)
+        (uid,) = batch.generator.insert(
+            [tokens[lookup.reused :]],
+            max_tokens=[req.max_tokens],
+            caches=[lookup.state],
+            # The cached part of the prompt: context for the penalties, and the start of
+            # the token list the generator returns with the final state (the cache key).
+            all_tokens=[tokens[: lookup.reused]],
+            samplers=[sampler],
+            logits_processors=[processors],
         )
         loaded.active += 1
         use = CacheUse(kind=lookup.kind, miss_reason=lookup.miss_reason)  # type: ignore[arg-type]
-        self._active[sink] = _Sequence(
+        lease = None
+        if lookup.state is not None:
+            # The batch merges this state into its own arrays and never writes to it, so
+            # it stays a valid source of forks for the prompt's prefix while we run.
+            lease = self._cache.lease(loaded.name, tokens, lookup.state)
+        seq = _Sequence(
             request=req,
             sink=sink,
             model=loaded,
+            batch=batch,
+            uid=uid,
             prompt=tokens,
             cache_use=use,
             cached_tokens=lookup.reused,
-            state=state,
-            lease=self._cache.lease(loaded.name, tokens, state) if use.kind != "bypass" else None,
-            steps=steps,
+            lease=lease,
             stop=StopMatcher(req.stop),
             received_at=received_at,
             started_at=time.perf_counter(),
             detokenizer=loaded.tokenizer.detokenizer,
             eos=frozenset(loaded.tokenizer.eos_token_ids),
         )
+        batch.sequences[uid] = seq
+        self._active[sink] = seq
 
     def _step_all(self) -> None:
+        """One step of every model's batch: the models with work take turns."""
         events: list[Event] = []
-        for seq in list(self._active.values()):
+        for batch in [b for b in self._batches.values() if b.sequences]:
             try:
-                self._step(seq, events)
+                _, responses = batch.generator.next()
             except Exception as exc:
-                log.exception("sequence_failed", request_id=seq.request.id)
-                self._drop(seq, keep_state=False)
-                events.append(
-                    (
-                        seq.sink,
-                        Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=repr(exc)),
-                    )
-                )
+                # The batch's state can no longer be trusted: fail its sequences, start over.
+                log.exception("batch_failed", model=batch.model.name)
+                for seq in list(batch.sequences.values()):
+                    self._drop(seq, None)
+                    error = Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=repr(exc))
+                    events.append((seq.sink, error))
+                self._batches.pop(batch.model.name, None)
+                batch.generator.close()
+                continue
+            for response in responses:
+                seq = batch.sequences.get(response.uid)
+                if seq is not None:
+                    self._step(seq, response, events)
         self._outbox.post(events)
 
-    def _step(self, seq: _Sequence, events: list[Event]) -> None:
-        token, _ = next(seq.steps)
-        seq.generated.append(token)
+    def _step(self, seq: _Sequence, response: Any, events: list[Event]) -> None:
+        token = response.token
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             self._prompt_tokens_processed += len(seq.prompt) - seq.cached_tokens
+        if response.finish_reason is not None:
+            final = (response.prompt_cache, response.all_tokens)
+        else:
+            final = None
         if token in seq.eos:
             seq.detokenizer.finalize()
-            self._finish(seq, "stop", events, seq.detokenizer.last_segment)
+            self._finish(seq, "stop", events, seq.detokenizer.last_segment, final=final)
             return
         seq.completion_tokens += 1
         self._tokens_generated += 1
         seq.detokenizer.add_token(token)
         if seq.completion_tokens >= seq.request.max_tokens:
             seq.detokenizer.finalize()
-            self._finish(seq, "length", events, seq.detokenizer.last_segment, [token])
+            text = seq.detokenizer.last_segment
+            self._finish(seq, "length", events, text, [token], final=final)
             return
         text, stopped = seq.stop.feed(seq.detokenizer.last_segment)
         if stopped:
-            self._finish(seq, "stop", events, text, [token], stopped=True)
+            self._finish(seq, "stop", events, text, [token], stopped=True, final=final)
         else:
             events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=[token])))
 
@@ -460,7 +509,10 @@ class Worker:
         text: str = "",
         tokens: list[int] | None = None,
         stopped: bool = False,
+        final: tuple[list[Any], list[int]] | None = None,
     ) -> None:
+        """End ``seq``: its last chunk, then ``done``. ``final`` is the (state, tokens) the
+        generator returned if it ended the sequence itself; else the state is taken out."""
         if reason != "cancelled":
             if not stopped:
                 text, stopped = seq.stop.feed(text)
@@ -468,7 +520,10 @@ class Worker:
                 reason = "stop" if stopped else reason
             if text or tokens:
                 events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=tokens or [])))
-        self._drop(seq)
+        if final is None:
+            removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
+            final = removed.get(seq.uid)
+        self._drop(seq, final)
         now = time.perf_counter()
         first = seq.first_token_at or now
         decode_s = now - first
@@ -483,7 +538,6 @@ class Worker:
                         cached_tokens=seq.cached_tokens,
                         completion_tokens=seq.completion_tokens,
                     ),
-                    cache=seq.cache_use,
                     timings=Timings(
                         queue_s=seq.started_at - seq.received_at,
                         ttft_s=first - seq.received_at,
@@ -492,29 +546,32 @@ class Worker:
                         if seq.completion_tokens > 1 and decode_s > 0
                         else 0.0,
                     ),
+                    cache=seq.cache_use,
                 ),
             )
         )
 
-    def _drop(self, seq: _Sequence, keep_state: bool = True) -> None:
-        """Remove ``seq``; its KV state goes back to the prompt cache unless it failed."""
+    def _drop(self, seq: _Sequence, final: tuple[list[Any], list[int]] | None) -> None:
+        """Forget ``seq``; ``final`` (its KV state and every token it holds) goes back to the
+        prompt cache, so the next turn or keystroke starts from it."""
         self._active.pop(seq.sink, None)
+        seq.batch.sequences.pop(seq.uid, None)
         seq.model.active -= 1
         seq.model.touch(None)
-        close = getattr(seq.steps, "close", None)
-        if close is not None:
-            close()
         if seq.lease is not None:
             self._cache.release(seq.lease)
-            if keep_state and seq.model in self._models.resident():
-                # Keyed by everything the model has seen: the prompt, then each token fed
-                # back (the state may hold one more than was streamed: generate_step computes
-                # a step ahead). The cache trims the state to the key.
-                self._cache.insert(seq.model.name, seq.prompt + seq.generated, seq.state)
+        if final is None or not seq.request.cache or self._cache.max_bytes <= 0:
+            return
+        state, tokens = final
+        if state and tokens and seq.model in self._models.resident():
+            # The state can hold one token more than was streamed (the step ahead); the
+            # cache trims it to the key.
+            self._cache.insert(seq.model.name, list(tokens), state)
 
     def _end_all(self, code: str, message: str) -> None:
         events: list[Event] = []
         for seq in list(self._active.values()):
-            self._drop(seq)
+            removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
+            self._drop(seq, removed.get(seq.uid))
             events.append((seq.sink, Error(id=seq.request.id, code=code, message=message)))
         self._outbox.post(events)
