@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-budget", type=_bytes, help="bytes for resident weights, e.g. 8G")
     serve.add_argument("--keep-alive", type=float, help="idle seconds before unloading; -1 never")
     serve.add_argument("--max-frame-bytes", type=_bytes)
+    serve.add_argument("--max-batch-size", type=int, help="sequences per model decoded together")
+    serve.add_argument("--max-queued", type=int, help="waiting requests before overloaded")
     serve.add_argument("--cache-max-bytes", type=_bytes, help="prompt cache budget; 0 disables")
     serve.add_argument("--cache-max-entries", type=int)
     serve.add_argument(
@@ -155,7 +157,14 @@ def serve(args: argparse.Namespace) -> int:
         fields["memory_budget_bytes"] = args.memory_budget
     if args.keep_alive is not None:
         fields["keep_alive_s"] = args.keep_alive
-    for name in ("max_frame_bytes", "cache_max_bytes", "cache_max_entries", "state_dir"):
+    for name in (
+        "max_frame_bytes",
+        "max_batch_size",
+        "max_queued",
+        "cache_max_bytes",
+        "cache_max_entries",
+        "state_dir",
+    ):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     fields["cache_persist"] = args.cache_persist

@@ -57,6 +57,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens_limit: int = 32768
     max_batch_size: int = 32
     """Sequences of one model decoded together in one forward pass."""
+    max_queued: int = 256
+    """Requests waiting for a place in a batch; past this, new ones get ``overloaded``."""
     prefill_batch_size: int = 8
     prefill_step_size: int = 512
     """Prompt tokens prefilled per step: bounds how long one prompt holds up the others."""

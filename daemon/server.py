@@ -188,6 +188,10 @@ class Connection:
                 )
             )
         else:
+            superseded = getattr(request, "supersedes", None)
+            if superseded is not None and superseded in self.pending:
+                # Queued before the new request, so its place is free when that one comes.
+                self.server.worker.cancel(self.pending[superseded])
             pending = _Pending(self, request, received_at)
             self.pending[request.id] = pending
             self.server.requests_total += 1
@@ -368,8 +372,9 @@ class Server:
             requests_cancelled=self.requests_cancelled,
             requests_failed=self.requests_failed,
             active_sequences=worker.active_sequences,
-            queued=0,
+            queued=worker.queued,
             tokens_generated=worker.tokens_generated,
+            decode_steps=worker.decode_steps,
             prompt_tokens_processed=worker.prompt_tokens_processed,
             models_resident=worker.models_resident,
             memory_active_bytes=worker.memory_active_bytes,

@@ -48,6 +48,7 @@ from mlxd.protocol import (
     GetStats,
     ListModels,
     Load,
+    Queued,
     Timings,
     Unload,
     Usage,
@@ -71,6 +72,8 @@ class WorkerStats:
     """The worker's half of a ``stats`` reply; the loop adds the connection counters."""
 
     active_sequences: int
+    queued: int
+    decode_steps: int
     tokens_generated: int
     prompt_tokens_processed: int
     models_resident: int
@@ -104,6 +107,27 @@ _Command = _Submit | _Cancel | _Preload | _Stop
 
 
 @dataclass(eq=False)
+class _Waiting:
+    """A generate that is ready (model loaded, prompt tokenized) but its batch is full."""
+
+    request: Generate
+    sink: Any
+    received_at: float
+    model: LoadedModel
+    prompt: list[int]
+    sampler: Any
+    processors: list[Any]
+    position: int = -1
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(eq=False)
 class _Batch:
     """One model's continuous batch: its ``BatchGenerator`` and the sequences in it."""
 
@@ -130,6 +154,16 @@ class _Sequence:
     first_token_at: float | None = None
     completion_tokens: int = 0
     eos: frozenset[int] = field(default_factory=frozenset)
+
+
+def _cancelled_before_start(waiting: _Waiting) -> Done:
+    waited = time.perf_counter() - waiting.received_at
+    return Done(
+        id=waiting.request.id,
+        finish_reason="cancelled",
+        usage=Usage(prompt_tokens=len(waiting.prompt), cached_tokens=0, completion_tokens=0),
+        timings=Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0),
+    )
 
 
 class LoopOutbox:
@@ -181,7 +215,9 @@ class Worker:
         )
         self._active: dict[Any, _Sequence] = {}  # by sink
         self._batches: dict[str, _Batch] = {}  # by model name, in turn order
+        self._waiting: collections.deque[_Waiting] = collections.deque()
         self._tokens_generated = 0
+        self._decode_steps = 0
         self._prompt_tokens_processed = 0
         self._stopping = False
 
@@ -217,6 +253,7 @@ class Worker:
                 events: list[Event] = []
                 for command in self._take_commands():
                     self._handle(command, events)
+                self._admit(events)
                 self._outbox.post(events)
                 if self._active:
                     self._step_all()
@@ -231,7 +268,7 @@ class Worker:
 
     def _take_commands(self) -> list[_Command]:
         commands = []
-        if not self._active:
+        if not self._active and not self._waiting:
             # Idle: sleep until a command comes or a model's keep-alive expires.
             try:
                 commands.append(self._inbox.get(timeout=self._models.next_expiry()))
@@ -250,6 +287,10 @@ class Worker:
             seq = self._active.get(command.sink)
             if seq is not None:
                 self._finish(seq, "cancelled", events)
+            for waiting in [w for w in self._waiting if w.sink is command.sink]:
+                self._waiting.remove(waiting)
+                waiting.model.active -= 1
+                events.append((waiting.sink, _cancelled_before_start(waiting)))
             return
         if isinstance(command, _Preload):
             try:
@@ -263,7 +304,7 @@ class Worker:
             reply = self._serve(command, events)
             if reply is not None:
                 events.append((command.sink, reply))
-        except ModelError as exc:
+        except (ModelError, _Refused) as exc:
             events.append((command.sink, Error(id=req.id, code=exc.code, message=exc.message)))
         except InvalidField as exc:
             error = Error(id=req.id, code=errors.INVALID_REQUEST, message=str(exc), field=exc.field)
@@ -278,13 +319,17 @@ class Worker:
         """Serve one request; returns its reply, or None for a generation now running."""
         req = command.request
         if isinstance(req, Generate):
-            self._start(req, command.sink, command.received_at)
+            self._start(req, command.sink, command.received_at, events)
             return None
         if isinstance(req, Load):
             return Done(id=req.id, model=self._models.get(req.model, req.keep_alive).info())
         if isinstance(req, Unload):
             for seq in [s for s in self._active.values() if s.model.name == req.model]:
                 self._finish(seq, "cancelled", events)
+            for waiting in [w for w in self._waiting if w.model.name == req.model]:
+                self._waiting.remove(waiting)
+                waiting.model.active -= 1
+                events.append((waiting.sink, _cancelled_before_start(waiting)))
             self._models.unload(req.model)  # closes its batch (_model_unloaded)
             return Done(id=req.id)
         if isinstance(req, ListModels):
@@ -298,6 +343,8 @@ class Worker:
     def _stats(self) -> WorkerStats:
         return WorkerStats(
             active_sequences=len(self._active),
+            queued=len(self._waiting),
+            decode_steps=self._decode_steps,
             tokens_generated=self._tokens_generated,
             prompt_tokens_processed=self._prompt_tokens_processed,
             models_resident=len(self._models.resident()),
@@ -405,7 +452,7 @@ class Worker:
             )
         return tokens
 
-    def _start(self, req: Generate, sink: Any, received_at: float) -> None:
+    def _start(self, req: Generate, sink: Any, received_at: float, events: list[Event]) -> None:
         if req.max_tokens > self._config.max_tokens_limit:
             raise InvalidField(
                 "$.max_tokens",
@@ -414,6 +461,45 @@ class Worker:
         loaded = self._models.get(req.model, req.keep_alive)
         tokens = self._prompt(req, loaded)
         sampler, processors = make_sampling(req, loaded.vocab_size)
+        if len(self._waiting) >= self._config.max_queued and self._batch_full(loaded):
+            raise _Refused(
+                errors.OVERLOADED,
+                f"{len(self._waiting)} requests are already waiting (max_queued)",
+            )
+        loaded.active += 1  # reserved: a model with waiting work is not unloaded
+        self._waiting.append(_Waiting(req, sink, received_at, loaded, tokens, sampler, processors))
+        self._admit(events)
+
+    def _batch_full(self, loaded: LoadedModel) -> bool:
+        batch = self._batches.get(loaded.name)
+        return batch is not None and len(batch.sequences) >= self._config.max_batch_size
+
+    def _admit(self, events: list[Event]) -> None:
+        """Start waiting requests in arrival order where their model's batch has room; tell
+        the others their place when it changed."""
+        position = 0
+        for waiting in list(self._waiting):
+            if not self._batch_full(waiting.model):
+                self._waiting.remove(waiting)
+                waiting.model.active -= 1
+                try:
+                    self._begin(waiting)
+                except Exception as exc:
+                    log.exception("request_failed", request_id=waiting.request.id)
+                    error = Error(
+                        id=waiting.request.id, code=errors.INTERNAL_ERROR, message=repr(exc)
+                    )
+                    events.append((waiting.sink, error))
+                continue
+            if waiting.position != position:
+                waiting.position = position
+                events.append((waiting.sink, Queued(id=waiting.request.id, position=position)))
+            position += 1
+
+    def _begin(self, waiting: _Waiting) -> None:
+        req, loaded, tokens = waiting.request, waiting.model, waiting.prompt
+        sink, received_at = waiting.sink, waiting.received_at
+        sampler, processors = waiting.sampler, waiting.processors
         lookup = self._lookup(req, loaded, tokens)
         batch = self._batch_for(loaded)
         (uid,) = batch.generator.insert(
@@ -468,6 +554,8 @@ class Worker:
                 self._batches.pop(batch.model.name, None)
                 batch.generator.close()
                 continue
+            if responses:
+                self._decode_steps += 1
             for response in responses:
                 seq = batch.sequences.get(response.uid)
                 if seq is not None:
@@ -574,4 +662,8 @@ class Worker:
             removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
             self._drop(seq, removed.get(seq.uid))
             events.append((seq.sink, Error(id=seq.request.id, code=code, message=message)))
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            waiting.model.active -= 1
+            events.append((waiting.sink, Error(id=waiting.request.id, code=code, message=message)))
         self._outbox.post(events)

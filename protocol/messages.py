@@ -73,6 +73,8 @@ class Generate(_Message, tag="generate"):
     """Seconds the model stays resident after this request; -1 forever, 0 unload at once."""
     cache: bool = True
     """Use and update the prompt cache; false bypasses it for this request."""
+    supersedes: RequestId | None = None
+    """Cancel this earlier request of the same connection first (the last keystroke's)."""
 
 
 class Cancel(_Message, tag="cancel"):
@@ -124,6 +126,14 @@ class Welcome(_Message, tag="welcome"):
     server: str
     max_frame_bytes: int
     default_model: str | None = None
+
+
+class Queued(_Message, tag="queued"):
+    """Request ``id`` waits for a place in its model's batch; 0 is next. Sent when it is
+    queued and whenever its place changes; nothing is sent for a request that starts at once."""
+
+    id: int
+    position: int
 
 
 class Chunk(_Message, tag="chunk"):
@@ -203,6 +213,8 @@ class ServerStats(Struct, kw_only=True):
     active_sequences: int
     queued: int
     tokens_generated: int
+    decode_steps: int
+    """Batched forward passes of decoding; tokens_generated / decode_steps is the mean batch."""
     prompt_tokens_processed: int
     models_resident: int
     memory_active_bytes: int
@@ -235,7 +247,7 @@ class Error(_Message, tag="error"):
     """The offending request field, for ``invalid_request``, as a path like ``$.top_p``."""
 
 
-ServerMessage = Union[Welcome, Chunk, Done, Error]  # noqa: UP007
+ServerMessage = Union[Welcome, Queued, Chunk, Done, Error]  # noqa: UP007
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -257,6 +269,7 @@ __all__ = [
     "Load",
     "ModelInfo",
     "Ping",
+    "Queued",
     "Request",
     "ServerMessage",
     "ServerStats",

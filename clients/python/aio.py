@@ -37,6 +37,7 @@ from mlxd.protocol import (
     Load,
     ModelInfo,
     Ping,
+    Queued,
     ServerStats,
     Unload,
     Welcome,
@@ -224,6 +225,8 @@ class GenerationStream:
         self.request = request
         self.id: int = request.id
         self.done: Done | None = None
+        self.position: int | None = None
+        """The request's place in the daemon's queue while it waits (0 is next)."""
         self._receive: MemoryObjectReceiveStream[Any] | None = None
         self._ended = False
 
@@ -243,7 +246,11 @@ class GenerationStream:
             raise self.client._closed or ConnectionClosedError(
                 "connection_closed", "closed"
             ) from None
+        while isinstance(message, Queued):
+            self.position = message.position
+            message = await self._receive.receive()
         if isinstance(message, Chunk):
+            self.position = None
             return message
         self._end()
         if isinstance(message, Error):

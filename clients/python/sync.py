@@ -32,6 +32,7 @@ from mlxd.protocol import (
     Load,
     ModelInfo,
     Ping,
+    Queued,
     ServerStats,
     Unload,
     Welcome,
@@ -100,6 +101,8 @@ class Client:
         try:
             while True:
                 message = self._read_for(request.id)
+                if isinstance(message, Queued):
+                    continue
                 if isinstance(message, Chunk):
                     yield message
                     continue
@@ -163,7 +166,7 @@ class Client:
     def _cancel_and_drain(self, target: int) -> None:
         try:
             self._send(Cancel(id=next(self._ids), target=target))
-            while isinstance(self._read_for(target), Chunk):
+            while isinstance(self._read_for(target), Chunk | Queued):
                 pass
         except (OSError, ConnectionClosedError):
             pass  # the connection is gone: the daemon cancels on disconnect
