@@ -1,8 +1,9 @@
 """Per-request sampling and stop strings, built on mlx-lm's samplers and logits processors.
 
 ``make_sampling`` turns a ``Generate`` request into the sampler and logits processors that
-mlx-lm's ``generate_step`` takes; ``StopMatcher`` holds back streamed text that could still
-be the start of a stop string, so stop text is never sent even when it spans chunks.
+mlx-lm's ``BatchGenerator`` takes per sequence; ``StopMatcher`` holds back streamed text
+that could still be the start of a stop string, so stop text is never sent even when it
+spans chunks.
 
 Threading: worker thread only (the samplers build MLX graphs).
 """

@@ -138,7 +138,7 @@ def test_a_longer_trimmable_entry_replaces_its_prefixes() -> None:
 
 def test_a_state_holding_more_than_its_key_is_trimmed_to_it() -> None:
     cache = PromptCache(max_bytes=10**9)
-    state = state_for(7)  # e.g. generate_step ran one step ahead
+    state = state_for(7)  # e.g. decoding ran one step ahead
     cache.insert("m", [1, 2, 3, 4, 5], state)
     assert cache_length(state) == 5
 
