@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frame-bytes", type=_bytes)
     serve.add_argument("--max-batch-size", type=int, help="sequences per model decoded together")
     serve.add_argument("--max-queued", type=int, help="waiting requests before overloaded")
+    serve.add_argument("--prefill-batch-size", type=int, help="prompts prefilled together")
+    serve.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill step")
     serve.add_argument("--cache-max-bytes", type=_bytes, help="prompt cache budget; 0 disables")
     serve.add_argument("--cache-max-entries", type=int)
     serve.add_argument(
@@ -161,6 +163,8 @@ def serve(args: argparse.Namespace) -> int:
         "max_frame_bytes",
         "max_batch_size",
         "max_queued",
+        "prefill_batch_size",
+        "prefill_step_size",
         "cache_max_bytes",
         "cache_max_entries",
         "state_dir",
