@@ -59,6 +59,7 @@ from .cache import Lease, Lookup, PromptCache
 from .config import Config
 from .models import LoadedModel, ModelError, ModelRegistry
 from .sampling import InvalidField, StopMatcher, make_sampling
+from .solo import SoloGenerator
 
 log = structlog.get_logger("mlxd.worker")
 
@@ -132,8 +133,9 @@ class _Batch:
     """One model's continuous batch: its ``BatchGenerator`` and the sequences in it."""
 
     model: LoadedModel
-    generator: BatchGenerator
+    generator: BatchGenerator | SoloGenerator
     sequences: dict[int, _Sequence] = field(default_factory=dict)  # by the generator's uid
+    solo: bool = False
 
 
 @dataclass(eq=False)
@@ -214,7 +216,9 @@ class Worker:
             config, on_load=self._model_loaded, on_unload=self._model_unloaded
         )
         self._active: dict[Any, _Sequence] = {}  # by sink
-        self._batches: dict[str, _Batch] = {}  # by model name, in turn order
+        # By (model name, solo?), in turn order: each model has at most one BatchGenerator
+        # and one SoloGenerator running at a time.
+        self._batches: dict[tuple[str, bool], _Batch] = {}
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._tokens_generated = 0
         self._decode_steps = 0
@@ -381,12 +385,20 @@ class Worker:
 
     def _model_unloaded(self, loaded: LoadedModel) -> None:
         self._cache.drop_model(loaded.name)
-        batch = self._batches.pop(loaded.name, None)
-        if batch is not None:
-            batch.generator.close()
+        for solo in (False, True):
+            batch = self._batches.pop((loaded.name, solo), None)
+            if batch is not None:
+                batch.generator.close()
 
     def _batch_for(self, loaded: LoadedModel) -> _Batch:
-        batch = self._batches.get(loaded.name)
+        """Where a new sequence of ``loaded`` runs: alone on ``generate_step`` when the model
+        has nothing else running (no batching overhead), else in the model's batch."""
+        if self._running(loaded) == 0:
+            eos = frozenset(loaded.tokenizer.eos_token_ids)
+            batch = _Batch(loaded, SoloGenerator(loaded.model, eos), solo=True)
+            self._batches[loaded.name, True] = batch
+            return batch
+        batch = self._batches.get((loaded.name, False))
         if batch is None or batch.model is not loaded:
             config = self._config
             generator = BatchGenerator(
@@ -396,8 +408,13 @@ class Worker:
                 prefill_batch_size=min(config.prefill_batch_size, config.max_batch_size),
                 prefill_step_size=config.prefill_step_size,
             )
-            batch = self._batches[loaded.name] = _Batch(loaded, generator)
+            batch = self._batches[loaded.name, False] = _Batch(loaded, generator)
         return batch
+
+    def _running(self, loaded: LoadedModel) -> int:
+        return sum(
+            len(b.sequences) for (name, _), b in self._batches.items() if name == loaded.name
+        )
 
     def _persist_cache(self) -> None:
         if not self._config.cache_persist or not len(self._cache):
@@ -471,8 +488,7 @@ class Worker:
         self._admit(events)
 
     def _batch_full(self, loaded: LoadedModel) -> bool:
-        batch = self._batches.get(loaded.name)
-        return batch is not None and len(batch.sequences) >= self._config.max_batch_size
+        return self._running(loaded) >= self._config.max_batch_size
 
     def _admit(self, events: list[Event]) -> None:
         """Start waiting requests in arrival order where their model's batch has room; tell
@@ -514,11 +530,14 @@ class Worker:
         )
         loaded.active += 1
         use = CacheUse(kind=lookup.kind, miss_reason=lookup.miss_reason)  # type: ignore[arg-type]
+        # A state others may fork the prompt's prefix from while this sequence runs: a
+        # solo sequence's live state (it only grows past the prompt), or the state a
+        # batch started from (merged into the batch's own arrays, never written to).
+        source = batch.generator.state if isinstance(batch.generator, SoloGenerator) else None
+        source = source or lookup.state
         lease = None
-        if lookup.state is not None:
-            # The batch merges this state into its own arrays and never writes to it, so
-            # it stays a valid source of forks for the prompt's prefix while we run.
-            lease = self._cache.lease(loaded.name, tokens, lookup.state)
+        if source is not None and use.kind != "bypass":
+            lease = self._cache.lease(loaded.name, tokens, source)
         seq = _Sequence(
             request=req,
             sink=sink,
@@ -551,7 +570,7 @@ class Worker:
                     self._drop(seq, None)
                     error = Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=repr(exc))
                     events.append((seq.sink, error))
-                self._batches.pop(batch.model.name, None)
+                self._batches.pop((batch.model.name, batch.solo), None)
                 batch.generator.close()
                 continue
             if responses:
@@ -644,6 +663,8 @@ class Worker:
         prompt cache, so the next turn or keystroke starts from it."""
         self._active.pop(seq.sink, None)
         seq.batch.sequences.pop(seq.uid, None)
+        if seq.batch.solo:
+            self._batches.pop((seq.model.name, True), None)
         seq.model.active -= 1
         seq.model.touch(None)
         if seq.lease is not None:
