@@ -393,7 +393,8 @@ class Worker:
     def _batch_for(self, loaded: LoadedModel) -> _Batch:
         """Where a new sequence of ``loaded`` runs: alone on ``generate_step`` when the model
         has nothing else running (no batching overhead), else in the model's batch."""
-        if self._running(loaded) == 0:
+        alone = not any(w.model is loaded for w in self._waiting)
+        if self._running(loaded) == 0 and alone:
             eos = frozenset(loaded.tokenizer.eos_token_ids)
             batch = _Batch(loaded, SoloGenerator(loaded.model, eos), solo=True)
             self._batches[loaded.name, True] = batch
@@ -478,14 +479,16 @@ class Worker:
         loaded = self._models.get(req.model, req.keep_alive)
         tokens = self._prompt(req, loaded)
         sampler, processors = make_sampling(req, loaded.vocab_size)
-        if len(self._waiting) >= self._config.max_queued and self._batch_full(loaded):
+        free = max(0, self._config.max_batch_size - self._running(loaded))
+        if len(self._waiting) >= self._config.max_queued + free:
             raise _Refused(
                 errors.OVERLOADED,
                 f"{len(self._waiting)} requests are already waiting (max_queued)",
             )
         loaded.active += 1  # reserved: a model with waiting work is not unloaded
+        # Admitted by the run loop once the whole inbox is read, so that a burst of
+        # requests is seen as one and batched from its first step.
         self._waiting.append(_Waiting(req, sink, received_at, loaded, tokens, sampler, processors))
-        self._admit(events)
 
     def _batch_full(self, loaded: LoadedModel) -> bool:
         return self._running(loaded) >= self._config.max_batch_size
