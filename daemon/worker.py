@@ -57,6 +57,7 @@ from mlxd.protocol import (
 
 from .cache import Lease, Lookup, PromptCache
 from .config import Config
+from .faults import Faults, InjectedCrash
 from .models import LoadedModel, ModelError, ModelRegistry
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
@@ -224,6 +225,7 @@ class Worker:
         self._decode_steps = 0
         self._prompt_tokens_processed = 0
         self._stopping = False
+        self._faults = Faults()
 
     # ------------------------------------------------------------------ event loop thread
 
@@ -254,6 +256,8 @@ class Worker:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                if self._faults.hit("worker_crash"):
+                    raise InjectedCrash("injected worker crash (MLXD_FAULTS)")
                 events: list[Event] = []
                 for command in self._take_commands():
                     self._handle(command, events)
@@ -565,6 +569,8 @@ class Worker:
         events: list[Event] = []
         for batch in [b for b in self._batches.values() if b.sequences]:
             try:
+                if self._faults.hit(f"step_error:{batch.model.name}"):
+                    raise RuntimeError("injected step error (MLXD_FAULTS)")
                 _, responses = batch.generator.next()
             except Exception as exc:
                 # The batch's state can no longer be trusted: fail its sequences, start over.

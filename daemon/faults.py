@@ -1,0 +1,38 @@
+"""Fault injection, for tests that must prove the daemon survives its own failures.
+
+``MLXD_FAULTS`` holds comma-separated faults, each armed once:
+
+- ``step_error:MODEL@N``: the Nth decode step of MODEL's generators raises ``RuntimeError``
+  (the requests in that step must fail alone; the worker must go on);
+- ``worker_crash@N``: the worker thread dies at its Nth round (the daemon must fail what
+  is in flight with ``worker_unavailable`` and exit non-zero).
+
+Unset in production: then every check is one dictionary lookup on an empty dict.
+
+Threading: worker thread only.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class InjectedCrash(BaseException):
+    """Not an ``Exception``: it must escape the per-request handlers, as a real crash would."""
+
+
+class Faults:
+    def __init__(self, spec: str | None = None) -> None:
+        spec = os.environ.get("MLXD_FAULTS", "") if spec is None else spec
+        self._armed: dict[str, int] = {}
+        self._counts: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, _, at = item.partition("@")
+            self._armed[name] = int(at or 1)
+
+    def hit(self, name: str) -> bool:
+        """Count one occurrence of ``name``; True exactly at its armed occurrence."""
+        if not self._armed or name not in self._armed:
+            return False
+        self._counts[name] = count = self._counts.get(name, 0) + 1
+        return count == self._armed[name]

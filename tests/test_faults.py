@@ -1,0 +1,64 @@
+"""Failures inside the daemon (injected with MLXD_FAULTS) stay contained, or end the
+daemon loudly: never a hung socket."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from conftest import short_tmpdir, start_daemon
+from helpers import RawConn, reference
+
+from mlxd.client import MlxdError
+
+
+def test_a_failing_batch_step_fails_its_requests_only(tiny_model: Path, tiny_model_b: Path) -> None:
+    base = short_tmpdir()
+    d = start_daemon(
+        base / "mlxd.sock",
+        "--model", f"tiny={tiny_model}", "--model", f"tiny-b={tiny_model_b}",
+        env={"MLXD_FAULTS": "step_error:tiny@20"},
+    )  # fmt: skip
+    try:
+        result: dict[str, object] = {}
+
+        def other_model() -> None:
+            with d.client() as c:
+                result["b"] = c.generate("def other():", model="tiny-b", max_tokens=300)
+
+        t = threading.Thread(target=other_model)
+        t.start()
+        time.sleep(0.05)
+        with d.client() as client:
+            try:
+                client.generate("def doomed():", model="tiny", max_tokens=300)
+                raise AssertionError("the injected fault did not fail the request")
+            except MlxdError as exc:
+                assert exc.code == "internal_error" and "injected" in exc.message
+            t.join(60)
+            # The other model's stream went on, unchanged; the worker serves the next one.
+            done = result["b"]
+            assert done.tokens == reference(tiny_model_b, "def other():", 300)[1]  # type: ignore[attr-defined]
+            again = client.generate("def fine():", model="tiny", max_tokens=16)
+            assert again.tokens == reference(tiny_model, "def fine():", 16)[1]
+            assert client.stats().worker_alive
+    finally:
+        assert d.stop() == 0, d.log()
+        shutil.rmtree(base)
+
+
+def test_a_dead_worker_fails_in_flight_requests_and_exits_nonzero(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    sock = base / "mlxd.sock"
+    d = start_daemon(sock, "--model", f"tiny={tiny_model}", env={"MLXD_FAULTS": "worker_crash@200"})
+    conn = RawConn(sock)
+    conn.send({"type": "generate", "id": 1, "prompt": "count:", "max_tokens": 30_000})
+    _, end = conn.recv_until_end(1)
+    assert end["type"] == "error" and end["code"] == "worker_unavailable"
+    assert d.proc.wait(30) == 1  # so launchd or systemd restarts it
+    assert conn.is_closed_by_peer()
+    assert not sock.exists()
+    assert "worker_died" in d.log()
+    shutil.rmtree(base)
