@@ -226,6 +226,7 @@ class Worker:
         self._prompt_tokens_processed = 0
         self._stopping = False
         self._faults = Faults()
+        self._swept_at = 0.0
 
     # ------------------------------------------------------------------ event loop thread
 
@@ -265,8 +266,12 @@ class Worker:
                 self._outbox.post(events)
                 if self._active:
                     self._step_all()
-                else:
+                now = time.monotonic()
+                if not self._active or now - self._swept_at >= 1.0:
+                    # Busy rounds check keep-alives once a second: an idle model is
+                    # unloaded on time even while another model is generating.
                     self._models.sweep()
+                    self._swept_at = now
             self._end_all(errors.SHUTTING_DOWN, "the daemon is shutting down")
             self._persist_cache()
             mx.synchronize()  # no MLX work may outlive the thread that queued it

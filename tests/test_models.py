@@ -77,3 +77,22 @@ def test_lru_model_is_unloaded_when_the_budget_would_be_exceeded(fresh_daemon: D
         assert set(resident(client)) == {"tiny-b"}
         client.generate("hi", model="tiny", max_tokens=2)
         assert set(resident(client)) == {"tiny"}
+
+
+def test_keep_alive_expires_while_another_model_is_busy(fresh_daemon: Daemon) -> None:
+    import threading
+
+    with fresh_daemon.client() as client:
+        client.generate("hi", model="tiny-b", max_tokens=2, keep_alive=0.5)
+        busy = threading.Thread(
+            target=lambda: fresh_daemon.client().generate("x", model="tiny", max_tokens=4000)
+        )
+        busy.start()
+        time.sleep(0.2)
+        assert "tiny-b" in resident(client)
+        deadline = time.monotonic() + 10
+        while "tiny-b" in resident(client) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "tiny-b" not in resident(client)
+        assert client.stats().active_sequences == 1  # the busy one is still generating
+        busy.join(60)
