@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not save the prompt cache on shutdown nor restore it",
     )
     serve.add_argument("--state-dir", help="where the prompt cache is saved")
+    serve.add_argument("--allow-root", action="store_true", help="accept root's connections too")
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
 
@@ -172,6 +173,7 @@ def serve(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     fields["cache_persist"] = args.cache_persist
+    fields["allow_root"] = args.allow_root
     config = Config(**fields)
     logs.setup(config.log_level, config.log_format)
     code = run_server(config)

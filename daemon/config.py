@@ -64,6 +64,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """Prompt tokens prefilled per step: bounds how long one prompt holds up the others."""
     max_requests_per_connection: int = 64
     max_connections: int = 256
+    allow_root: bool = False
+    """Also accept connections from root when the daemon runs as another user."""
     cache_max_bytes: int = msgspec.field(default_factory=default_cache_budget)
     """Bytes of KV state the prompt cache may hold, across all models; 0 disables it."""
     cache_max_entries: int = 256

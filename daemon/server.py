@@ -46,7 +46,7 @@ from mlxd.protocol import Encoder as FrameEncoder
 
 from . import __version__
 from .config import Config
-from .transport import SocketLock, bind_unix_socket, prepare_dir
+from .transport import SocketLock, bind_unix_socket, peer_uid, prepare_dir
 from .worker import LoopOutbox, Worker, WorkerStats
 
 log = structlog.get_logger("mlxd.server")
@@ -320,6 +320,16 @@ class Server:
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection(self, reader, writer)
+        uid = peer_uid(writer.get_extra_info("socket"))
+        if uid is not None and uid != os.getuid() and not (uid == 0 and self.config.allow_root):
+            # The socket's 0600 mode already keeps others out; this holds even if someone
+            # loosens it, or the daemon was handed a socket it did not create.
+            log.warning("peer_refused", uid=uid)
+            conn.send(
+                Error(code=errors.PERMISSION_DENIED, message="this daemon serves its owner only")
+            )
+            await conn.close()
+            return
         if len(self.connections) >= self.config.max_connections or not self.accepting:
             conn.send(Error(code=errors.OVERLOADED, message="too many connections"))
             await conn.close()

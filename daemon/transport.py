@@ -11,6 +11,8 @@ import fcntl
 import os
 import socket
 import stat
+import struct
+import sys
 from pathlib import Path
 
 
@@ -56,6 +58,22 @@ def running_pid(socket_path: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket, from the kernel.
+
+    Linux: ``SO_PEERCRED`` (pid, uid, gid). macOS: ``LOCAL_PEERCRED`` (``struct xucred``:
+    version, then uid). None where neither exists.
+    """
+    if hasattr(socket, "SO_PEERCRED"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    if sys.platform == "darwin":
+        sol_local, local_peercred = 0, 1  # <sys/un.h>: SOL_LOCAL, LOCAL_PEERCRED
+        creds = sock.getsockopt(sol_local, local_peercred, 76)  # sizeof(struct xucred)
+        return struct.unpack_from("=II", creds)[1]
+    return None
 
 
 def prepare_dir(path: Path) -> bool:

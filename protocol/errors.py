@@ -21,6 +21,7 @@ MODEL_LOAD_FAILED = "model_load_failed"
 PROMPT_TOO_LONG = "prompt_too_long"
 INSUFFICIENT_MEMORY = "insufficient_memory"
 OVERLOADED = "overloaded"
+PERMISSION_DENIED = "permission_denied"  # the peer is another user
 SHUTTING_DOWN = "shutting_down"
 WORKER_UNAVAILABLE = "worker_unavailable"
 INTERNAL_ERROR = "internal_error"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import stat
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import Daemon, short_tmpdir, start_daemon
 
 
@@ -86,3 +88,33 @@ def test_mlxd_stop_drains_and_waits(tiny_model: Path) -> None:
     )  # fmt: skip
     assert again.returncode != 0 and "daemon_unavailable" in again.stderr
     shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to connect as another user")
+def test_another_user_is_refused_even_through_a_loosened_socket(daemon: Daemon) -> None:
+    # Loosen the file permissions on purpose: the peer-credential check must still refuse.
+    os.chmod(daemon.socket.parent, 0o755)
+    os.chmod(daemon.socket, 0o666)
+    try:
+        # A forked child, not a new interpreter: the venv may sit where nobody can read it.
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: become nobody, connect, report the first frame
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(10)
+                s.connect(str(daemon.socket))
+                os.write(write_end, s.recv(4096))
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        frame = os.read(read_end, 4096)
+        os.waitpid(pid, 0)
+        assert b"permission_denied" in frame, frame
+    finally:
+        os.chmod(daemon.socket, 0o600)
+        os.chmod(daemon.socket.parent, 0o700)
+    with daemon.client() as client:  # the owner still gets in
+        assert client.ping() > 0
