@@ -5,7 +5,9 @@
 - ``step_error:MODEL@N``: the Nth decode step of MODEL's generators raises ``RuntimeError``
   (the requests in that step must fail alone; the worker must go on);
 - ``worker_crash@N``: the worker thread dies at its Nth round (the daemon must fail what
-  is in flight with ``worker_unavailable`` and exit non-zero).
+  is in flight with ``worker_unavailable`` and exit non-zero);
+- ``worker_stall@N``: the worker's Nth round takes 3 s more (``health`` must still answer
+  at once, from the event loop, and show the worker busy).
 
 Unset in production: then every check is one dictionary lookup on an empty dict.
 

@@ -34,6 +34,8 @@ from mlxd.protocol import (
     Done,
     Error,
     Generate,
+    GetHealth,
+    Health,
     Hello,
     Ping,
     ServerStats,
@@ -158,6 +160,8 @@ class Connection:
     def _dispatch(self, request: Any, received_at: float) -> None:
         if isinstance(request, Ping):
             self.send(Done(id=request.id))
+        elif isinstance(request, GetHealth):
+            self.send(Done(id=request.id, health=self.server.health()))
         elif isinstance(request, Hello):
             self.send(Error(code=errors.INVALID_MESSAGE, message="hello was already received"))
         elif isinstance(request, Cancel):
@@ -391,6 +395,18 @@ class Server:
             memory_peak_bytes=worker.memory_peak_bytes,
             worker_alive=self.worker.alive(),
             cache=worker.cache,
+        )
+
+    def health(self) -> Health:
+        snap = self.worker.snapshot
+        alive = self.worker.alive()
+        return Health(
+            worker_alive=alive,
+            worker_busy_s=0.0 if snap.idle else max(0.0, time.monotonic() - snap.round_started),
+            queued=snap.queued,
+            active_sequences=snap.active_sequences,
+            models_resident=list(snap.models_resident),
+            uptime_s=time.monotonic() - self.started_at,
         )
 
     def _on_signal(self, sig: signal.Signals) -> None:

@@ -169,6 +169,18 @@ def _cancelled_before_start(waiting: _Waiting) -> Done:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    """What the loop may know of the worker without asking it: replaced whole (one atomic
+    attribute store) by the worker at each round, read by the loop for ``health``."""
+
+    round_started: float
+    idle: bool
+    queued: int
+    active_sequences: int
+    models_resident: tuple[str, ...]
+
+
 class LoopOutbox:
     """Carries events from the worker to the event loop, with one wake-up per batch.
 
@@ -226,6 +238,7 @@ class Worker:
         self._prompt_tokens_processed = 0
         self._stopping = False
         self._faults = Faults()
+        self.snapshot = WorkerSnapshot(time.monotonic(), True, 0, 0, ())
         self._swept_at = 0.0
 
     # ------------------------------------------------------------------ event loop thread
@@ -260,7 +273,11 @@ class Worker:
                 if self._faults.hit("worker_crash"):
                     raise InjectedCrash("injected worker crash (MLXD_FAULTS)")
                 events: list[Event] = []
-                for command in self._take_commands():
+                commands = self._take_commands()
+                self._publish(idle=False)
+                if self._faults.hit("worker_stall"):
+                    time.sleep(3.0)  # as a long model load or a huge step would
+                for command in commands:
                     self._handle(command, events)
                 self._admit(events)
                 self._outbox.post(events)
@@ -279,10 +296,20 @@ class Worker:
             log.critical("worker_died", error=repr(exc), traceback=traceback.format_exc())
             self._on_death(exc)
 
+    def _publish(self, idle: bool) -> None:
+        self.snapshot = WorkerSnapshot(
+            round_started=time.monotonic(),
+            idle=idle,
+            queued=len(self._waiting),
+            active_sequences=len(self._active),
+            models_resident=tuple(m.name for m in self._models.resident()),
+        )
+
     def _take_commands(self) -> list[_Command]:
         commands = []
         if not self._active and not self._waiting:
             # Idle: sleep until a command comes or a model's keep-alive expires.
+            self._publish(idle=True)
             try:
                 commands.append(self._inbox.get(timeout=self._models.next_expiry()))
             except queue.Empty:

@@ -114,7 +114,15 @@ class Ping(_Message, tag="ping"):
     id: RequestId
 
 
-_REQUESTS = (Hello, Generate, Cancel, Load, Unload, ListModels, ClearCache, GetStats, Ping)
+class GetHealth(_Message, tag="health"):
+    """Answered by the event loop itself, even while the worker is busy (loading, say)."""
+
+    id: RequestId
+
+
+_REQUESTS = (
+    Hello, Generate, Cancel, Load, Unload, ListModels, ClearCache, GetStats, Ping, GetHealth
+)  # fmt: skip
 Request = Union[_REQUESTS]  # type: ignore[valid-type]  # noqa: UP007
 REQUEST_TYPES: frozenset[str] = frozenset(t.__struct_config__.tag for t in _REQUESTS)
 
@@ -202,6 +210,16 @@ class ModelInfo(Struct, kw_only=True, omit_defaults=True):
     active_sequences: int = 0
 
 
+class Health(Struct, kw_only=True):
+    worker_alive: bool
+    worker_busy_s: float
+    """Seconds the worker has been inside its current round (loading a model, a long step)."""
+    queued: int
+    active_sequences: int
+    models_resident: list[str]
+    uptime_s: float
+
+
 class ServerStats(Struct, kw_only=True):
     uptime_s: float
     connections: int
@@ -235,6 +253,7 @@ class Done(_Message, tag="done"):
     """``load``: the model now resident; ``generate``: not set (see the request's model)."""
     models: list[ModelInfo] | None = None
     stats: ServerStats | None = None
+    health: Health | None = None
 
 
 class Error(_Message, tag="error"):
@@ -263,7 +282,9 @@ __all__ = [
     "Error",
     "FinishReason",
     "Generate",
+    "GetHealth",
     "GetStats",
+    "Health",
     "Hello",
     "ListModels",
     "Load",

@@ -12,6 +12,7 @@ from conftest import short_tmpdir, start_daemon
 from helpers import RawConn, reference
 
 from mlxd.client import MlxdError
+from mlxd.protocol import GetStats
 
 
 def test_a_failing_batch_step_fails_its_requests_only(tiny_model: Path, tiny_model_b: Path) -> None:
@@ -62,3 +63,25 @@ def test_a_dead_worker_fails_in_flight_requests_and_exits_nonzero(tiny_model: Pa
     assert not sock.exists()
     assert "worker_died" in d.log()
     shutil.rmtree(base)
+
+
+def test_health_answers_from_the_loop_while_the_worker_is_busy(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    # Round 1 loads the model at start-up; round 2 is the stats request below.
+    d = start_daemon(
+        base / "mlxd.sock", "--model", f"tiny={tiny_model}", env={"MLXD_FAULTS": "worker_stall@2"}
+    )
+    try:
+        with d.client() as stalled, d.client() as client:
+            stalled._send(GetStats(id=99))  # the worker is now stuck in its round for 3 s
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            health = client.health()
+            assert time.monotonic() - t0 < 1.0  # answered without the worker
+            assert health.worker_alive and health.worker_busy_s > 0.3
+            assert health.models_resident == ["tiny"]
+            time.sleep(3)
+            assert client.health().worker_busy_s < 1.0  # idle again
+    finally:
+        assert d.stop() == 0, d.log()
+        shutil.rmtree(base)

@@ -31,7 +31,9 @@ from mlxd.protocol import (
     Done,
     Encoder,
     Error,
+    GetHealth,
     GetStats,
+    Health,
     Hello,
     ListModels,
     Load,
@@ -132,6 +134,12 @@ class AsyncClient:
 
     async def models(self) -> list[ModelInfo]:
         return (await self._call(ListModels(id=next(self._ids)))).models or []
+
+    async def health(self) -> Health:
+        """Answered by the daemon's event loop, even while its worker is busy."""
+        done = await self._call(GetHealth(id=next(self._ids)))
+        assert done.health is not None
+        return done.health
 
     async def stats(self) -> ServerStats:
         done = await self._call(GetStats(id=next(self._ids)))

@@ -26,7 +26,9 @@ from mlxd.protocol import (
     Done,
     Encoder,
     Error,
+    GetHealth,
     GetStats,
+    Health,
     Hello,
     ListModels,
     Load,
@@ -143,6 +145,12 @@ class Client:
 
     def models(self) -> list[ModelInfo]:
         return self._call(ListModels(id=next(self._ids))).models or []
+
+    def health(self) -> Health:
+        """Answered by the daemon's event loop, even while its worker is busy."""
+        done = self._call(GetHealth(id=next(self._ids)))
+        assert done.health is not None
+        return done.health
 
     def stats(self) -> ServerStats:
         done = self._call(GetStats(id=next(self._ids)))
