@@ -66,16 +66,15 @@ import os
 import platform
 import random
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from servers import free_port, revision, start_mlx_lm, start_mlxd, stop, wait_http, wait_mlxd
 
 MODEL = "demo"
 SINGLE_TOKENS = 256
@@ -476,75 +475,6 @@ async def mlxd_typing(sock: Path, base: str, steps: list[str]) -> list[Reply]:
 # ---------------------------------------------------------------------- servers
 
 
-def start_mlxd(work: Path, model_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = work / "mlxd.sock"
-    cmd = [
-        sys.executable, "-m", "mlxd.daemon", "serve",
-        "--socket", str(sock),
-        "--model", f"{MODEL}={model_dir}",
-        "--state-dir", str(work / "state"),
-        "--no-cache-persist",
-        "--log-level", "warning",
-    ]  # fmt: skip
-    return subprocess.Popen(cmd), sock
-
-
-def start_mlx_lm(work: Path, model_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    log = (work / "mlx_lm_server.log").open("wb")
-    # `python -m mlx_lm server` runs the same main() as the deprecated `-m mlx_lm.server`
-    # (which only adds a deprecation notice).
-    cmd = [
-        sys.executable, "-m", "mlx_lm", "server",
-        "--model", str(model_dir),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--log-level", "WARNING",
-    ]  # fmt: skip
-    # Offline: the model is a local directory, and nothing may leave this machine.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def wait_mlxd(sock: Path, process: subprocess.Popen[bytes]) -> None:
-    from mlxd.client import Client, DaemonUnavailableError
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with Client(sock) as c:
-                c.ping()
-                return
-        except (DaemonUnavailableError, OSError):
-            time.sleep(0.05)
-    raise RuntimeError("mlxd did not start")
-
-
-def wait_http(port: int, process: subprocess.Popen[bytes]) -> None:
-    import http.client
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlx_lm server exited with status {process.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/health")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            if ok:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("mlx_lm server did not answer /health within 120 s")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def memory(pid: int) -> dict[str, int]:
     """VmHWM (peak resident set) and VmRSS of a live process, in bytes (Linux)."""
     out = {}
@@ -554,33 +484,6 @@ def memory(pid: int) -> dict[str, int]:
             if key in ("VmHWM", "VmRSS"):
                 out[key] = int(value.split()[0]) * 1024
     return out
-
-
-def stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()  # ours, by handle: never by name
-        process.wait(10)
-
-
-def revision() -> dict[str, Any]:
-    """The commit measured, and the daemon's files changed since: results depend on both."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.rstrip()
-
-    try:
-        dirty = git("status", "--porcelain", "--", "daemon", "protocol", "clients")
-        return {"commit": git("rev-parse", "HEAD"), "changed": dirty.splitlines()}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "changed": []}
 
 
 def run(coro: Awaitable[T], timeout: float = 300) -> T:
@@ -673,7 +576,7 @@ def main() -> None:
     mlxd = mlx_lm = None
     port = free_port()
     try:
-        mlxd, sock = start_mlxd(work, model_dir)
+        mlxd, sock = start_mlxd(work, model_dir, MODEL)
         mlx_lm = start_mlx_lm(work, model_dir, port)
         wait_mlxd(sock, mlxd)
         wait_http(port, mlx_lm)

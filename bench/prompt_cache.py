@@ -42,15 +42,14 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from servers import free_port, revision, start_mlx_lm, start_mlxd, stop, wait_http, wait_mlxd
 
 MODEL = "bench"
 # Short enough that a finished request costs little decode time after its first token.
@@ -348,99 +347,6 @@ def in_process(model_dir: Path, prompts: list[str]) -> tuple[dict[str, list[Samp
 # ---------------------------------------------------------------------- servers
 
 
-def start_mlxd(work: Path, model_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = work / "mlxd.sock"
-    cmd = [
-        sys.executable, "-m", "mlxd.daemon", "serve",
-        "--socket", str(sock),
-        "--model", f"{MODEL}={model_dir}",
-        "--state-dir", str(work / "state"),
-        "--no-cache-persist",
-        "--log-level", "warning",
-    ]  # fmt: skip
-    return subprocess.Popen(cmd), sock
-
-
-def wait_mlxd(sock: Path, process: subprocess.Popen[bytes]) -> None:
-    from mlxd.client import Client, DaemonUnavailableError
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with Client(sock) as c:
-                c.ping()
-                return
-        except (DaemonUnavailableError, OSError):
-            time.sleep(0.05)
-    raise RuntimeError("mlxd did not start")
-
-
-def revision() -> dict[str, Any]:
-    """The commit measured, and the daemon's files changed since: results depend on both."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.rstrip()
-
-    try:
-        dirty = git("status", "--porcelain", "--", "daemon", "protocol", "clients")
-        return {"commit": git("rev-parse", "HEAD"), "changed": dirty.splitlines()}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "changed": []}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_mlx_lm(work: Path, model_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    log = (work / "mlx_lm_server.log").open("wb")
-    # `python -m mlx_lm server` is the current spelling (`-m mlx_lm.server` is deprecated).
-    cmd = [
-        sys.executable, "-m", "mlx_lm", "server",
-        "--model", str(model_dir),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--log-level", "WARNING",
-    ]  # fmt: skip
-    # Offline: the model is a local directory, and nothing may leave this machine.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def wait_http(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlx_lm server exited with status {process.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                conn.close()
-                return
-            conn.close()
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("mlx_lm server did not answer /health within 120 s")
-
-
-def stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()  # ours, by handle: never by name
-        process.wait(10)
-
-
 # ---------------------------------------------------------------------- reporting
 
 
@@ -628,7 +534,7 @@ def main() -> None:
     status = {"mlxd": "ok", "mlx_lm": "ok" if not args.no_mlx_lm else "skipped (--no-mlx-lm)"}
     mlxd = mlx_lm = None
     try:
-        mlxd, sock = start_mlxd(work, model_dir)
+        mlxd, sock = start_mlxd(work, model_dir, MODEL)
         port = free_port()
         if not args.no_mlx_lm:
             mlx_lm = start_mlx_lm(work, model_dir, port)
