@@ -9,7 +9,7 @@
 - ``worker_stall@N``: the worker's Nth round takes 3 s more (``health`` must still answer
   at once, from the event loop, and show the worker busy).
 
-Unset in production: then every check is one dictionary lookup on an empty dict.
+Unset in production: ``Faults`` is then falsy, and the worker skips every check.
 
 Threading: worker thread only.
 """
@@ -32,9 +32,12 @@ class Faults:
             name, _, at = item.partition("@")
             self._armed[name] = int(at or 1)
 
+    def __bool__(self) -> bool:
+        return bool(self._armed)
+
     def hit(self, name: str) -> bool:
         """Count one occurrence of ``name``; True exactly at its armed occurrence."""
-        if not self._armed or name not in self._armed:
+        if name not in self._armed:
             return False
         self._counts[name] = count = self._counts.get(name, 0) + 1
         return count == self._armed[name]

@@ -31,13 +31,17 @@ from mlxd.protocol import ModelInfo, errors
 from .config import Config
 
 
-class ModelError(Exception):
-    """A request cannot be served because of its model; ``code`` is a protocol error code."""
+class RequestError(Exception):
+    """A request cannot be served; ``code`` is a protocol error code."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class ModelError(RequestError):
+    """A request cannot be served because of its model."""
 
 
 @dataclass(eq=False)

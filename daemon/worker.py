@@ -58,7 +58,7 @@ from mlxd.protocol import (
 from .cache import Lease, Lookup, PromptCache
 from .config import Config
 from .faults import Faults, InjectedCrash
-from .models import LoadedModel, ModelError, ModelRegistry
+from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
 
@@ -120,13 +120,6 @@ class _Waiting:
     sampler: Any
     processors: list[Any]
     position: int = -1
-
-
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(eq=False)
@@ -270,12 +263,12 @@ class Worker:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                if self._faults.hit("worker_crash"):
+                if self._faults and self._faults.hit("worker_crash"):
                     raise InjectedCrash("injected worker crash (MLXD_FAULTS)")
                 events: list[Event] = []
                 commands = self._take_commands()
                 self._publish(idle=False)
-                if self._faults.hit("worker_stall"):
+                if self._faults and self._faults.hit("worker_stall"):
                     time.sleep(3.0)  # as a long model load or a huge step would
                 for command in commands:
                     self._handle(command, events)
@@ -344,7 +337,7 @@ class Worker:
             reply = self._serve(command, events)
             if reply is not None:
                 events.append((command.sink, reply))
-        except (ModelError, _Refused) as exc:
+        except RequestError as exc:
             events.append((command.sink, Error(id=req.id, code=exc.code, message=exc.message)))
         except InvalidField as exc:
             error = Error(id=req.id, code=errors.INVALID_REQUEST, message=str(exc), field=exc.field)
@@ -517,7 +510,7 @@ class Worker:
         sampler, processors = make_sampling(req, loaded.vocab_size)
         free = max(0, self._config.max_batch_size - self._running(loaded))
         if len(self._waiting) >= self._config.max_queued + free:
-            raise _Refused(
+            raise RequestError(
                 errors.OVERLOADED,
                 f"{len(self._waiting)} requests are already waiting (max_queued)",
             )
@@ -601,7 +594,7 @@ class Worker:
         events: list[Event] = []
         for batch in [b for b in self._batches.values() if b.sequences]:
             try:
-                if self._faults.hit(f"step_error:{batch.model.name}"):
+                if self._faults and self._faults.hit(f"step_error:{batch.model.name}"):
                     raise RuntimeError("injected step error (MLXD_FAULTS)")
                 _, responses = batch.generator.next()
             except Exception as exc:
