@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from servers import wait_mlxd
+
 PROMPT = "def quicksort(items):"
 
 
@@ -95,7 +97,7 @@ def main() -> None:
         cmd += ["--model", f"{size}={path}"]
     daemon = subprocess.Popen(cmd)
     try:
-        _wait(socket)
+        wait_mlxd(socket, daemon)
         rows = []
         for size, path in models.items():
             through_daemon(socket, size, 32)  # warm up both sides
@@ -139,19 +141,6 @@ def main() -> None:
     }
     out.write_text(json.dumps({"benchmark": "single_stream", **meta, "results": rows}, indent=2))
     print(f"\nwrote {out}")
-
-
-def _wait(socket: Path) -> None:
-    from mlxd.client import Client, DaemonUnavailableError
-
-    for _ in range(1200):
-        try:
-            with Client(socket) as c:
-                c.ping()
-                return
-        except (DaemonUnavailableError, OSError):
-            time.sleep(0.05)
-    raise TimeoutError("daemon did not start")
 
 
 if __name__ == "__main__":
