@@ -2,12 +2,15 @@
 simultaneous clients, single-stream decode against mlx-lm in-process, an editor's typing
 workload, and each server's peak memory, on the same model, side by side in one run.
 
-The model is the "demo" size (4 layers, 256 wide, random weights), built locally; issue 4's
-reference numbers were taken on a 4-layer, 128-wide llama, so compare ratios, not absolute
-figures (these machines are noisy too). Contestants:
+The model is the "small" demo size (4 layers, 128 wide, random weights, built locally): the
+shape issue 4's reference numbers for mlx_lm.server were taken on. Compare ratios, not
+absolute figures (these machines are noisy). Contestants:
 
-- in-process: mlx-lm's ``stream_generate`` in this process (single stream only: the limit
-  a server can approach);
+- in-process: mlx-lm's ``stream_generate`` in this process for the single stream, and its
+  ``BatchGenerator`` fed each burst at once for the concurrency rows: no server, socket or
+  detokenizer, so the limit any server built on mlx-lm can approach on this machine (on
+  Linux, MLX's CPU wheel multiplies with netlib's reference BLAS, so batched decode is
+  compute-bound: a batch of 16 costs about 5x a batch of 1, measured);
 - mlx_lm server: ``python -m mlx_lm server --model DIR --host 127.0.0.1 --port P`` with its
   defaults (continuous batching, up to 32 decoding) except ``--log-level WARNING``, so that
   neither server spends time logging; streamed OpenAI completions (``POST /v1/completions``)
@@ -76,7 +79,7 @@ from typing import Any, TypeVar
 
 from servers import free_port, revision, start_mlx_lm, start_mlxd, stop, wait_http, wait_mlxd
 
-MODEL = "demo"
+MODEL = "small"
 SINGLE_TOKENS = 256
 BURST_TOKENS = 128
 TYPING_TOKENS = 32
@@ -356,6 +359,38 @@ def in_process(model: Any, tokenizer: Any, prompt: str, tokens: int) -> Reply:
     return reply
 
 
+def in_process_burst(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> Burst:
+    """The same burst on mlx-lm's ``BatchGenerator`` in this process, with no server, no
+    socket and no detokenizing: the most any server built on it can reach here."""
+    from mlx_lm.generate import BatchGenerator
+
+    generator = BatchGenerator(
+        model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], completion_batch_size=32
+    )
+    sent = time.perf_counter()
+    replies = {}
+    uids = generator.insert(
+        [list(tokenizer.encode(p)) for p in prompts],
+        max_tokens=[tokens] * len(prompts),
+    )
+    for uid in uids:
+        replies[uid] = Reply(sent_at=sent)
+    try:
+        while any(r.done_at is None for r in replies.values()):
+            for response in generator.next_generated():
+                now = time.perf_counter()
+                reply = replies[response.uid]
+                reply.first_at = reply.first_at or now
+                reply.last_at = now
+                reply.tokens += 1
+                if response.finish_reason is not None:
+                    reply.done_at = now
+                    reply.finish_reason = response.finish_reason
+    finally:
+        generator.close()
+    return Burst([replies[uid] for uid in uids])
+
+
 async def http_single(port: int, prompt: str, tokens: int) -> Reply:
     return await http_request(await HttpStream(port).connect(), prompt, tokens)
 
@@ -569,7 +604,7 @@ def main() -> None:
 
     single: dict[str, list[Reply]] = {"in_process": [], "mlx_lm": [], "mlxd": []}
     bursts: dict[str, dict[int, list[Burst]]] = {
-        name: {n: [] for n in args.clients} for name in ("mlx_lm", "mlxd")
+        name: {n: [] for n in args.clients} for name in ("in_process", "mlx_lm", "mlxd")
     }
     typing: dict[str, list[Reply]] = {"mlx_lm": [], "mlxd": []}
     mem: dict[str, dict[str, int]] = {}
@@ -604,6 +639,9 @@ def main() -> None:
         print("2. concurrency ...", flush=True)
         for n in args.clients:
             for r, round_prompts in enumerate(burst_prompts[n]):
+                bursts["in_process"][n].append(
+                    in_process_burst(model, tokenizer, round_prompts, BURST_TOKENS)
+                )
                 for name in order(r):
                     if name == "mlxd":
                         burst = run(mlxd_burst(sock, round_prompts, BURST_TOKENS))
@@ -699,7 +737,7 @@ def summarise(
 
     conc: dict[str, Any] = {}
     for n in args.clients:
-        row = {name: burst_summary(bursts[name][n]) for name in ("mlx_lm", "mlxd")}
+        row = {name: burst_summary(bursts[name][n]) for name in ("in_process", "mlx_lm", "mlxd")}
         # Same prompts, both greedy: the texts should match (a check, not a measurement).
         pairs = [
             (a.text, b.text)
@@ -717,6 +755,12 @@ def summarise(
             )
         ]
         row["p99_ttft_ratio"] = row["mlxd"]["ttft_p99_s"] / row["mlx_lm"]["ttft_p99_s"]
+        # What the hardware allows: the in-process BatchGenerator over mlx_lm server.
+        row["limit_aggregate_ratio"] = (
+            row["in_process"]["aggregate_tps"] / row["mlx_lm"]["aggregate_tps"]
+        )
+        row["limit_p99_ttft_ratio"] = row["in_process"]["ttft_p99_s"] / row["mlx_lm"]["ttft_p99_s"]
+        row["mlxd_of_limit"] = row["mlxd"]["aggregate_tps"] / row["in_process"]["aggregate_tps"]
         conc[str(n)] = row
 
     typing_out: dict[str, Any] = {}
@@ -774,6 +818,7 @@ def _ms(seconds: float) -> str:
 
 
 NAMES = {"in_process": "mlx-lm in-process", "mlx_lm": "mlx_lm server", "mlxd": "mlxd"}
+BURST_NAMES = {"in_process": "BatchGenerator", "mlx_lm": "mlx_lm server", "mlxd": "mlxd"}
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -804,16 +849,21 @@ def print_table(res: dict[str, Any]) -> None:
         f"{'mean batch':>12}{'   mlxd/mlx_lm: agg, p99 TTFT'}"
     )
     for n, row in res["concurrency"].items():
-        for name in ("mlx_lm", "mlxd"):
+        for name in ("in_process", "mlx_lm", "mlxd"):
             e = row[name]
             batch = f"{e['mean_batch']:.1f}" if "mean_batch" in e else "-"
             line = (
-                f"{n:<9}{NAMES[name]:<15}{e['aggregate_tps']:>11.1f}"
+                f"{n:<9}{BURST_NAMES[name]:<15}{e['aggregate_tps']:>11.1f}"
                 f"{_ms(e['ttft_p50_s']):>12}{_ms(e['ttft_p99_s']):>12}{batch:>12}"
             )
             if name == "mlxd":
                 line += f"   {row['aggregate_ratio']:.2f}x, {row['p99_ttft_ratio']:.2f}x"
                 line += f"  (same text {row['same_text']}/{e['requests']})"
+            if name == "in_process":
+                line += (
+                    f"   limit/mlx_lm: {row['limit_aggregate_ratio']:.2f}x, "
+                    f"{row['limit_p99_ttft_ratio']:.2f}x"
+                )
             print(line)
 
     t = res["typing"]

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-model", help="build the demo model directory and exit")
     demo.add_argument("--out", required=True, help="the directory to write")
-    demo.add_argument("--size", choices=["demo", "tiny", "bench"], default="demo")
+    demo.add_argument("--size", choices=["demo", "small", "tiny", "bench"], default="demo")
     return parser
 
 

@@ -76,8 +76,18 @@ BENCH_CONFIG: dict[str, Any] = {
     "intermediate_size": 704,
     "vocab_size": 4096,
 }
+# For bench/concurrency.py: the 4-layer, 128-wide llama that issue 4's reference figures
+# for mlx_lm.server were measured on.
+SMALL_CONFIG: dict[str, Any] = {
+    **_COMMON,
+    "num_hidden_layers": 4,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "vocab_size": 4096,
+}
 SIZES: dict[str, dict[str, Any]] = {
     "demo": DEMO_CONFIG,
+    "small": SMALL_CONFIG,
     "tiny": TINY_CONFIG,
     "bench": BENCH_CONFIG,
 }
