@@ -14,10 +14,6 @@ drained, so a cancel takes effect before the cancelled sequence's next step.
 Threading: ``submit``, ``cancel``, ``stop``, ``start`` and ``alive`` are for the event loop
 thread; every other method runs on the worker thread. No locks: the inbox and outbox are
 the only shared state, and both are thread-safe queues.
-
-Threading: ``submit``, ``cancel``, ``stop``, ``start`` and ``alive`` are for the event loop
-thread; every other method runs on the worker thread. No locks: the inbox and outbox are
-the only shared state, and both are thread-safe queues.
 """
 
 from __future__ import annotations
