@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--state-dir", help="where the prompt cache is saved")
     serve.add_argument("--allow-root", action="store_true", help="accept root's connections too")
+    serve.add_argument(
+        "--shutdown-grace", type=float, help="seconds in-flight requests get on SIGTERM"
+    )
+    serve.add_argument(
+        "--stall-timeout", type=float, help="seconds one worker round may take before exit 1"
+    )
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
 
@@ -172,6 +178,10 @@ def serve(args: argparse.Namespace) -> int:
     ):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if args.shutdown_grace is not None:
+        fields["shutdown_grace_s"] = args.shutdown_grace
+    if args.stall_timeout is not None:
+        fields["stall_timeout_s"] = args.stall_timeout
     fields["cache_persist"] = args.cache_persist
     fields["allow_root"] = args.allow_root
     config = Config(**fields)

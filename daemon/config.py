@@ -64,6 +64,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """Prompt tokens prefilled per step: bounds how long one prompt holds up the others."""
     max_requests_per_connection: int = 64
     max_connections: int = 256
+    shutdown_grace_s: float = 10.0
+    """On SIGTERM/SIGINT, seconds in-flight requests may take to finish before they are
+    ended with ``shutting_down`` (launchd's own ExitTimeOut is 20 s)."""
+    stall_timeout_s: float = 120.0
+    """A worker round (a model load, one batch step) running longer than this is a stall:
+    the daemon reports unhealthy, fails what is in flight and exits non-zero."""
     allow_root: bool = False
     """Also accept connections from root when the daemon runs as another user."""
     cache_max_bytes: int = msgspec.field(default_factory=default_cache_budget)

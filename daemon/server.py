@@ -279,6 +279,7 @@ class Server:
         self.requests_cancelled = 0
         self.requests_failed = 0
         self.exit_code = 0
+        self.stalled = False
         self._stop = asyncio.Event()
         self._signals = 0
         self.worker: Worker
@@ -318,7 +319,9 @@ class Server:
             kwargs["cleanup_socket"] = False  # we unlink our own socket; never uvloop's job
         server = await asyncio.start_unix_server(self._on_connect, sock=sock, **kwargs)
         log.info("serving", socket=str(path), pid=os.getpid())
+        watchdog = loop.create_task(self._watch_worker())
         await self._stop.wait()
+        watchdog.cancel()
         await self._shutdown(server)
         return self.exit_code
 
@@ -397,12 +400,24 @@ class Server:
             cache=worker.cache,
         )
 
+    def _worker_busy_s(self) -> float:
+        snap = self.worker.snapshot
+        return 0.0 if snap.idle else max(0.0, time.monotonic() - snap.round_started)
+
     def health(self) -> Health:
         snap = self.worker.snapshot
         alive = self.worker.alive()
+        status = "ok"
+        if not alive:
+            status = "dead"
+        elif self.stalled:
+            status = "stalled"
+        elif not self.accepting:
+            status = "draining"
         return Health(
+            status=status,  # type: ignore[arg-type]
             worker_alive=alive,
-            worker_busy_s=0.0 if snap.idle else max(0.0, time.monotonic() - snap.round_started),
+            worker_busy_s=self._worker_busy_s(),
             queued=snap.queued,
             active_sequences=snap.active_sequences,
             models_resident=list(snap.models_resident),
@@ -420,23 +435,51 @@ class Server:
     def _worker_died(self, exc: BaseException) -> None:
         # Never keep a socket open that nothing will answer (mlx-lm #1472): fail everything
         # in flight and exit non-zero so the service manager restarts the daemon.
-        for conn in list(self.connections):
-            for pending in list(conn.pending.values()):
-                self._deliver(
-                    pending,
-                    Error(
-                        id=pending.request.id,
-                        code=errors.WORKER_UNAVAILABLE,
-                        message=f"the MLX worker died: {exc!r}",
-                    ),
-                )
+        self._fail_all(errors.WORKER_UNAVAILABLE, f"the MLX worker died: {exc!r}")
         self.exit_code = 1
         self._stop.set()
 
+    async def _watch_worker(self) -> None:
+        """Turn a stuck worker into an exit, as a dead one is (mlx-lm #1834): a hung MLX call
+        cannot be interrupted, so only a restart by the service manager frees the socket."""
+        limit = self.config.stall_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            busy = self._worker_busy_s()
+            if busy > limit:
+                log.critical("worker_stalled", busy_s=round(busy, 1), limit_s=limit)
+                self.stalled = True
+                self._fail_all(
+                    errors.WORKER_UNAVAILABLE,
+                    f"the MLX worker has been stuck for {busy:.0f} s; the daemon restarts",
+                )
+                self.exit_code = 1
+                self._stop.set()
+                return
+
+    def _fail_all(self, code: str, message: str) -> None:
+        for conn in list(self.connections):
+            for pending in list(conn.pending.values()):
+                self._deliver(pending, Error(id=pending.request.id, code=code, message=message))
+
+    def _in_flight(self) -> int:
+        return sum(len(c.pending) for c in self.connections)
+
+    async def _drain(self) -> None:
+        """Let what is in flight finish, for up to the grace period; the worker ends the
+        rest with ``shutting_down`` when it stops."""
+        deadline = time.monotonic() + self.config.shutdown_grace_s
+        if self._in_flight():
+            log.info("draining", requests=self._in_flight(), grace_s=self.config.shutdown_grace_s)
+        while self._in_flight() and time.monotonic() < deadline and self.worker.alive():
+            await asyncio.sleep(0.05)
+
     async def _shutdown(self, server: asyncio.AbstractServer) -> None:
         self.accepting = False
-        server.close()
-        if self.worker.alive():
+        server.close()  # no new connections; open ones get shutting_down for new requests
+        if self.exit_code == 0:
+            await self._drain()
+        if self.worker.alive() and not self.stalled:
             self.worker.stop()
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, self.worker.join, 30.0)

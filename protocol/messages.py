@@ -211,6 +211,9 @@ class ModelInfo(Struct, kw_only=True, omit_defaults=True):
 
 
 class Health(Struct, kw_only=True):
+    status: Literal["ok", "draining", "stalled", "dead"] = "ok"
+    """``ok`` serves; ``draining`` is shutting down; ``stalled`` and ``dead`` are about to exit
+    non-zero (the worker is stuck in one round past the stall timeout, or gone)."""
     worker_alive: bool
     worker_busy_s: float
     """Seconds the worker has been inside its current round (loading a model, a long step)."""

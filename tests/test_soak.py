@@ -1,0 +1,173 @@
+"""A bounded soak: 64 clients at once, with random cancels and random disconnects mid-stream.
+
+Raw asyncio connections (not the client library), so that every frame the daemon sends is
+seen and counted: each request must end in exactly one ``done`` or ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from conftest import short_tmpdir, start_daemon
+from helpers import reference
+
+CLIENTS = 64
+REQUESTS_EACH = 3
+MAX_TOKENS = 24
+PROMPTS = [f"def task_{i}(items):\n    total =" for i in range(8)]
+
+
+class Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, path: Path) -> Conn:
+        conn = cls(*await asyncio.open_unix_connection(str(path)))
+        await conn.send({"type": "hello", "protocol": 1})
+        assert (await conn.recv())["type"] == "welcome"
+        return conn
+
+    async def send(self, message: dict[str, Any]) -> None:
+        payload = msgspec.msgpack.encode(message)
+        self.writer.write(struct.pack(">I", len(payload)) + payload)
+        await self.writer.drain()
+
+    async def recv(self) -> dict[str, Any]:
+        (n,) = struct.unpack(">I", await self.reader.readexactly(4))
+        return msgspec.msgpack.decode(await self.reader.readexactly(n))
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+async def client(
+    path: Path, rng: random.Random, log: list[dict[str, Any]], terminals: Counter[int]
+) -> None:
+    """REQUESTS_EACH requests in turn, each completed, cancelled or cut off by disconnecting."""
+    conn = await Conn.open(path)
+    for n in range(REQUESTS_EACH):
+        rid = n + 1
+        prompt = rng.choice(PROMPTS)
+        fate = rng.choice(["complete", "complete", "cancel", "disconnect"])
+        after = rng.randint(1, MAX_TOKENS // 2)  # chunks to read before the cancel/disconnect
+        entry = {"prompt": prompt, "fate": fate, "tokens": [], "end": None, "conn": id(conn)}
+        log.append(entry)
+        await conn.send({"type": "generate", "id": rid, "prompt": prompt, "max_tokens": MAX_TOKENS})
+        chunks = 0
+        while True:
+            if fate == "disconnect" and chunks >= after:
+                conn.abort()
+                conn = await Conn.open(path)
+                break
+            m = await conn.recv()
+            if m.get("id") == rid and m["type"] in ("done", "error"):
+                terminals[id(entry)] += 1
+                entry["end"] = m
+                break
+            if m.get("id") == rid and m["type"] == "chunk":
+                entry["tokens"] += m["tokens"]
+                chunks += 1
+                if fate == "cancel" and chunks == after:
+                    await conn.send({"type": "cancel", "id": 1000 + rid, "target": rid})
+            elif m.get("id") == 1000 + rid:
+                assert m["type"] == "done", m  # the cancel's own reply
+    # A last round trip through the worker: anything it still had for this connection
+    # (a second terminal message, say) would arrive before this reply.
+    await conn.send({"type": "stats", "id": 999})
+    while True:
+        m = await conn.recv()
+        if m.get("id") == 999:
+            break
+        if m["type"] in ("done", "error") and m.get("id", 0) < 1000:  # not a cancel's reply
+            terminals[-1] += 1  # a terminal for a request already ended
+    conn.abort()
+
+
+async def soak(path: Path) -> tuple[list[dict[str, Any]], Counter[int]]:
+    log: list[dict[str, Any]] = []
+    terminals: Counter[int] = Counter()
+    await asyncio.wait_for(
+        asyncio.gather(
+            *(client(path, random.Random(seed), log, terminals) for seed in range(CLIENTS))
+        ),
+        timeout=240,
+    )
+    return log, terminals
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_sixty_four_clients_with_cancels_and_disconnects_lose_and_mix_nothing(
+    tiny_model: Path,
+) -> None:
+    base = short_tmpdir()
+    d = start_daemon(base / "mlxd.sock", "--model", f"tiny={tiny_model}")
+    try:
+        solo = {p: reference(tiny_model, p, MAX_TOKENS)[1] for p in PROMPTS}
+        with d.client() as c:
+            c.generate(PROMPTS[0], max_tokens=MAX_TOKENS)  # warm: first-use allocations
+            c.clear_cache()
+            before = c.stats()
+        rss_before = _rss(d.proc.pid)
+
+        log, terminals = asyncio.run(soak(d.socket))
+
+        assert len(log) == CLIENTS * REQUESTS_EACH
+        fates = Counter(e["fate"] for e in log)
+        assert fates["cancel"] and fates["disconnect"] and fates["complete"]
+        assert terminals[-1] == 0, "terminal messages for requests already ended"
+        for e in log:
+            want = solo[e["prompt"]]
+            if e["fate"] == "disconnect":
+                assert e["end"] is None
+                assert e["tokens"] == want[: len(e["tokens"])]  # nothing mixed in
+                continue
+            # Every request not cut off ends in exactly one done or error.
+            assert terminals[id(e)] == 1
+            end = e["end"]
+            assert end["type"] == "done", end
+            if e["fate"] == "complete" or end["finish_reason"] != "cancelled":
+                assert e["tokens"] == want, e
+            else:
+                assert e["tokens"] == want[: len(e["tokens"])], e
+
+        with d.client() as c:
+            c.clear_cache()
+            for _ in range(100):  # disconnects are noticed asynchronously
+                after = c.stats()
+                if after.active_sequences == 0 and after.requests_in_flight <= 1:
+                    break
+                asyncio.run(asyncio.sleep(0.05))
+            assert after.active_sequences == 0 and after.queued == 0
+            assert after.requests_in_flight <= 1  # this stats request
+            assert after.connections == 1
+        # MLX's own count of live arrays: back to where it was, give or take a few pages.
+        assert after.memory_active_bytes <= before.memory_active_bytes * 1.1 + 2**20, (
+            before.memory_active_bytes,
+            after.memory_active_bytes,
+        )
+        rss_after = _rss(d.proc.pid)
+        print(
+            f"\nsoak: {len(log)} requests {dict(fates)}; MLX active "
+            f"{before.memory_active_bytes} -> {after.memory_active_bytes} B; "
+            f"RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB"
+        )
+        assert rss_after < rss_before + 256 * 2**20
+        assert d.stop() == 0, d.log()
+    finally:
+        if d.proc.poll() is None:
+            d.stop(9)
+        shutil.rmtree(base)
