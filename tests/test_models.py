@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, short_tmpdir, start_daemon
 
-from mlxd.client import Client, ModelLoadError
+from mlxd.client import Client, MlxdError, ModelLoadError
 
 
 def resident(client: Client) -> dict[str, int]:
@@ -24,6 +24,16 @@ def fresh_daemon(request: pytest.FixtureRequest, tiny_model: Path, tiny_model_b:
     (base / "models").mkdir()
     (base / "models" / "broken").mkdir()
     (base / "models" / "broken" / "config.json").write_text("{}")
+    # A real model's files, each broken one way: weights missing, weights corrupt, and an
+    # architecture mlx-lm does not have.
+    for name in ("no-weights", "corrupt", "alien"):
+        shutil.copytree(tiny_model, base / "models" / name)
+    for f in (base / "models" / "no-weights").glob("*.safetensors"):
+        f.unlink()
+    for f in (base / "models" / "corrupt").glob("*.safetensors"):
+        f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + bytes(64))
+    alien = base / "models" / "alien" / "config.json"
+    alien.write_text(alien.read_text().replace('"llama"', '"no_such_architecture"'))
     d = start_daemon(
         base / "mlxd.sock",
         "--model", f"tiny={tiny_model}",
@@ -61,11 +71,49 @@ def test_keep_alive_zero_unloads_after_the_request(fresh_daemon: Daemon) -> None
 
 
 def test_a_model_that_fails_to_load_fails_its_requests_only(fresh_daemon: Daemon) -> None:
+    import threading
+
     with fresh_daemon.client() as client:
-        with pytest.raises(ModelLoadError) as info:
-            client.generate("hi", model="broken", max_tokens=3)
-        assert info.value.code == "model_load_failed"
-        assert client.generate("hi", model="tiny", max_tokens=3).done.finish_reason == "length"
+        # Another model's stream runs all along, and must not notice.
+        result: dict[str, object] = {}
+        busy = threading.Thread(
+            target=lambda: result.setdefault(
+                "done", fresh_daemon.client().generate("x", model="tiny", max_tokens=400)
+            )
+        )
+        busy.start()
+        for name in ("broken", "no-weights", "corrupt", "alien"):
+            with pytest.raises(ModelLoadError) as info:
+                client.generate("hi", model=name, max_tokens=3)
+            assert info.value.code == "model_load_failed", name
+            assert name in info.value.message
+        busy.join(60)
+        assert result["done"].done.finish_reason == "length"  # type: ignore[attr-defined]
+        assert client.generate("hi", model="tiny-b", max_tokens=3).done.finish_reason == "length"
+        assert client.stats().worker_alive
+
+
+@pytest.mark.parametrize("fresh_daemon", [("--memory-budget", "600K")], indirect=True)
+def test_a_load_that_would_exceed_the_budget_is_refused(fresh_daemon: Daemon) -> None:
+    import threading
+
+    with fresh_daemon.client() as client:
+        client.load("tiny")
+        # tiny is busy, so it cannot make room: tiny-b would take the weights over budget.
+        busy = threading.Thread(
+            target=lambda: fresh_daemon.client().generate("x", model="tiny", max_tokens=3000)
+        )
+        busy.start()
+        while client.stats().active_sequences == 0:
+            time.sleep(0.01)
+        with pytest.raises(MlxdError) as info:
+            client.load("tiny-b")
+        assert info.value.code == "insufficient_memory"
+        assert "budget" in info.value.message
+        assert set(resident(client)) == {"tiny"}
+        busy.join(60)
+        client.load("tiny-b")  # tiny is idle now: it makes room
+        assert set(resident(client)) == {"tiny-b"}
 
 
 @pytest.mark.parametrize("fresh_daemon", [("--memory-budget", "600K")], indirect=True)
