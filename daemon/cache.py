@@ -10,6 +10,11 @@ A lookup for a prompt returns reusable KV state and the tokens still to process:
 - ``miss``: start empty, with a reason (nothing stored for the model, no shared prefix,
   the shared part too short, or only an untrimmable longer entry).
 
+Pins. An entry can be pinned (``Warm`` with ``pin``), until a time or for good: eviction
+(by the cache's own caps or by the memory budget, ``evict_bytes``) passes it over, a longer
+entry does not replace it, it is never handed out (a sequence gets a fork of it) and it is
+saved first. An expired pin makes it an ordinary entry again.
+
 Ownership. A stored entry handed to a sequence is *taken out* of the trie, without a copy:
 the sequence owns it, writes into its spare capacity in place, and gives it back (prompt +
 generated tokens) when it ends, so the next turn or keystroke starts from it. No two live
@@ -30,6 +35,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +111,12 @@ class _Entry:
     tokens: tuple[int, ...]
     state: KVState
     nbytes: int
+    pin_until: float = 0.0
+    """Unix time the pin lasts until (``math.inf``: for good; 0: not pinned)."""
+
+    @property
+    def pinned(self) -> bool:
+        return self.pin_until > time.time()
 
 
 @dataclass(eq=False)
@@ -174,10 +186,11 @@ class PromptCache:
         if candidates:
             reused, _, kind, source = max(candidates, key=lambda c: (c[0], c[1]))
             if reused > 0:
+                why = _partial_reason(kind, reused, len(tokens))
                 if isinstance(source, Lease):
                     self.counters.forks += 1
-                    return Lookup(fork(source.state, reused), reused, kind)
-                return Lookup(self._take(source, reused), reused, kind)
+                    return Lookup(fork(source.state, reused), reused, kind, why)
+                return Lookup(self._take(source, reused), reused, kind, why)
         if untrimmable_longer:
             return Lookup(None, 0, "miss", "the only entry sharing a prefix cannot be trimmed")
         if not any(key[0] == model for key in self._lru) and not any(
@@ -209,7 +222,12 @@ class PromptCache:
         return best
 
     def _take(self, entry: _Entry, length: int) -> KVState:
-        """Hand ``entry`` over, trimmed to ``length`` tokens: out of the trie, no copy."""
+        """Hand ``entry`` over, trimmed to ``length`` tokens: out of the trie, no copy; a
+        pinned entry stays, and the sequence gets a fork of it."""
+        if entry.pinned:
+            self._lru.move_to_end((entry.model, entry.tokens))
+            self.counters.forks += 1
+            return fork(entry.state, length)
         self._remove(entry)
         excess = cache_length(entry.state) - length
         if excess > 0:
@@ -229,8 +247,11 @@ class PromptCache:
 
     # ------------------------------------------------------------------ storing
 
-    def insert(self, model: str, tokens: list[int], state: KVState) -> bool:
+    def insert(
+        self, model: str, tokens: list[int], state: KVState, pin_until: float | None = None
+    ) -> bool:
         """Store ``state`` for ``tokens`` (the state may hold more: it is trimmed to fit).
+        ``pin_until`` pins it (see ``_Entry``); None keeps the pin of an entry it replaces.
 
         Returns False when it was not stored (alone over the byte budget, or empty).
         """
@@ -248,25 +269,50 @@ class PromptCache:
             self.counters.not_cached_too_large += 1
             return False
         key = (model, tuple(tokens))
-        if key in self._lru:
-            self._remove(self._lru[key])
-        entry = _Entry(model, key[1], state, nbytes)
+        old = self._lru.get(key)
+        if old is not None:
+            pin_until = old.pin_until if pin_until is None else pin_until
+            self._remove(old)
+        entry = _Entry(model, key[1], state, nbytes, pin_until or 0.0)
         self._trie.add(model, tokens, entry)
         self._lru[key] = entry
         self._bytes_by_model[model] = self._bytes_by_model.get(model, 0) + nbytes
         if can_trim_prompt_cache(state):
             # Shorter entries on this path are now redundant: this one can be trimmed to them.
-            for n, _ in self._trie.pop_prefixes(model, tokens):
-                self._forget(self._lru.pop((model, tuple(tokens[:n]))))
+            # A pinned one stays: the longer entry may be handed out, the pin never is.
+            for n, prefix in self._trie.pop_prefixes(model, tokens):
+                if prefix.pinned:
+                    self._trie.add(model, tokens[:n], prefix)
+                else:
+                    self._forget(self._lru.pop((model, tuple(tokens[:n]))))
         self._evict()
-        return True
+        return key in self._lru
 
     def _evict(self) -> None:
-        while self._lru and (len(self._lru) > self.max_entries or self.nbytes > self.max_bytes):
-            _, entry = next(iter(self._lru.items()))
-            self._remove(entry)
-            self.counters.evictions += 1
-            log.debug("cache_evicted", model=entry.model, tokens=len(entry.tokens))
+        """Keep within the cache's own caps, least recently used first, pins passed over."""
+        for key, entry in list(self._lru.items()):
+            if len(self._lru) <= self.max_entries and self.nbytes <= self.max_bytes:
+                return
+            if not entry.pinned or key == next(reversed(self._lru)):
+                # The newest entry goes too if pins alone fill the cache: never the pins.
+                self._evict_one(entry)
+
+    def evict_bytes(self, needed: int) -> int:
+        """Evict unpinned entries, least recently used first, until ``needed`` bytes are
+        freed or none is left; returns how many went (for the memory budget)."""
+        freed = count = 0
+        for entry in [e for e in self._lru.values() if not e.pinned]:
+            if freed >= needed:
+                break
+            freed += entry.nbytes
+            count += 1
+            self._evict_one(entry)
+        return count
+
+    def _evict_one(self, entry: _Entry) -> None:
+        self._remove(entry)
+        self.counters.evictions += 1
+        log.debug("cache_evicted", model=entry.model, tokens=len(entry.tokens))
 
     def _remove(self, entry: _Entry) -> None:
         self._trie.pop(entry.model, list(entry.tokens))
@@ -298,6 +344,13 @@ class PromptCache:
     def nbytes(self) -> int:
         return sum(self._bytes_by_model.values())
 
+    def pinned_bytes(self) -> int:
+        return sum(e.nbytes for e in self._lru.values() if e.pinned)
+
+    def pinned(self, model: str, tokens: list[int]) -> bool:
+        entry = self._lru.get((model, tuple(tokens)))
+        return entry is not None and entry.pinned
+
     def __len__(self) -> int:
         return len(self._lru)
 
@@ -318,7 +371,11 @@ class PromptCache:
             old.unlink()
         written = total = 0
         counts: dict[str, int] = {}
-        for (model, tokens), entry in reversed(self._lru.items()):
+        newest_first = list(reversed(self._lru.values()))
+        # Pins first: within the size cap they are what must survive a restart.
+        ordered = [e for e in newest_first if e.pinned] + [e for e in newest_first if not e.pinned]
+        for entry in ordered:
+            model, tokens = entry.model, entry.tokens
             identity = identities.get(model)
             if identity is None or total + entry.nbytes > max_bytes:
                 continue
@@ -326,6 +383,7 @@ class PromptCache:
                 "mlxd_model": model,
                 "mlxd_identity": identity,
                 "mlxd_tokens": json.dumps(list(tokens)),
+                "mlxd_pin_until": repr(entry.pin_until if entry.pinned else 0.0),
             }
             # Numbered most recent first, per model, so a restore can replay LRU order.
             rank = counts[model] = counts.get(model, -1) + 1
@@ -348,13 +406,23 @@ class PromptCache:
                     log.warning("cache_file_skipped", file=path.name, reason="other weights")
                     continue
                 tokens = json.loads(meta["mlxd_tokens"])
+                pin_until = float(meta.get("mlxd_pin_until", "0.0"))
                 mx.eval([c.state for c in state])
             except Exception as exc:  # a half-written or foreign file must never stop us
                 log.warning("cache_file_skipped", file=path.name, reason=repr(exc))
                 continue
-            if self.insert(model, tokens, state):
+            if self.insert(model, tokens, state, pin_until=pin_until):
                 restored += 1
         return restored
+
+
+def _partial_reason(kind: str, reused: int, prompt: int) -> str | None:
+    """Why a hit that is not whole left tokens to process (issue: "say why it missed")."""
+    if kind == "longer":
+        return f"a cached sequence diverges from this prompt after token {reused}"
+    if kind == "shorter" and reused < prompt - 1:
+        return f"nothing cached extends past token {reused} of this prompt"
+    return None
 
 
 def _file_key(model: str) -> str:

@@ -50,9 +50,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """Folder whose sub-folders are models addressable by their folder name."""
     default_model: str | None = None
     memory_budget_bytes: int = msgspec.field(default_factory=default_memory_budget)
-    """Bytes the resident models' weights may take together; LRU idle models are unloaded."""
+    """One budget for resident weights, running sequences' KV and the prompt cache's KV
+    (see daemon/memory.py for what is freed, in which order, to stay under it)."""
     keep_alive_s: float = 300.0
     """Idle seconds before a model is unloaded; -1 keeps models resident forever."""
+    pinned_models: list[str] = []
+    """Models kept resident once loaded: never unloaded by keep-alive or the budget."""
+    background_aging_s: float = 30.0
+    """A ``background`` request waiting this long is admitted as if ``interactive``."""
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_tokens_limit: int = 32768
     max_batch_size: int = 32
@@ -73,7 +78,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     allow_root: bool = False
     """Also accept connections from root when the daemon runs as another user."""
     cache_max_bytes: int = msgspec.field(default_factory=default_cache_budget)
-    """Bytes of KV state the prompt cache may hold, across all models; 0 disables it."""
+    """Bytes of KV state the prompt cache may hold, across all models (within the memory
+    budget, which may hold it to less); 0 disables it."""
     cache_max_entries: int = 256
     cache_persist: bool = True
     """Write the prompt cache to ``state_dir`` on shutdown; restore it when a model loads."""

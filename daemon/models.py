@@ -2,9 +2,10 @@
 
 A model name resolves to a local mlx-lm model directory: a configured alias first, then a
 sub-folder of ``models_dir`` (never a path that leaves it). Models load on first use or by
-an explicit ``load``; when the weights of the resident models would exceed the budget, the
-least recently used idle models are unloaded first; a model idle past its keep-alive is
-unloaded by ``sweep``.
+an explicit ``load``; room for its weights is made by the worker's ``MemoryBudget`` (which
+may unload least recently used idle models); a model idle past its keep-alive is unloaded
+by ``sweep``. A model with keep-alive -1 (per request, or named in ``pinned_models``) is
+pinned: never unloaded by either.
 
 Threading: worker thread only. Loading creates MLX arrays, and MLX streams are
 thread-local (mlx-lm #1181), so a model must be loaded on the thread that runs it.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
 
@@ -56,13 +59,20 @@ class LoadedModel:
     vocab_size: int
     context_length: int | None
     keep_alive_s: float
+    kv_bytes_per_token: int = 0
+    """KV-cache bytes one more token of context costs (measured at load)."""
+    pinned_by_config: bool = False
     last_used: float = field(default_factory=time.time)
     active: int = 0
     """Sequences running on it now; a model with any is never unloaded."""
 
+    @property
+    def pinned(self) -> bool:
+        return self.keep_alive_s < 0
+
     def touch(self, keep_alive_s: float | None) -> None:
         self.last_used = time.time()
-        if keep_alive_s is not None:
+        if keep_alive_s is not None and not self.pinned_by_config:
             self.keep_alive_s = keep_alive_s
 
     def info(self) -> ModelInfo:
@@ -74,6 +84,7 @@ class LoadedModel:
             last_used=self.last_used,
             keep_alive_s=self.keep_alive_s,
             active_sequences=self.active,
+            pinned=self.pinned,
         )
 
 
@@ -89,6 +100,18 @@ def _identity(path: Path) -> str:
     return digest.hexdigest()[:32]
 
 
+def _kv_bytes_per_token(model: Any) -> int:
+    """What one more token of context costs in KV state, measured on the model's own cache
+    classes (GQA, quantized, sliding window...) after a one-token forward pass: each
+    ``[batch, heads, capacity, dim]`` array's bytes over its capacity. Recurrent states
+    (not per token) count nothing."""
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    arrays = [a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+    mx.eval(arrays)
+    return sum(math.ceil(a.nbytes / a.shape[2]) for a in arrays if a.ndim == 4 and a.shape[2])
+
+
 def _vocab_size(model: Any, tokenizer: TokenizerWrapper) -> int:
     """Token ids the model can take: its embedding rows, else the tokenizer's size."""
     args = getattr(model, "args", None)
@@ -102,10 +125,12 @@ class ModelRegistry:
         config: Config,
         on_load: Callable[[LoadedModel], None] | None = None,
         on_unload: Callable[[LoadedModel], None] | None = None,
+        make_room: Callable[[int], bool] | None = None,
     ) -> None:
         self._config = config
         self._on_load = on_load
         self._on_unload = on_unload
+        self._make_room = make_room or self._unload_idle_for
         self._aliases = {name: Path(p).expanduser() for name, p in config.models.items()}
         self._models_dir = Path(config.models_dir).expanduser() if config.models_dir else None
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
@@ -146,12 +171,19 @@ class ModelRegistry:
                 errors.INSUFFICIENT_MEMORY,
                 f"model {name!r} needs {needed} bytes, over the memory budget of {budget}",
             )
-        self._free_for(needed)
+        if not self._make_room(needed):
+            raise ModelError(
+                errors.INSUFFICIENT_MEMORY,
+                f"model {name!r} needs {needed} bytes of weights; the memory budget of "
+                f"{budget} is taken by running sequences and pinned models and entries",
+            )
         try:
             model, tokenizer, config = mlx_lm_load(str(path), return_config=True)
+            kv_per_token = _kv_bytes_per_token(model)
         except Exception as exc:  # any failure to load is the model's, not the daemon's
             raise ModelError(errors.MODEL_LOAD_FAILED, f"loading {name!r} failed: {exc}") from exc
         nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        pinned = name in self._config.pinned_models
         loaded = LoadedModel(
             name=name,
             path=path,
@@ -161,25 +193,23 @@ class ModelRegistry:
             identity=_identity(path),
             vocab_size=_vocab_size(model, tokenizer),
             context_length=config.get("max_position_embeddings"),
-            keep_alive_s=self._config.keep_alive_s,
+            keep_alive_s=-1.0 if pinned else self._config.keep_alive_s,
+            kv_bytes_per_token=kv_per_token,
+            pinned_by_config=pinned,
         )
         self._resident[name] = loaded
         if self._on_load is not None:
             self._on_load(loaded)
         return loaded
 
-    def _free_for(self, needed: int) -> None:
+    def _unload_idle_for(self, needed: int) -> bool:
+        """The policy without a worker's budget: weights only, idle unpinned models go."""
         budget = self._config.memory_budget_bytes
-        for victim in [m for m in self._resident.values() if m.active == 0]:
+        for victim in [m for m in self._resident.values() if m.active == 0 and not m.pinned]:
             if self.resident_bytes() + needed <= budget:
-                return
+                break
             self.unload(victim.name)
-        if self.resident_bytes() + needed > budget:
-            raise ModelError(
-                errors.INSUFFICIENT_MEMORY,
-                f"{needed} more bytes of weights would exceed the memory budget of {budget} "
-                "and every resident model is busy",
-            )
+        return self.resident_bytes() + needed <= budget
 
     def unload(self, name: str) -> bool:
         loaded = self._resident.pop(name, None)

@@ -398,6 +398,7 @@ class Server:
             memory_peak_bytes=worker.memory_peak_bytes,
             worker_alive=self.worker.alive(),
             cache=worker.cache,
+            memory=worker.memory,
         )
 
     def _worker_busy_s(self) -> float:

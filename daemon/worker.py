@@ -11,6 +11,15 @@ never freezes the others' decoding), finished or cancelled ones leave. Models wi
 take turns, one batch step each per round, so none starves. Between rounds the inbox is
 drained, so a cancel takes effect before the cancelled sequence's next step.
 
+Admission: waiting requests start in lane order (``interactive`` before ``background``,
+a background request aged past ``background_aging_s`` counting as interactive), each when
+its batch has room and the memory budget (daemon/memory.py) can set aside its KV.
+
+Next-turn keys: a chat reply's state is stored under the tokens the next turn will send
+for the same conversation (history plus this reply, rendered by the chat template), not
+under the tokens it generated, so the next turn hits even where the template renders the
+reply differently (a stop string, reasoning removed, an end-of-turn marker).
+
 Threading: ``submit``, ``cancel``, ``stop``, ``start`` and ``alive`` are for the event loop
 thread; every other method runs on the worker thread. No locks: the inbox and outbox are
 the only shared state, and both are thread-safe queues.
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import queue
 import threading
 import time
@@ -32,6 +42,7 @@ from typing import Any
 import mlx.core as mx
 import structlog
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxd.protocol import (
     CacheStats,
@@ -44,23 +55,26 @@ from mlxd.protocol import (
     GetStats,
     ListModels,
     Load,
+    MemoryStats,
     Queued,
     Timings,
     Unload,
     Usage,
+    Warm,
     errors,
 )
 
-from .cache import Lease, Lookup, PromptCache
+from .cache import Lease, Lookup, PromptCache, cache_bytes, cache_length
 from .config import Config
 from .faults import Faults, InjectedCrash
+from .memory import MemoryBudget
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
 
 log = structlog.get_logger("mlxd.worker")
 
-WorkerRequest = Generate | Load | Unload | ListModels | ClearCache | GetStats
+WorkerRequest = Generate | Warm | Load | Unload | ListModels | ClearCache | GetStats
 Event = tuple[Any, Any]
 """(sink, message): the sink is the loop's handle for one request, opaque to the worker."""
 
@@ -78,6 +92,7 @@ class WorkerStats:
     memory_active_bytes: int
     memory_peak_bytes: int
     cache: CacheStats
+    memory: MemoryStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +130,15 @@ class _Waiting:
     prompt: list[int]
     sampler: Any
     processors: list[Any]
+    reserve: int
+    """KV bytes to set aside for it: prompt plus max_tokens, at most the context."""
+    warm: Warm | None = None
     position: int = -1
+
+    def lane(self, now: float, aging_s: float) -> int:
+        """0 goes first: interactive, or background that has waited long enough."""
+        waited = now - self.received_at
+        return 0 if self.request.priority == "interactive" or waited >= aging_s else 1
 
 
 @dataclass(eq=False)
@@ -142,10 +165,20 @@ class _Sequence:
     stop: StopMatcher
     received_at: float
     started_at: float
+    reserve: int = 0
+    warm: Warm | None = None
     detokenizer: Any = None
     first_token_at: float | None = None
     completion_tokens: int = 0
+    text: list[str] = field(default_factory=list)
+    """What was streamed, for the next turn's key."""
     eos: frozenset[int] = field(default_factory=frozenset)
+
+
+def _pin_until(warm: Warm) -> float:
+    if not warm.pin:
+        return 0.0
+    return math.inf if warm.ttl_s is None else time.time() + warm.ttl_s
 
 
 def _cancelled_before_start(waiting: _Waiting) -> Done:
@@ -215,9 +248,15 @@ class Worker:
         self._cache = PromptCache(config.cache_max_bytes, config.cache_max_entries)
         self._restored: set[str] = set()
         self._models = ModelRegistry(
-            config, on_load=self._model_loaded, on_unload=self._model_unloaded
+            config,
+            on_load=self._model_loaded,
+            on_unload=self._model_unloaded,
+            make_room=lambda needed: self._budget.make_room(needed),
         )
         self._active: dict[Any, _Sequence] = {}  # by sink
+        self._budget = MemoryBudget(
+            config.memory_budget_bytes, self._cache, self._models, self._live_kv
+        )
         # By (model name, solo?), in turn order: each model has at most one BatchGenerator
         # and one SoloGenerator running at a time.
         self._batches: dict[tuple[str, bool], _Batch] = {}
@@ -258,6 +297,7 @@ class Worker:
 
     def _run(self) -> None:
         try:
+            self._budget.apply_platform_limits()
             while not self._stopping:
                 if self._faults and self._faults.hit("worker_crash"):
                     raise InjectedCrash("injected worker crash (MLXD_FAULTS)")
@@ -269,6 +309,7 @@ class Worker:
                 for command in commands:
                     self._handle(command, events)
                 self._admit(events)
+                self._budget.note()
                 self._outbox.post(events)
                 if self._active:
                     self._step_all()
@@ -350,6 +391,22 @@ class Worker:
         if isinstance(req, Generate):
             self._start(req, command.sink, command.received_at, events)
             return None
+        if isinstance(req, Warm):
+            if self._cache.max_bytes <= 0:
+                raise InvalidField("$.type", "the prompt cache is disabled on this daemon")
+            # A one-token generation that streams nothing: the prefill is the point.
+            as_generate = Generate(
+                id=req.id,
+                model=req.model,
+                prompt=req.prompt,
+                messages=req.messages,
+                tokens=req.tokens,
+                max_tokens=1,
+                keep_alive=req.keep_alive,
+                priority=req.priority,
+            )
+            self._start(as_generate, command.sink, command.received_at, events, warm=req)
+            return None
         if isinstance(req, Load):
             return Done(id=req.id, model=self._models.get(req.model, req.keep_alive).info())
         if isinstance(req, Unload):
@@ -367,9 +424,9 @@ class Worker:
             dropped = self._cache.clear(req.model)
             log.info("cache_cleared", model=req.model, entries=dropped)
             return Done(id=req.id)
-        return self._stats()
+        return self._stats(req.reset_peak)
 
-    def _stats(self) -> WorkerStats:
+    def _stats(self, reset_peak: bool = False) -> WorkerStats:
         return WorkerStats(
             active_sequences=len(self._active),
             queued=len(self._waiting),
@@ -380,6 +437,7 @@ class Worker:
             memory_active_bytes=mx.get_active_memory(),
             memory_peak_bytes=mx.get_peak_memory(),
             cache=self._cache_stats(),
+            memory=self._budget.stats(reset_peak),
         )
 
     def _cache_stats(self) -> CacheStats:
@@ -459,7 +517,19 @@ class Worker:
             return Lookup(None, 0, "bypass")
         return self._cache.fetch(loaded.name, tokens)
 
-    def _prompt(self, req: Generate, loaded: LoadedModel) -> list[int]:
+    def _live_kv(self) -> dict[str, int]:
+        live: dict[str, int] = {}
+        for seq in self._active.values():
+            live[seq.model.name] = live.get(seq.model.name, 0) + seq.reserve
+        return live
+
+    def _reservation(self, loaded: LoadedModel, prompt: list[int], max_tokens: int) -> int:
+        tokens = len(prompt) + max_tokens
+        if loaded.context_length:
+            tokens = min(tokens, loaded.context_length)
+        return tokens * loaded.kv_bytes_per_token
+
+    def _prompt(self, req: Generate, loaded: LoadedModel, warm: bool = False) -> list[int]:
         tokenizer = loaded.tokenizer
         given = [x is not None for x in (req.prompt, req.messages, req.tokens)]
         if sum(given) != 1:
@@ -474,7 +544,10 @@ class Worker:
                 raise InvalidField("$.messages", f"model {loaded.name!r} has no chat template")
             messages = [{"role": m.role, "content": m.content} for m in req.messages]
             try:
-                tokens = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+                # A warmed conversation is a prefix of later turns: no generation prompt.
+                tokens = list(
+                    tokenizer.apply_chat_template(messages, add_generation_prompt=not warm)
+                )
             except Exception as exc:  # a template may refuse roles or orders (raise_exception)
                 raise InvalidField("$.messages", f"the chat template refused them: {exc}") from exc
         else:
@@ -495,14 +568,30 @@ class Worker:
             )
         return tokens
 
-    def _start(self, req: Generate, sink: Any, received_at: float, events: list[Event]) -> None:
+    def _start(
+        self,
+        req: Generate,
+        sink: Any,
+        received_at: float,
+        events: list[Event],
+        warm: Warm | None = None,
+    ) -> None:
         if req.max_tokens > self._config.max_tokens_limit:
             raise InvalidField(
                 "$.max_tokens",
                 f"max_tokens is over this daemon's limit of {self._config.max_tokens_limit}",
             )
         loaded = self._models.get(req.model, req.keep_alive)
-        tokens = self._prompt(req, loaded)
+        tokens = self._prompt(req, loaded, warm=warm is not None)
+        reserve = self._reservation(loaded, tokens, req.max_tokens)
+        alone = loaded.nbytes + reserve
+        if alone > self._budget.limit:
+            raise RequestError(
+                errors.INSUFFICIENT_MEMORY,
+                f"this request's KV state ({reserve} bytes for {len(tokens)} prompt tokens "
+                f"and max_tokens {req.max_tokens}) does not fit the memory budget of "
+                f"{self._budget.limit} bytes beside the model's weights, even alone",
+            )
         sampler, processors = make_sampling(req, loaded.vocab_size)
         free = max(0, self._config.max_batch_size - self._running(loaded))
         if len(self._waiting) >= self._config.max_queued + free:
@@ -513,17 +602,22 @@ class Worker:
         loaded.active += 1  # reserved: a model with waiting work is not unloaded
         # Admitted by the run loop once the whole inbox is read, so that a burst of
         # requests is seen as one and batched from its first step.
-        self._waiting.append(_Waiting(req, sink, received_at, loaded, tokens, sampler, processors))
+        self._waiting.append(
+            _Waiting(req, sink, received_at, loaded, tokens, sampler, processors, reserve, warm)
+        )
 
     def _batch_full(self, loaded: LoadedModel) -> bool:
         return self._running(loaded) >= self._config.max_batch_size
 
     def _admit(self, events: list[Event]) -> None:
-        """Start waiting requests in arrival order where their model's batch has room; tell
-        the others their place when it changed."""
+        """Start waiting requests, in lane order, where their model's batch has room and
+        the budget can set their KV aside; tell the others their place when it changed."""
         position = 0
-        for waiting in list(self._waiting):
-            if not self._batch_full(waiting.model):
+        now = time.perf_counter()
+        aging = self._config.background_aging_s
+        # sorted() is stable: arrival order within a lane.
+        for waiting in sorted(self._waiting, key=lambda w: w.lane(now, aging)):
+            if not self._batch_full(waiting.model) and self._room_for(waiting, events):
                 self._waiting.remove(waiting)
                 waiting.model.active -= 1
                 try:
@@ -535,10 +629,33 @@ class Worker:
                     )
                     events.append((waiting.sink, error))
                 continue
+            if waiting not in self._waiting:
+                continue  # refused by _room_for
             if waiting.position != position:
                 waiting.position = position
                 events.append((waiting.sink, Queued(id=waiting.request.id, position=position)))
             position += 1
+
+    def _room_for(self, waiting: _Waiting, events: list[Event]) -> bool:
+        """Whether the budget can set ``waiting``'s KV aside now (freeing cache entries and
+        idle models if need be). If not, it waits for running sequences to end; with none
+        running, nothing will free up, so it is refused."""
+        if self._budget.make_room(waiting.reserve, keep=waiting.model):
+            return True
+        if not self._active:
+            self._waiting.remove(waiting)
+            waiting.model.active -= 1
+            message = (
+                f"{waiting.reserve} bytes of KV state do not fit the memory budget of "
+                f"{self._budget.limit} beside the resident weights and pinned cache entries"
+            )
+            events.append(
+                (
+                    waiting.sink,
+                    Error(id=waiting.request.id, code=errors.INSUFFICIENT_MEMORY, message=message),
+                )
+            )
+        return False
 
     def _begin(self, waiting: _Waiting) -> None:
         req, loaded, tokens = waiting.request, waiting.model, waiting.prompt
@@ -579,6 +696,8 @@ class Worker:
             stop=StopMatcher(req.stop),
             received_at=received_at,
             started_at=time.perf_counter(),
+            reserve=waiting.reserve,
+            warm=waiting.warm,
             detokenizer=loaded.tokenizer.detokenizer,
             eos=frozenset(loaded.tokenizer.eos_token_ids),
         )
@@ -635,7 +754,8 @@ class Worker:
         text, stopped = seq.stop.feed(seq.detokenizer.last_segment)
         if stopped:
             self._finish(seq, "stop", events, text, [token], stopped=True, final=final)
-        else:
+        elif seq.warm is None:
+            seq.text.append(text)
             events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=[token])))
 
     def _finish(
@@ -655,12 +775,22 @@ class Worker:
                 text, stopped = seq.stop.feed(text)
                 text += "" if stopped else seq.stop.flush()
                 reason = "stop" if stopped else reason
-            if text or tokens:
+            if (text or tokens) and seq.warm is None:
+                seq.text.append(text)
                 events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=tokens or [])))
         if final is None:
             removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
             final = removed.get(seq.uid)
-        self._drop(seq, final)
+        cached = self._drop(seq, final, finished=reason != "cancelled")
+        if seq.warm is not None and reason != "cancelled" and not cached:
+            message = "the prefilled state did not fit the prompt cache or the memory budget"
+            events.append(
+                (
+                    seq.sink,
+                    Error(id=seq.request.id, code=errors.INSUFFICIENT_MEMORY, message=message),
+                )
+            )
+            return
         now = time.perf_counter()
         first = seq.first_token_at or now
         decode_s = now - first
@@ -673,7 +803,7 @@ class Worker:
                     usage=Usage(
                         prompt_tokens=len(seq.prompt),
                         cached_tokens=seq.cached_tokens,
-                        completion_tokens=seq.completion_tokens,
+                        completion_tokens=0 if seq.warm else seq.completion_tokens,
                     ),
                     timings=Timings(
                         queue_s=seq.started_at - seq.received_at,
@@ -688,9 +818,14 @@ class Worker:
             )
         )
 
-    def _drop(self, seq: _Sequence, final: tuple[list[Any], list[int]] | None) -> None:
+    def _drop(
+        self,
+        seq: _Sequence,
+        final: tuple[list[Any], list[int]] | None,
+        finished: bool = False,
+    ) -> bool:
         """Forget ``seq``; ``final`` (its KV state and every token it holds) goes back to the
-        prompt cache, so the next turn or keystroke starts from it."""
+        prompt cache, so the next turn or keystroke starts from it. Returns whether it did."""
         self._active.pop(seq.sink, None)
         seq.batch.sequences.pop(seq.uid, None)
         if seq.batch.solo:
@@ -700,12 +835,55 @@ class Worker:
         if seq.lease is not None:
             self._cache.release(seq.lease)
         if final is None or not seq.request.cache or self._cache.max_bytes <= 0:
-            return
+            return False
         state, tokens = final
-        if state and tokens and seq.model in self._models.resident():
-            # The state can hold one token more than was streamed (the step ahead); the
-            # cache trims it to the key.
-            self._cache.insert(seq.model.name, list(tokens), state)
+        if not (state and tokens and seq.model in self._models.resident()):
+            return False
+        tokens = list(tokens)
+        pin = None
+        if seq.warm is not None:
+            pin = _pin_until(seq.warm)
+        elif finished and seq.request.messages is not None:
+            tokens, state = self._next_turn_key(seq, tokens, state)
+        if not self._budget.make_room(cache_bytes(state), unload_models=False):
+            return False
+        # The state can hold one token more than was streamed (the step ahead); the cache
+        # trims it to the key.
+        return self._cache.insert(seq.model.name, tokens, state, pin_until=pin)
+
+    def _next_turn_key(
+        self, seq: _Sequence, tokens: list[int], state: list[Any]
+    ) -> tuple[list[int], list[Any]]:
+        """Re-key a chat reply's state by the tokens the next turn starts with: the history
+        plus this reply, rendered by the template. Where the rendering departs from what was
+        generated (the end-of-turn marker, a stop string, reasoning the template drops), trim
+        the state back to where they agree and prefill the rendered rest, a few tokens."""
+        assert seq.request.messages is not None
+        history = [{"role": m.role, "content": m.content} for m in seq.request.messages]
+        history.append({"role": "assistant", "content": "".join(seq.text)})
+        try:
+            rendered = list(
+                seq.model.tokenizer.apply_chat_template(history, add_generation_prompt=False)
+            )
+        except Exception:  # a template may refuse; the generated tokens still make a key
+            return tokens, state
+        held = min(len(tokens), cache_length(state))
+        common = 0
+        for a, b in zip(tokens[:held], rendered, strict=False):
+            if a != b:
+                break
+            common += 1
+        rest = rendered[common:]
+        if not rest:
+            return rendered, state
+        if len(rest) > self._config.prefill_step_size or not can_trim_prompt_cache(state):
+            return tokens, state
+        excess = cache_length(state) - common
+        if excess > 0:
+            trim_prompt_cache(state, excess)
+        seq.model.model(mx.array([rest]), cache=state)
+        mx.eval([c.state for c in state])
+        return rendered, state
 
     def _end_all(self, code: str, message: str) -> None:
         events: list[Event] = []

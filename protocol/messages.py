@@ -28,6 +28,7 @@ LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 KeepAlive = Annotated[float, Meta(ge=-1.0, le=10.0 * 365 * 86400)]
 
 FinishReason = Literal["stop", "length", "cancelled"]
+Priority = Literal["interactive", "background"]
 
 
 class _Message(Struct, tag_field="type", omit_defaults=True, kw_only=True):
@@ -75,6 +76,27 @@ class Generate(_Message, tag="generate"):
     """Use and update the prompt cache; false bypasses it for this request."""
     supersedes: RequestId | None = None
     """Cancel this earlier request of the same connection first (the last keystroke's)."""
+    priority: Priority = "interactive"
+    """``background`` work (bulk jobs) waits behind ``interactive`` requests for a place in
+    the batch and for prefill, until it has waited the daemon's aging time."""
+
+
+class Warm(_Message, tag="warm"):
+    """Prefill a prompt into the prompt cache without generating: a system prompt, a file's
+    header. ``messages`` are rendered without the generation prompt, so a later chat that
+    starts with them finds them. ``pin`` keeps the entry through eviction (and saves it
+    first on shutdown) for ``ttl_s`` seconds (absent: until the cache is cleared); warming
+    the same prompt again with ``pin`` false unpins it. Ends with ``done`` (usage, cache)."""
+
+    id: RequestId
+    model: ModelName | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tokens: list[Annotated[int, Meta(ge=0)]] | None = None
+    pin: bool = False
+    ttl_s: Annotated[float, Meta(gt=0.0, le=10.0 * 365 * 86400)] | None = None
+    keep_alive: KeepAlive | None = None
+    priority: Priority = "interactive"
 
 
 class Cancel(_Message, tag="cancel"):
@@ -108,6 +130,8 @@ class ClearCache(_Message, tag="clear_cache"):
 
 class GetStats(_Message, tag="stats"):
     id: RequestId
+    reset_peak: bool = False
+    """Start the peak-memory figures over after reading them."""
 
 
 class Ping(_Message, tag="ping"):
@@ -121,7 +145,8 @@ class GetHealth(_Message, tag="health"):
 
 
 _REQUESTS = (
-    Hello, Generate, Cancel, Load, Unload, ListModels, ClearCache, GetStats, Ping, GetHealth
+    Hello, Generate, Warm, Cancel, Load, Unload, ListModels, ClearCache, GetStats, Ping,
+    GetHealth,
 )  # fmt: skip
 Request = Union[_REQUESTS]  # type: ignore[valid-type]  # noqa: UP007
 REQUEST_TYPES: frozenset[str] = frozenset(t.__struct_config__.tag for t in _REQUESTS)
@@ -197,6 +222,36 @@ class CacheStats(Struct, kw_only=True):
     """Lookups served by forking a live sequence's state (copy-on-write)."""
 
 
+class MemorySplit(Struct, kw_only=True):
+    """One model's share of the memory budget, in bytes."""
+
+    weights: int
+    live_kv: int
+    """Reserved for its running sequences: prompt plus max_tokens each."""
+    cached_kv: int
+
+
+class MemoryStats(Struct, kw_only=True):
+    """The one budget that weights, live KV and cached KV share, by the daemon's accounting,
+    and what MLX itself reports (which also counts temporaries of the step in progress)."""
+
+    budget_bytes: int
+    used_bytes: int
+    peak_used_bytes: int
+    weights_bytes: int
+    live_kv_bytes: int
+    cached_kv_bytes: int
+    pinned_kv_bytes: int
+    by_model: dict[str, MemorySplit]
+    mlx_active_bytes: int
+    mlx_peak_bytes: int
+    """Since the daemon started, or since the last ``stats`` with ``reset_peak``."""
+    evicted_entries: int
+    """Prompt-cache entries dropped to make room under the budget (not by the cache's cap)."""
+    unloaded_models: int
+    """Models unloaded to make room under the budget."""
+
+
 class ModelInfo(Struct, kw_only=True, omit_defaults=True):
     name: str
     path: str
@@ -206,8 +261,10 @@ class ModelInfo(Struct, kw_only=True, omit_defaults=True):
     last_used: float | None = None
     """Unix time of the last request that used it."""
     keep_alive_s: float | None = None
-    """Seconds of idleness after which it is unloaded; -1 never."""
+    """Seconds of idleness after which it is unloaded; -1 never (pinned resident)."""
     active_sequences: int = 0
+    pinned: bool = False
+    """Never unloaded: by keep-alive, nor to make room under the memory budget."""
 
 
 class Health(Struct, kw_only=True):
@@ -242,6 +299,7 @@ class ServerStats(Struct, kw_only=True):
     memory_peak_bytes: int
     worker_alive: bool
     cache: CacheStats | None = None
+    memory: MemoryStats | None = None
 
 
 class Done(_Message, tag="done"):
@@ -291,8 +349,11 @@ __all__ = [
     "Hello",
     "ListModels",
     "Load",
+    "MemorySplit",
+    "MemoryStats",
     "ModelInfo",
     "Ping",
+    "Priority",
     "Queued",
     "Request",
     "ServerMessage",
@@ -300,5 +361,6 @@ __all__ = [
     "Timings",
     "Unload",
     "Usage",
+    "Warm",
     "Welcome",
 ]

@@ -101,7 +101,8 @@ def test_a_load_that_would_exceed_the_budget_is_refused(fresh_daemon: Daemon) ->
         client.load("tiny")
         # tiny is busy, so it cannot make room: tiny-b would take the weights over budget.
         busy = threading.Thread(
-            target=lambda: fresh_daemon.client().generate("x", model="tiny", max_tokens=3000)
+            # 600 tokens of KV (256 B each) fit beside tiny's 410 KB of weights.
+            target=lambda: fresh_daemon.client().generate("x", model="tiny", max_tokens=600)
         )
         busy.start()
         while client.stats().active_sequences == 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -48,7 +48,7 @@ from mlxd.protocol import (
 )
 from mlxd.protocol.paths import default_socket_path
 
-from ._common import Completion, Messages, generate_request
+from ._common import Completion, Messages, generate_request, warm_request
 from .exceptions import ConnectionClosedError, DaemonUnavailableError, MlxdError, error_from
 
 
@@ -120,6 +120,19 @@ class AsyncClient:
     async def chat(self, messages: Messages, **options: Any) -> Completion:
         return await self.generate(messages=messages, **options)
 
+    async def warm(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        tokens: Sequence[int] | None = None,
+        **options: Any,
+    ) -> Done:
+        """Prefill into the prompt cache without generating; ``pin=True`` (with ``ttl_s``)
+        keeps it through eviction. The ``done`` has the prompt's usage and cache use."""
+        request = warm_request(next(self._ids), prompt, messages=messages, tokens=tokens, **options)
+        return await self._call(request)
+
     async def load(self, model: str, keep_alive: float | None = None) -> ModelInfo:
         done = await self._call(Load(id=next(self._ids), model=model, keep_alive=keep_alive))
         assert done.model is not None
@@ -141,8 +154,9 @@ class AsyncClient:
         assert done.health is not None
         return done.health
 
-    async def stats(self) -> ServerStats:
-        done = await self._call(GetStats(id=next(self._ids)))
+    async def stats(self, reset_peak: bool = False) -> ServerStats:
+        """``reset_peak`` starts the peak-memory figures over after this reading."""
+        done = await self._call(GetStats(id=next(self._ids), reset_peak=reset_peak))
         assert done.stats is not None
         return done.stats
 
@@ -174,6 +188,8 @@ class AsyncClient:
         try:
             await self._write(request)
             message = await receive.receive()
+            while isinstance(message, Queued):  # a warm waiting for a place in the batch
+                message = await receive.receive()
         except anyio.EndOfStream:
             raise self._closed or ConnectionClosedError("connection_closed", "closed") from None
         finally:

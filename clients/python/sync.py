@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from mlxd.protocol import (
 )
 from mlxd.protocol.paths import default_socket_path
 
-from ._common import Completion, Messages, generate_request
+from ._common import Completion, Messages, generate_request, warm_request
 from .exceptions import ConnectionClosedError, DaemonUnavailableError, error_from
 
 
@@ -131,6 +131,19 @@ class Client:
     def chat(self, messages: Messages, **options: Any) -> Completion:
         return self.generate(messages=messages, **options)
 
+    def warm(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        tokens: Sequence[int] | None = None,
+        **options: Any,
+    ) -> Done:
+        """Prefill into the prompt cache without generating; ``pin=True`` (with ``ttl_s``)
+        keeps it through eviction. The ``done`` has the prompt's usage and cache use."""
+        request = warm_request(next(self._ids), prompt, messages=messages, tokens=tokens, **options)
+        return self._call(request)
+
     def load(self, model: str, keep_alive: float | None = None) -> ModelInfo:
         done = self._call(Load(id=next(self._ids), model=model, keep_alive=keep_alive))
         assert done.model is not None
@@ -152,8 +165,9 @@ class Client:
         assert done.health is not None
         return done.health
 
-    def stats(self) -> ServerStats:
-        done = self._call(GetStats(id=next(self._ids)))
+    def stats(self, reset_peak: bool = False) -> ServerStats:
+        """``reset_peak`` starts the peak-memory figures over after this reading."""
+        done = self._call(GetStats(id=next(self._ids), reset_peak=reset_peak))
         assert done.stats is not None
         return done.stats
 
@@ -167,6 +181,8 @@ class Client:
     def _call(self, request: Any) -> Done:
         self._send(request)
         message = self._read_for(request.id)
+        while isinstance(message, Queued):  # a warm waiting for a place in the batch
+            message = self._read_for(request.id)
         if isinstance(message, Error):
             raise error_from(message)
         return message
