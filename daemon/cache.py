@@ -266,7 +266,15 @@ class PromptCache:
             _, entry = next(iter(self._lru.items()))
             self._remove(entry)
             self.counters.evictions += 1
-            log.debug("cache_evicted", model=entry.model, tokens=len(entry.tokens))
+            log.info(
+                "cache_evicted", model=entry.model, tokens=len(entry.tokens), bytes=entry.nbytes
+            )
+
+    def set_limits(self, max_bytes: int, max_entries: int) -> None:
+        """New budgets (a configuration reload); evicts at once down to them."""
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._evict()
 
     def _remove(self, entry: _Entry) -> None:
         self._trie.pop(entry.model, list(entry.tokens))
