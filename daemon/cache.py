@@ -312,7 +312,13 @@ class PromptCache:
     def _evict_one(self, entry: _Entry) -> None:
         self._remove(entry)
         self.counters.evictions += 1
-        log.debug("cache_evicted", model=entry.model, tokens=len(entry.tokens))
+        log.info("cache_evicted", model=entry.model, tokens=len(entry.tokens), bytes=entry.nbytes)
+
+    def set_limits(self, max_bytes: int, max_entries: int) -> None:
+        """New budgets (a configuration reload); evicts at once down to them."""
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._evict()
 
     def _remove(self, entry: _Entry) -> None:
         self._trie.pop(entry.model, list(entry.tokens))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +19,11 @@ import msgspec
 
 from mlxd.protocol.paths import default_socket_path
 
-from .config import DEMO_MODEL_NAME, Config
+from .config import Config
+from .settings import parse_bytes as _bytes
 
-_SIZE_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def _bytes(text: str) -> int:
-    """``8G``, ``512M`` or a plain byte count."""
-    text = text.strip().lower().removesuffix("b").removesuffix("i")
-    if text and text[-1] in _SIZE_SUFFIXES:
-        return int(float(text[:-1]) * _SIZE_SUFFIXES[text[-1]])
-    return int(text)
+EXIT_CONFIG = 78
+"""sysexits' EX_CONFIG: a service manager can tell "fix the file" from a crash."""
 
 
 def _model_arg(text: str) -> tuple[str, str]:
@@ -52,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", "run the daemon in the foreground until SIGTERM or SIGINT")
     serve.add_argument(
+        "--config", help="the configuration file (default: $MLXD_CONFIG, else the user's)"
+    )
+    serve.add_argument(
         "--model",
         action="append",
         type=_model_arg,
@@ -64,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-budget", type=_bytes, help="bytes for resident weights, e.g. 8G")
     serve.add_argument("--keep-alive", type=float, help="idle seconds before unloading; -1 never")
     serve.add_argument("--max-frame-bytes", type=_bytes)
+    serve.add_argument("--max-tokens-limit", type=int, help="the largest max_tokens accepted")
     serve.add_argument("--max-batch-size", type=int, help="sequences per model decoded together")
     serve.add_argument("--max-queued", type=int, help="waiting requests before overloaded")
     serve.add_argument("--prefill-batch-size", type=int, help="prompts prefilled together")
@@ -74,18 +72,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cache-persist",
         dest="cache_persist",
         action="store_false",
+        default=None,
         help="do not save the prompt cache on shutdown nor restore it",
     )
+    serve.add_argument("--cache-persist-max-bytes", type=_bytes, help="bytes saved at most")
+    serve.add_argument("--max-connections", type=int)
+    serve.add_argument("--max-requests-per-connection", type=int)
     serve.add_argument("--state-dir", help="where the prompt cache is saved")
-    serve.add_argument("--allow-root", action="store_true", help="accept root's connections too")
+    serve.add_argument(
+        "--allow-root", action="store_true", default=None, help="accept root's connections too"
+    )
+    serve.add_argument(
+        "--pin-model", action="append", help="keep this model resident once loaded (repeatable)"
+    )
+    serve.add_argument(
+        "--background-aging",
+        type=float,
+        help="seconds until background work counts as interactive",
+    )
     serve.add_argument(
         "--shutdown-grace", type=float, help="seconds in-flight requests get on SIGTERM"
     )
     serve.add_argument(
         "--stall-timeout", type=float, help="seconds one worker round may take before exit 1"
     )
-    serve.add_argument("--log-level", default="info")
-    serve.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    serve.add_argument("--log-level", help="debug, info (the default), warning, error")
+    serve.add_argument("--log-format", choices=["auto", "json", "console"])
+
+    config = commands.add_parser("config", help="the daemon's configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser(
+        "show",
+        help="print the effective configuration and where each value came from",
+        description="print the effective configuration (defaults < file < MLXD_* < flags) "
+        "and where each value came from; takes the flags of serve",
+    )
+    show.add_argument("--json", action="store_true", help="print one JSON object")
 
     gen = command("generate", "stream a completion to stdout")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
@@ -146,47 +168,28 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from . import logs
+    import structlog
 
-    fields: dict[str, Any] = {"log_level": args.log_level, "log_format": args.log_format}
-    if args.socket:
-        fields["socket_path"] = args.socket
-    models = dict(args.model)
-    if not models and not args.models_dir:
-        from .demo_model import default_demo_model_dir
+    from . import logs, settings
 
-        demo_dir = str(default_demo_model_dir())
-        models = {DEMO_MODEL_NAME: demo_dir}
-        fields["demo_model_dir"] = demo_dir
-    fields["models"] = models
-    for name in ("models_dir", "default_model"):
-        if getattr(args, name):
-            fields[name] = getattr(args, name)
-    if args.memory_budget is not None:
-        fields["memory_budget_bytes"] = args.memory_budget
-    if args.keep_alive is not None:
-        fields["keep_alive_s"] = args.keep_alive
-    for name in (
-        "max_frame_bytes",
-        "max_batch_size",
-        "max_queued",
-        "prefill_batch_size",
-        "prefill_step_size",
-        "cache_max_bytes",
-        "cache_max_entries",
-        "state_dir",
-    ):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    if args.shutdown_grace is not None:
-        fields["shutdown_grace_s"] = args.shutdown_grace
-    if args.stall_timeout is not None:
-        fields["stall_timeout_s"] = args.stall_timeout
-    fields["cache_persist"] = args.cache_persist
-    fields["allow_root"] = args.allow_root
-    config = Config(**fields)
+    flags, env = vars(args), dict(os.environ)
+    try:
+        loaded = settings.load(flags, env, args.config)
+    except settings.ConfigError as exc:
+        # Before the socket exists: a service manager sees the failure, clients see no daemon.
+        print(f"mlxd: error: invalid_config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    config = loaded.config
     logs.setup(config.log_level, config.log_format)
-    code = run_server(config)
+    structlog.get_logger("mlxd.server").info(
+        "config_loaded", file=str(loaded.path) if loaded.file_found else None
+    )
+
+    def reload() -> Config:
+        # SIGHUP: the file again, under the environment and flags the daemon started with.
+        return settings.load(flags, env, args.config).config
+
+    code = run_server(config, reload)
     # Everything is closed and flushed by now. Leave without running C++ static destructors:
     # MLX's stream threads can still be winding down from the worker thread's exit, and
     # destroying them then aborts the process ("terminate called without an active
@@ -196,7 +199,7 @@ def serve(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
-def run_server(config: Config) -> int:
+def run_server(config: Config, reload: Callable[[], Config] | None = None) -> int:
     import asyncio
 
     from .server import Server
@@ -206,7 +209,7 @@ def run_server(config: Config) -> int:
         import uvloop
     except ImportError:  # e.g. a platform without uvloop wheels: plain asyncio serves too
         uvloop = None
-    server = Server(config)
+    server = Server(config, reload)
     try:
         if uvloop is not None:
             return uvloop.run(server.serve())
@@ -216,10 +219,34 @@ def run_server(config: Config) -> int:
         return 1
 
 
+def config_command(args: argparse.Namespace) -> int:
+    from . import settings
+
+    serve_args = build_parser().parse_args(["serve", *args.serve_flags])
+
+    try:
+        loaded = settings.load(vars(serve_args), os.environ, serve_args.config)
+    except settings.ConfigError as exc:
+        print(f"mlxd: error: invalid_config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(_json(settings.as_json(loaded)) if args.json else settings.render(loaded))
+    return 0
+
+
+def _socket(args: argparse.Namespace) -> Path | None:
+    """The daemon's socket for a client command: --socket, $MLXD_SOCKET, the configuration
+    file's ``socket``, else (None) the platform's default."""
+    from .settings import configured_socket
+
+    if args.socket:
+        return Path(args.socket).expanduser()
+    return None if os.environ.get("MLXD_SOCKET") else configured_socket()
+
+
 def _client(args: argparse.Namespace) -> Any:
     from mlxd.client import Client
 
-    return Client(args.socket)
+    return Client(_socket(args))
 
 
 def _json(obj: Any) -> str:
@@ -311,7 +338,7 @@ def stop(args: argparse.Namespace) -> int:
 
     from .transport import running_pid
 
-    path = Path(args.socket).expanduser() if args.socket else default_socket_path()
+    path = _socket(args) or default_socket_path()
     pid = running_pid(path)
     if pid is None:
         raise DaemonUnavailableError("daemon_unavailable", f"no mlxd is running on {path}")
@@ -340,6 +367,7 @@ def demo_model(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "serve": serve,
+    "config": config_command,
     "generate": generate,
     "chat": chat,
     "models": models,
@@ -355,7 +383,13 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     from mlxd.client import MlxdError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `config show` takes serve's flags as they are; every other command takes only its own.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "config":
+        args.serve_flags = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _COMMANDS[args.command](args)
     except MlxdError as exc:

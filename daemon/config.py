@@ -1,4 +1,5 @@
-"""The daemon's settings: one msgspec ``Struct``, built from CLI flags over defaults.
+"""The daemon's settings: one msgspec ``Struct``, built by ``settings.load`` from defaults,
+the configuration file, ``MLXD_*`` and CLI flags.
 
 Also the platform facts the settings default from (memory size, state folders).
 

@@ -93,7 +93,7 @@ class MemoryBudget:
             if victim is keep or victim.active or victim.pinned:
                 continue
             log.info("budget_unloaded_model", model=victim.name, bytes=victim.nbytes)
-            self.models.unload(victim.name)
+            self.models.unload(victim.name, reason="memory_budget")
             self.unloaded_models += 1
         return self.fits(needed)
 

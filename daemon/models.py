@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import structlog
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -32,6 +33,8 @@ from mlx_lm.utils import load as mlx_lm_load
 from mlxd.protocol import ModelInfo, errors
 
 from .config import Config
+
+log = structlog.get_logger("mlxd.models")
 
 
 class RequestError(Exception):
@@ -134,6 +137,31 @@ class ModelRegistry:
         self._aliases = {name: Path(p).expanduser() for name, p in config.models.items()}
         self._models_dir = Path(config.models_dir).expanduser() if config.models_dir else None
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        # Resident models whose name now resolves elsewhere (a reload) but that were busy:
+        # requests for the name still get them until they are idle and unloaded.
+        self._stale: set[str] = set()
+
+    def reconfigure(self, config: Config) -> None:
+        """New aliases, models folder, budget and default keep-alive (a SIGHUP reload)."""
+        self._config = config
+        self._aliases = {name: Path(p).expanduser() for name, p in config.models.items()}
+        self._models_dir = Path(config.models_dir).expanduser() if config.models_dir else None
+        for m in list(self._resident.values()):
+            try:
+                same = self.resolve(m.name) == m.path
+            except ModelError:
+                same = False
+            if not same:
+                self._stale.add(m.name)
+        self._unload_stale()
+
+    def _unload_stale(self) -> None:
+        for name in [n for n in self._stale if n not in self._resident]:
+            self._stale.discard(name)
+        for name in list(self._stale):
+            if self._resident[name].active == 0:
+                self._stale.discard(name)
+                self.unload(name, reason="reconfigured")
 
     def resolve(self, name: str) -> Path:
         if name in self._aliases:
@@ -149,6 +177,8 @@ class ModelRegistry:
         name = name or self._config.default_model_name()
         if name is None:
             raise ModelError(errors.UNKNOWN_MODEL, "no model given and no default model set")
+        if self._stale:
+            self._unload_stale()
         loaded = self._resident.get(name)
         if loaded is None:
             loaded = self._load(name, self.resolve(name))
@@ -177,6 +207,7 @@ class ModelRegistry:
                 f"model {name!r} needs {needed} bytes of weights; the memory budget of "
                 f"{budget} is taken by running sequences and pinned models and entries",
             )
+        started = time.perf_counter()
         try:
             model, tokenizer, config = mlx_lm_load(str(path), return_config=True)
             kv_per_token = _kv_bytes_per_token(model)
@@ -198,6 +229,13 @@ class ModelRegistry:
             pinned_by_config=pinned,
         )
         self._resident[name] = loaded
+        log.info(
+            "model_loaded",
+            model=name,
+            path=str(path),
+            bytes=nbytes,
+            load_s=round(time.perf_counter() - started, 3),
+        )
         if self._on_load is not None:
             self._on_load(loaded)
         return loaded
@@ -208,13 +246,14 @@ class ModelRegistry:
         for victim in [m for m in self._resident.values() if m.active == 0 and not m.pinned]:
             if self.resident_bytes() + needed <= budget:
                 break
-            self.unload(victim.name)
+            self.unload(victim.name, reason="memory_budget")
         return self.resident_bytes() + needed <= budget
 
-    def unload(self, name: str) -> bool:
+    def unload(self, name: str, reason: str = "request") -> bool:
         loaded = self._resident.pop(name, None)
         if loaded is None:
             return False
+        log.info("model_unloaded", model=name, bytes=loaded.nbytes, reason=reason)
         if self._on_unload is not None:
             self._on_unload(loaded)
         del loaded
@@ -226,9 +265,11 @@ class ModelRegistry:
     def sweep(self, now: float | None = None) -> None:
         """Unload idle models whose keep-alive has passed."""
         now = time.time() if now is None else now
+        if self._stale:
+            self._unload_stale()
         for m in list(self._resident.values()):
             if m.active == 0 and m.keep_alive_s >= 0 and now - m.last_used >= m.keep_alive_s:
-                self.unload(m.name)
+                self.unload(m.name, reason="keep_alive")
 
     def next_expiry(self) -> float | None:
         """Seconds until the next keep-alive expiry, so the worker knows how long to sleep."""

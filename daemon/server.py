@@ -7,7 +7,7 @@ with backpressure: a slow reader gets its pending chunks merged, never the worke
 another client stalled.
 
 Threading: everything here runs on the event loop thread; it never calls MLX. The only
-ways into the worker are ``Worker.submit``/``cancel``/``stop``.
+ways into the worker are ``Worker.submit``/``cancel``/``preload``/``reconfigure``/``stop``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from mlxd.protocol import (
 )
 from mlxd.protocol import Encoder as FrameEncoder
 
-from . import __version__
+from . import __version__, logs, settings
 from .config import Config
 from .transport import SocketLock, bind_unix_socket, peer_uid, prepare_dir
 from .worker import LoopOutbox, Worker, WorkerStats
@@ -269,8 +270,9 @@ def _diagnose(payload: bytes, exc: Exception) -> Error:
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._reload = reload  # builds the configuration anew for SIGHUP; may raise
         self.connections: set[Connection] = set()
         self.accepting = True
         self.started_at = time.monotonic()
@@ -290,6 +292,7 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         if not prepare_dir(path.parent):
             log.warning("socket_dir_not_private", dir=str(path.parent))
         lock = SocketLock(path)
@@ -374,9 +377,16 @@ class Server:
                     "prompt_tokens": message.usage.prompt_tokens,
                     "cached_tokens": message.usage.cached_tokens,
                     "completion_tokens": message.usage.completion_tokens,
+                    "queue_s": round(message.timings.queue_s, 4),
                     "ttft_s": round(message.timings.ttft_s, 4),
+                    "total_s": round(message.timings.total_s, 4),
                     "tokens_per_s": round(message.timings.tokens_per_s, 1),
                 }
+            if logs.debug_enabled():
+                # Prompts are the user's private data: only at debug level, asked for.
+                req = sink.request
+                given = (req.prompt, req.messages, req.tokens)
+                fields["prompt"] = msgspec.to_builtins(next((p for p in given if p), None))
             log.info("request", **fields)
 
     def _stats(self, worker: WorkerStats) -> ServerStats:
@@ -432,6 +442,28 @@ class Server:
             log.warning("forced_exit")
             os._exit(1)
         self._stop.set()
+
+    def _on_reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can change while serving
+        (model aliases, limits, log level); an invalid file leaves everything as it was."""
+        if self._reload is None:
+            log.warning("config_reload_unavailable")
+            return
+        try:
+            new = self._reload()
+        except Exception as exc:  # ConfigError, or anything else: never fatal here
+            log.error("config_reload_failed", error=str(exc))
+            return
+        new, fixed = settings.keep_restart_only(self.config, new)
+        if fixed:
+            log.warning("config_needs_restart", keys=fixed)
+        changed = settings.changed_keys(self.config, new)
+        self.config = new  # the loop's own limits: read from here by every connection
+        logs.setup(new.log_level, new.log_format)
+        if hasattr(self, "worker"):
+            # Through its inbox: requests submitted after this see the new aliases and limits.
+            self.worker.reconfigure(new)
+        log.info("config_reloaded", changed=changed)
 
     def _worker_died(self, exc: BaseException) -> None:
         # Never keep a socket open that nothing will answer (mlx-lm #1472): fail everything

@@ -112,11 +112,16 @@ class _Preload:
     model: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Reconfigure:
+    config: Config
+
+
 class _Stop:
     pass
 
 
-_Command = _Submit | _Cancel | _Preload | _Stop
+_Command = _Submit | _Cancel | _Preload | _Reconfigure | _Stop
 
 
 @dataclass(eq=False)
@@ -149,6 +154,8 @@ class _Batch:
     generator: BatchGenerator | SoloGenerator
     sequences: dict[int, _Sequence] = field(default_factory=dict)  # by the generator's uid
     solo: bool = False
+    config: Config | None = None
+    """The configuration its sizes came from: rebuilt, once empty, after a reload."""
 
 
 @dataclass(eq=False)
@@ -284,6 +291,10 @@ class Worker:
     def cancel(self, sink: Any) -> None:
         self._inbox.put(_Cancel(sink))
 
+    def reconfigure(self, config: Config) -> None:
+        """Use ``config`` (a SIGHUP reload) for every command queued after this one."""
+        self._inbox.put(_Reconfigure(config))
+
     def stop(self) -> None:
         self._inbox.put(_Stop())
 
@@ -362,10 +373,17 @@ class Worker:
                 waiting.model.active -= 1
                 events.append((waiting.sink, _cancelled_before_start(waiting)))
             return
+        if isinstance(command, _Reconfigure):
+            # Between rounds: running sequences go on as they were; the new aliases, limits
+            # and budgets apply from the next request on.
+            self._config = command.config
+            self._models.reconfigure(command.config)
+            self._cache.set_limits(command.config.cache_max_bytes, command.config.cache_max_entries)
+            self._budget.limit = command.config.memory_budget_bytes
+            return
         if isinstance(command, _Preload):
             try:
-                loaded = self._models.get(command.model)
-                log.info("model_loaded", model=loaded.name, bytes=loaded.nbytes)
+                self._models.get(command.model)  # the registry logs the load
             except ModelError as exc:
                 log.error("preload_failed", model=command.model, code=exc.code, error=exc.message)
             return
@@ -483,6 +501,9 @@ class Worker:
             self._batches[loaded.name, True] = batch
             return batch
         batch = self._batches.get((loaded.name, False))
+        if batch is not None and not batch.sequences and batch.config is not self._config:
+            batch.generator.close()  # built before a reload: take the new sizes
+            batch = None
         if batch is None or batch.model is not loaded:
             config = self._config
             generator = BatchGenerator(
@@ -492,7 +513,7 @@ class Worker:
                 prefill_batch_size=min(config.prefill_batch_size, config.max_batch_size),
                 prefill_step_size=config.prefill_step_size,
             )
-            batch = self._batches[loaded.name, False] = _Batch(loaded, generator)
+            batch = self._batches[loaded.name, False] = _Batch(loaded, generator, config=config)
         return batch
 
     def _running(self, loaded: LoadedModel) -> int:

@@ -84,10 +84,12 @@ def start_daemon(
         str(socket.parent / "state"),
         *args,
     ]
+    # An empty configuration file: the developer's own ~/.config/mlxd/config.toml stays out.
+    fd, config = tempfile.mkstemp(prefix="mlxd-config-", suffix=".toml")
+    os.close(fd)
+    env = {**os.environ, "MLXD_CONFIG": config, **(env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     daemon = Daemon(socket, proc, log_path, list(args))
     if wait:
         wait_ready(daemon)
