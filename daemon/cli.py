@@ -190,7 +190,7 @@ def run_server(config: Config) -> int:
     import asyncio
 
     from .server import Server
-    from .transport import AlreadyRunning
+    from .transport import ActivationError, AlreadyRunning
 
     try:
         import uvloop
@@ -203,6 +203,9 @@ def run_server(config: Config) -> int:
         return asyncio.run(server.serve())
     except AlreadyRunning as exc:
         print(f"mlxd: error: already_running: {exc}", file=sys.stderr)
+        return 1
+    except ActivationError as exc:
+        print(f"mlxd: error: activation_failed: {exc}", file=sys.stderr)
         return 1
 
 
