@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-model", help="build the demo model directory and exit")
     demo.add_argument("--out", required=True, help="the directory to write")
     demo.add_argument("--size", choices=["demo", "small", "tiny", "bench"], default="demo")
+
+    from .service import add_parser as add_service_parser
+
+    add_service_parser(commands)
     return parser
 
 
@@ -331,6 +335,12 @@ def demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def service(args: argparse.Namespace) -> int:
+    from .service import run
+
+    return run(args)
+
+
 _COMMANDS = {
     "serve": serve,
     "generate": generate,
@@ -342,6 +352,7 @@ _COMMANDS = {
     "clear-cache": clear_cache,
     "stop": stop,
     "demo-model": demo_model,
+    "service": service,
 }
 
 
