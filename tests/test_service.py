@@ -241,6 +241,33 @@ def test_dry_run_plans_systemctl(tmp_path: Path) -> None:
     assert list(tmp_path.rglob("*")) == []
 
 
+def test_install_reloads_systemd_only_when_a_unit_changed(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "systemctl").write_text('#!/bin/sh\necho "$*" >> "$FAKE_DIR/calls"\n')
+    (fake / "systemctl").chmod(0o755)
+    home = tmp_path / "home"
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path)}
+    calls = tmp_path / "calls"
+
+    def do(*args: str) -> list[str]:
+        calls.write_text("")
+        out = mlxd("service", *args, "--platform", "linux", "--home", str(home), env=env)
+        assert out.returncode == 0, out.stderr
+        return calls.read_text().splitlines()
+
+    assert do("install") == ["--user daemon-reload", "--user enable --now mlxd.socket"]
+    assert do("install") == ["--user enable --now mlxd.socket"]  # nothing changed
+    assert do("stop") == ["--user stop mlxd.socket mlxd.service"]
+    assert do("start") == ["--user start mlxd.socket mlxd.service"]
+    assert do("uninstall") == [
+        "--user disable --now mlxd.socket",
+        "--user stop mlxd.service",
+        "--user daemon-reload",
+    ]
+    assert not (home / ".config" / "systemd" / "user" / "mlxd.socket").exists()
+
+
 def test_the_example_files_are_what_install_writes() -> None:
     mac = service.example_target("macos")
     assert (REPO / "launchd" / "dev.mlxd.plist.example").read_bytes() == service.render_plist(mac)
