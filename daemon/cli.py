@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-model", help="build the demo model directory and exit")
     demo.add_argument("--out", required=True, help="the directory to write")
     demo.add_argument("--size", choices=["demo", "small", "tiny", "bench"], default="demo")
+
+    from .service import add_parser as add_service_parser
+
+    add_service_parser(commands)
     return parser
 
 
@@ -203,7 +207,7 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
     import asyncio
 
     from .server import Server
-    from .transport import AlreadyRunning
+    from .transport import ActivationError, AlreadyRunning
 
     try:
         import uvloop
@@ -216,6 +220,9 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
         return asyncio.run(server.serve())
     except AlreadyRunning as exc:
         print(f"mlxd: error: already_running: {exc}", file=sys.stderr)
+        return 1
+    except ActivationError as exc:
+        print(f"mlxd: error: activation_failed: {exc}", file=sys.stderr)
         return 1
 
 
@@ -365,6 +372,12 @@ def demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def service(args: argparse.Namespace) -> int:
+    from .service import run
+
+    return run(args)
+
+
 _COMMANDS = {
     "serve": serve,
     "config": config_command,
@@ -377,6 +390,7 @@ _COMMANDS = {
     "clear-cache": clear_cache,
     "stop": stop,
     "demo-model": demo_model,
+    "service": service,
 }
 
 

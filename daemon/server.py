@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +50,14 @@ from mlxd.protocol import Encoder as FrameEncoder
 
 from . import __version__, logs, settings
 from .config import Config
-from .transport import SocketLock, bind_unix_socket, peer_uid, prepare_dir
+from .transport import (
+    InheritedSocket,
+    SocketLock,
+    bind_unix_socket,
+    inherited_socket,
+    peer_uid,
+    prepare_dir,
+)
 from .worker import LoopOutbox, Worker, WorkerStats
 
 log = structlog.get_logger("mlxd.server")
@@ -293,6 +301,9 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        inherited = inherited_socket()
+        if inherited is not None:
+            return await self._serve_inherited(inherited, path)
         if not prepare_dir(path.parent):
             log.warning("socket_dir_not_private", dir=str(path.parent))
         lock = SocketLock(path)
@@ -303,6 +314,19 @@ class Server:
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+        finally:
+            lock.release()
+
+    async def _serve_inherited(self, inherited: InheritedSocket, path: Path) -> int:
+        # Socket activation: the file is the service manager's. No bind, chmod or unlink;
+        # but still the lock (one daemon per socket) and, on connect, the peer check.
+        served = inherited.path or path
+        if served != path:
+            log.warning("inherited_socket_elsewhere", socket=str(served), configured=str(path))
+        log.info("socket_inherited", socket=str(served), manager=inherited.manager)
+        lock = SocketLock(served)
+        try:
+            return await self._serve_on(inherited.sock, served)
         finally:
             lock.release()
 
@@ -318,8 +342,10 @@ class Server:
             # Warm the default model so the first request does not pay for loading it.
             self.worker.preload(self.config.default_model_name())
         kwargs: dict[str, Any] = {}
-        if type(loop).__module__.startswith("uvloop"):
-            kwargs["cleanup_socket"] = False  # we unlink our own socket; never uvloop's job
+        if type(loop).__module__.startswith("uvloop") or sys.version_info >= (3, 13):
+            # We unlink our own socket, and never one a service manager lent us: not the
+            # loop's job (uvloop, and asyncio from 3.13, would unlink it on close).
+            kwargs["cleanup_socket"] = False
         server = await asyncio.start_unix_server(self._on_connect, sock=sock, **kwargs)
         log.info("serving", socket=str(path), pid=os.getpid())
         watchdog = loop.create_task(self._watch_worker())

@@ -1,4 +1,10 @@
-"""The Unix socket: creating it safely, and refusing to steal one a live daemon owns.
+"""The Unix socket: creating it safely, refusing to steal one a live daemon owns, or
+adopting the one a service manager made for us (socket activation).
+
+Socket activation: systemd passes listening sockets as fds 3.. with ``LISTEN_FDS`` and
+``LISTEN_PID`` (the ``sd_listen_fds`` protocol); launchd hands them out through
+``launch_activate_socket`` in libSystem, by the name of the plist's ``Sockets`` entry. An
+adopted socket's file belongs to the manager: the daemon never creates, chmods or unlinks it.
 
 Threading: called once from the main thread before the event loop serves.
 """
@@ -6,6 +12,8 @@ Threading: called once from the main thread before the event loop serves.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -14,10 +22,22 @@ import stat
 import struct
 import sys
 from pathlib import Path
+from typing import NamedTuple
+
+import structlog
+
+LAUNCHD_SOCKET_NAME = "Listeners"
+"""The key of the socket in the LaunchAgent plist's ``Sockets`` dictionary."""
+
+SD_LISTEN_FDS_START = 3
 
 
 class AlreadyRunning(RuntimeError):
     pass
+
+
+class ActivationError(RuntimeError):
+    """The service manager said it passed a socket, but what it passed cannot be served."""
 
 
 class SocketLock:
@@ -130,3 +150,101 @@ def bind_unix_socket(path: Path) -> socket.socket:
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+class InheritedSocket(NamedTuple):
+    sock: socket.socket
+    path: Path | None
+    """The file the socket is bound to; None for an unnamed or abstract socket."""
+    manager: str
+    """``systemd`` or ``launchd``."""
+
+
+def inherited_socket(launchd_name: str = LAUNCHD_SOCKET_NAME) -> InheritedSocket | None:
+    """The listening socket a service manager passed to this process, or None.
+
+    Looks for systemd's ``LISTEN_FDS`` first (any platform), then, on macOS, asks launchd.
+    """
+    fd = _systemd_listen_fd()
+    if fd is not None:
+        return _adopt(fd, "systemd")
+    if sys.platform == "darwin":
+        fd = _launchd_listen_fd(launchd_name)
+        if fd is not None:
+            return _adopt(fd, "launchd")
+    return None
+
+
+def _systemd_listen_fd() -> int | None:
+    """``sd_listen_fds(unset_environment=1)``: the first passed fd, if the fds are ours."""
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    # Unset in every case, as sd_listen_fds does: the variables describe one process only,
+    # and a child of ours must never think the fds are meant for it.
+    if pid is None or count is None:
+        return None
+    try:
+        if int(pid) != os.getpid():
+            return None  # meant for the process that exec'd us, not for us
+        n = int(count)
+    except ValueError as exc:
+        raise ActivationError(f"LISTEN_PID={pid!r} LISTEN_FDS={count!r}: not numbers") from exc
+    if n < 1:
+        return None
+    if n > 1:
+        # mlxd listens on one socket; the extra fds stay open but unused.
+        structlog.get_logger("mlxd.transport").warning("extra_listen_fds", count=n)
+    return SD_LISTEN_FDS_START
+
+
+def _launchd_listen_fd(name: str) -> int | None:
+    """``launch_activate_socket(name, &fds, &count)``: 0 on success, else an errno."""
+    path = ctypes.util.find_library("System") or "/usr/lib/libSystem.B.dylib"
+    libsystem = ctypes.CDLL(path, use_errno=True)
+    activate = libsystem.launch_activate_socket
+    activate.argtypes = [
+        ctypes.c_char_p,
+        ctypes.POINTER(ctypes.POINTER(ctypes.c_int)),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    activate.restype = ctypes.c_int
+    fds = ctypes.POINTER(ctypes.c_int)()
+    count = ctypes.c_size_t(0)
+    err = activate(name.encode(), ctypes.byref(fds), ctypes.byref(count))
+    if err in (errno.ESRCH, errno.ENOENT):
+        # ESRCH: not started by launchd (a terminal); ENOENT: no socket of that name.
+        return None
+    if err:
+        raise ActivationError(f"launch_activate_socket({name!r}): {os.strerror(err)}")
+    try:
+        got = [fds[i] for i in range(count.value)]
+    finally:
+        libsystem.free.argtypes = [ctypes.c_void_p]
+        libsystem.free(fds)  # the array is malloc'd for us; the fds are ours to keep
+    if not got:
+        return None
+    for extra in got[1:]:
+        os.close(extra)  # a Unix path yields one fd; anything more we would never serve
+    return got[0]
+
+
+def _adopt(fd: int, manager: str) -> InheritedSocket:
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ActivationError(f"{manager} passed fd {fd}, which is not a socket: {exc}") from exc
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ActivationError(f"{manager} passed fd {fd}, which is not a Unix stream socket")
+    os.set_inheritable(fd, False)
+    if hasattr(socket, "SO_ACCEPTCONN") and not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        sock.listen(128)  # bound but not yet listening (a hand-made socket): finish the job
+    sock.setblocking(False)
+    name = sock.getsockname()
+    if isinstance(name, bytes):
+        name = name.decode(errors="surrogateescape")
+    path = Path(name) if name and not name.startswith("\0") else None
+    return InheritedSocket(sock, path, manager)
