@@ -28,6 +28,7 @@ LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 KeepAlive = Annotated[float, Meta(ge=-1.0, le=10.0 * 365 * 86400)]
 
 FinishReason = Literal["stop", "length", "cancelled"]
+FimMode = Literal["tokens", "prefix_only"]
 
 
 class _Message(Struct, tag_field="type", omit_defaults=True, kw_only=True):
@@ -75,6 +76,9 @@ class Generate(_Message, tag="generate"):
     """Use and update the prompt cache; false bypasses it for this request."""
     supersedes: RequestId | None = None
     """Cancel this earlier request of the same connection first (the last keystroke's)."""
+    suffix: str | None = None
+    """Fill in the middle: ``prompt`` is the text before the cursor, this the text after it.
+    Uses the model's FIM tokens when it has them, else drops the suffix (``done.fim`` says)."""
 
 
 class Cancel(_Message, tag="cancel"):
@@ -249,6 +253,9 @@ class Done(_Message, tag="done"):
     usage: Usage | None = None
     timings: Timings | None = None
     cache: CacheUse | None = None
+    fim: FimMode | None = None
+    """A generate with ``suffix``: ``tokens`` (the model's FIM tokens framed prefix and
+    suffix) or ``prefix_only`` (the model has none: the suffix was dropped)."""
     model: ModelInfo | None = None
     """``load``: the model now resident; ``generate``: not set (see the request's model)."""
     models: list[ModelInfo] | None = None
@@ -280,6 +287,7 @@ __all__ = [
     "ClearCache",
     "Done",
     "Error",
+    "FimMode",
     "FinishReason",
     "Generate",
     "GetHealth",
