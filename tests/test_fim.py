@@ -10,27 +10,10 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, short_tmpdir, start_daemon
-from helpers import RawConn, _load, reference
+from helpers import RawConn, fim_tokens, reference
 
 PREFIX = "def add(a, b):\n    "
 SUFFIX = "\n    return total\n"
-
-
-def fim_tokens(model_dir: Path, prefix: str, suffix: str) -> list[int]:
-    """The FIM prompt assembled here, independently of the daemon: PSM order, no BOS (the
-    tiny tokenizer adds none to plain prompts)."""
-    _, tokenizer = _load(str(model_dir))
-    pre, suf, mid = tokenizer.convert_tokens_to_ids(
-        ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
-    )
-    assert tokenizer.encode("", add_special_tokens=True) == []
-    return [
-        pre,
-        *tokenizer.encode(prefix, add_special_tokens=False),
-        suf,
-        *tokenizer.encode(suffix, add_special_tokens=False),
-        mid,
-    ]
 
 
 def test_fim_uses_the_models_fim_tokens(daemon: Daemon, tiny_model: Path) -> None:
