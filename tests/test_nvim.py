@@ -143,5 +143,7 @@ def test_nvim_plugin_completes_cancels_chats_and_survives_a_restart(
     assert two["state"] == "ready"
     assert any("connected" in n["msg"] for n in two["notes"][len(down["notes"]) :])
     assert two["suffix"] != "" and two["fim"] == "tokens"
-    text, _ = reference(tiny_model, fim_tokens(tiny_model, two["prefix"], two["suffix"]), MAX_TOKENS)
+    text, _ = reference(
+        tiny_model, fim_tokens(tiny_model, two["prefix"], two["suffix"]), MAX_TOKENS
+    )
     assert two["suggestion"] == text

@@ -49,4 +49,4 @@ def test_vscode_client_and_provider_against_the_daemon(daemon: Daemon, tiny_mode
         timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "# pass 4" in run.stdout and "# fail 0" in run.stdout, run.stdout
+    assert "# pass 5" in run.stdout and "# fail 0" in run.stdout, run.stdout

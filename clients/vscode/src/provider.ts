@@ -60,8 +60,8 @@ export class InlineProvider {
     if (s.debounceMs > 0) await sleep(s.debounceMs);
     if (token.isCancellationRequested) return undefined;
     const text = doc.getText();
-    const prefix = cut(text.slice(0, offset), s.maxPrefixChars, true);
-    const suffix = cut(text.slice(offset), s.maxSuffixChars, false);
+    const prefix = text.slice(prefixStart(text, offset, s.maxPrefixChars), offset);
+    const suffix = headOf(text.slice(offset), s.maxSuffixChars);
     const message: Record<string, unknown> = {
       type: "generate",
       prompt: prefix,
@@ -99,15 +99,23 @@ export class InlineProvider {
   }
 }
 
-/** At most `max` characters of `text`, from its end (`fromEnd`) or its start, whole lines
- * where it is cut, and never half of a surrogate pair (MessagePack strings are UTF-8). */
-function cut(text: string, max: number, fromEnd: boolean): string {
+/** Where the prompt starts: the file's start, or the start of a line after a point that
+ * moves in steps of a quarter of `max` (not with every keystroke), so that successive
+ * prompts share their start and the daemon's prompt cache serves it. */
+export function prefixStart(text: string, offset: number, max: number): number {
+  if (offset <= max) return 0;
+  const step = Math.max(1, Math.floor(max / 4));
+  const from = Math.floor((offset - max) / step) * step;
+  const nl = text.indexOf("\n", from);
+  if (nl >= 0 && nl < offset) return nl + 1;
+  // One huge line: cut inside it, but never between the halves of a surrogate pair.
+  return /[\uDC00-\uDFFF]/.test(text[from] ?? "") ? from + 1 : from;
+}
+
+/** At most `max` characters from the start of `text`, cut at a line end when it has one,
+ * never between the halves of a surrogate pair (MessagePack strings are UTF-8). */
+function headOf(text: string, max: number): string {
   if (text.length <= max) return text;
-  if (fromEnd) {
-    const part = text.slice(text.length - max);
-    const nl = part.indexOf("\n");
-    return nl >= 0 ? part.slice(nl + 1) : part.replace(/^[\uDC00-\uDFFF]/, "");
-  }
   const part = text.slice(0, max);
   const nl = part.lastIndexOf("\n");
   return nl >= 0 ? part.slice(0, nl) : part.replace(/[\uD800-\uDBFF]$/, "");

@@ -4,7 +4,7 @@
 import { strict as assert } from "node:assert";
 import { test } from "node:test";
 import { Client, Message } from "../src/client";
-import { InlineProvider, Token, defaultSettings } from "../src/provider";
+import { InlineProvider, Token, defaultSettings, prefixStart } from "../src/provider";
 
 const socket = process.env.MLXD_SOCKET!;
 const expect = JSON.parse(process.env.MLXD_VSCODE_EXPECT ?? "{}");
@@ -103,4 +103,15 @@ test("no daemon: requests fail at once, and the state changes only once", async 
   for (const end of [...ends, again]) assert.equal(end.type, "error");
   assert.equal(again.code, "daemon_unavailable");
   assert.deepEqual(states, ["down"]);
+});
+
+test("the prompt's start moves in steps, not with each keystroke", () => {
+  const text = "line\n".repeat(1000);
+  const starts = new Set<number>();
+  for (let offset = 3000; offset < 3100; offset++) starts.add(prefixStart(text, offset, 1000));
+  assert.equal(starts.size, 1);
+  const [start] = starts;
+  assert.equal(text[start - 1], "\n");
+  assert.ok(3000 - start <= 1250 && 3100 - start >= 1000);
+  assert.equal(prefixStart(text, 500, 1000), 0);
 });

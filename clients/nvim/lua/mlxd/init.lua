@@ -20,8 +20,8 @@ M.defaults = {
   stop = { "\n\n" },
   keep_alive = nil,
   fim = true, -- send the text after the cursor too (fill in the middle)
-  max_prefix_lines = 200,
-  max_suffix_lines = 50,
+  max_prefix_lines = 200, -- up to a quarter more: the window's start moves in steps
+  max_suffix_lines = 30, -- processed anew on each keystroke (it follows the prefix)
   accept_key = "<Tab>", -- accepts a shown suggestion, else types itself
   dismiss_key = "<C-]>",
   filetypes = { ["*"] = true }, -- e.g. { markdown = false }; buffers with a buftype are skipped

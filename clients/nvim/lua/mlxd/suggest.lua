@@ -90,10 +90,13 @@ local function render(ctx)
   vim.api.nvim_buf_set_extmark(ctx.buf, ns, ctx.row, ctx.col, opts)
 end
 
---- The text around the cursor: (prefix, suffix), whole lines at most the configured counts.
+--- The text around the cursor: (prefix, suffix). The prefix starts at a whole line that
+--- moves in steps of a quarter of `max_prefix_lines`, not with every new line, so that
+--- successive prompts share their start and the daemon's prompt cache serves it.
 local function surroundings(ctx)
   local cfg = S.config
-  local first = math.max(0, ctx.row - cfg.max_prefix_lines)
+  local step = math.max(1, math.floor(cfg.max_prefix_lines / 4))
+  local first = math.floor(math.max(0, ctx.row - cfg.max_prefix_lines) / step) * step
   local last = ctx.row + 1 + cfg.max_suffix_lines
   local lines = vim.api.nvim_buf_get_lines(ctx.buf, first, last, false)
   local at = ctx.row - first + 1
