@@ -84,12 +84,15 @@ export class Client {
     socket.on("close", () => lost("the daemon closed the connection"));
   }
 
-  /** Close; every request in flight ends with a `connection_closed` error. */
+  /** Close; every request in flight ends with an error. */
   close(): void {
     this.drop("closed by the editor", true);
   }
 
+  /** Every request in flight ends with an error: `daemon_unavailable` if the handshake never
+   * finished, else `connection_closed`. */
   private drop(reason: string, quiet = false): void {
+    const code = this.state === "ready" ? "connection_closed" : "daemon_unavailable";
     const socket = this.socket;
     this.socket = undefined;
     this.welcome = undefined;
@@ -102,7 +105,7 @@ export class Client {
     this.lastError = reason;
     if (!quiet && was !== "down") this.onState("down", reason);
     for (const [id, handlers] of pending) {
-      handlers.onEnd?.({ type: "error", id, code: "connection_closed", message: reason });
+      handlers.onEnd?.({ type: "error", id, code, message: reason });
     }
   }
 

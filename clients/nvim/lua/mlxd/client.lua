@@ -143,8 +143,10 @@ function Client:_write(bytes)
   end)
 end
 
---- Drop the connection; every request in flight ends with a `connection_closed` error.
+--- Drop the connection; every request in flight ends with an error: `daemon_unavailable`
+--- if the handshake never finished, else `connection_closed`.
 function Client:_close(reason, quiet)
+  local code = self.state == "ready" and "connection_closed" or "daemon_unavailable"
   local pipe = self.pipe
   self.pipe = nil
   self.welcome = nil
@@ -161,7 +163,7 @@ function Client:_close(reason, quiet)
   end
   for id, handlers in pairs(pending) do
     if handlers.on_end then
-      handlers.on_end({ type = "error", id = id, code = "connection_closed", message = reason })
+      handlers.on_end({ type = "error", id = id, code = code, message = reason })
     end
   end
 end
