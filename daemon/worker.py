@@ -182,6 +182,50 @@ class _Sequence:
     eos: frozenset[int] = field(default_factory=frozenset)
 
 
+# Fill-in-the-middle token names, each in prefix-suffix-middle (PSM) order: Qwen2.5-Coder
+# and the demo models; StarCoder; DeepSeek-Coder (its "hole" marks the suffix's place).
+FIM_TOKENS = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>", "<\uff5cfim\u2581end\uff5c>"),
+)
+
+
+def _fim_ids(tokenizer: Any) -> tuple[int, int, int] | None:
+    """The ids of the model's FIM tokens, or None when its vocabulary has none."""
+    for names in FIM_TOKENS:
+        ids = tokenizer.convert_tokens_to_ids(list(names))
+        # An unknown name maps to None or to the unk token, which converts back to another name.
+        if all(isinstance(i, int) for i in ids) and tokenizer.convert_ids_to_tokens(ids) == list(
+            names
+        ):
+            return ids[0], ids[1], ids[2]
+    return None
+
+
+def _fim_prompt(tokenizer: Any, fim: tuple[int, int, int], prefix: str, suffix: str) -> list[int]:
+    """``[BOS] <prefix-token> prefix <suffix-token> suffix <middle-token>``: BOS only if the
+    tokenizer adds one to plain prompts; each text part encoded without special tokens."""
+    specials = tokenizer.encode("", add_special_tokens=True)
+    bos = tokenizer.bos_token_id
+    lead = specials[:1] if specials and bos is not None and specials[0] == bos else []
+    pre, suf, mid = fim
+    return [
+        *lead,
+        pre,
+        *tokenizer.encode(prefix, add_special_tokens=False),
+        suf,
+        *tokenizer.encode(suffix, add_special_tokens=False),
+        mid,
+    ]
+
+
+def _fim_mode(req: Generate, loaded: LoadedModel) -> str | None:
+    if req.suffix is None:
+        return None
+    return "tokens" if _fim_ids(loaded.tokenizer) is not None else "prefix_only"
+
+
 def _pin_until(warm: Warm) -> float:
     if not warm.pin:
         return 0.0
@@ -193,6 +237,7 @@ def _cancelled_before_start(waiting: _Waiting) -> Done:
     return Done(
         id=waiting.request.id,
         finish_reason="cancelled",
+        fim=_fim_mode(waiting.request, waiting.model),  # type: ignore[arg-type]
         usage=Usage(prompt_tokens=len(waiting.prompt), cached_tokens=0, completion_tokens=0),
         timings=Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0),
     )
@@ -555,6 +600,8 @@ class Worker:
         given = [x is not None for x in (req.prompt, req.messages, req.tokens)]
         if sum(given) != 1:
             raise InvalidField("$.prompt", "give exactly one of prompt, messages or tokens")
+        if req.suffix is not None and req.prompt is None:
+            raise InvalidField("$.suffix", "suffix goes with prompt (the text before the cursor)")
         if req.tokens is not None:
             bad = [t for t in req.tokens if t >= loaded.vocab_size]
             if bad:
@@ -571,7 +618,10 @@ class Worker:
                 )
             except Exception as exc:  # a template may refuse roles or orders (raise_exception)
                 raise InvalidField("$.messages", f"the chat template refused them: {exc}") from exc
+        elif req.suffix is not None and (fim := _fim_ids(tokenizer)) is not None:
+            tokens = _fim_prompt(tokenizer, fim, req.prompt or "", req.suffix)
         else:
+            # Without FIM tokens a suffix is dropped: the prefix alone (done.fim says so).
             prompt = req.prompt or ""
             # As mlx-lm's stream_generate does: add BOS unless the text already starts with it.
             bos = tokenizer.bos_token
@@ -835,6 +885,7 @@ class Worker:
                         else 0.0,
                     ),
                     cache=seq.cache_use,
+                    fim=_fim_mode(seq.request, seq.model),  # type: ignore[arg-type]
                 ),
             )
         )

@@ -29,6 +29,7 @@ KeepAlive = Annotated[float, Meta(ge=-1.0, le=10.0 * 365 * 86400)]
 
 FinishReason = Literal["stop", "length", "cancelled"]
 Priority = Literal["interactive", "background"]
+FimMode = Literal["tokens", "prefix_only"]
 
 
 class _Message(Struct, tag_field="type", omit_defaults=True, kw_only=True):
@@ -79,6 +80,9 @@ class Generate(_Message, tag="generate"):
     priority: Priority = "interactive"
     """``background`` work (bulk jobs) waits behind ``interactive`` requests for a place in
     the batch and for prefill, until it has waited the daemon's aging time."""
+    suffix: str | None = None
+    """Fill in the middle: ``prompt`` is the text before the cursor, this the text after it.
+    Uses the model's FIM tokens when it has them, else drops the suffix (``done.fim`` says)."""
 
 
 class Warm(_Message, tag="warm"):
@@ -310,6 +314,9 @@ class Done(_Message, tag="done"):
     usage: Usage | None = None
     timings: Timings | None = None
     cache: CacheUse | None = None
+    fim: FimMode | None = None
+    """A generate with ``suffix``: ``tokens`` (the model's FIM tokens framed prefix and
+    suffix) or ``prefix_only`` (the model has none: the suffix was dropped)."""
     model: ModelInfo | None = None
     """``load``: the model now resident; ``generate``: not set (see the request's model)."""
     models: list[ModelInfo] | None = None
@@ -341,6 +348,7 @@ __all__ = [
     "ClearCache",
     "Done",
     "Error",
+    "FimMode",
     "FinishReason",
     "Generate",
     "GetHealth",

@@ -42,6 +42,23 @@ def chat_tokens(model_dir: Path, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
+def fim_tokens(model_dir: Path, prefix: str, suffix: str) -> list[int]:
+    """A FIM prompt for a demo model, assembled independently of the daemon: PSM order, no
+    BOS (the demo tokenizers add none to plain prompts)."""
+    _, tokenizer = _load(str(model_dir))
+    pre, suf, mid = tokenizer.convert_tokens_to_ids(
+        ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    )
+    assert tokenizer.encode("", add_special_tokens=True) == []
+    return [
+        pre,
+        *tokenizer.encode(prefix, add_special_tokens=False),
+        suf,
+        *tokenizer.encode(suffix, add_special_tokens=False),
+        mid,
+    ]
+
+
 class RawConn:
     """A protocol connection with nothing hidden: frames go out as given."""
 

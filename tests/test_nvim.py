@@ -1,0 +1,149 @@
+"""The Neovim plugin (clients/nvim) in a real `nvim --headless`, against a real daemon.
+
+tests/nvim/driver.lua types into a buffer key by key; this test checks what it saw against
+mlx-lm's own greedy output and the daemon's counters, and stops and restarts the daemon
+under it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, short_tmpdir, start_daemon
+from helpers import fim_tokens, reference
+
+ROOT = Path(__file__).resolve().parent.parent
+NVIM = shutil.which("nvim")
+MAX_TOKENS = 200  # long enough to be still streaming when the next key supersedes it
+
+pytestmark = pytest.mark.skipif(
+    NVIM is None, reason="nvim is not installed (.ci/run installs Debian's neovim package)"
+)
+
+
+def wait_file(path: Path, nvim: subprocess.Popen[bytes], errors: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if errors.exists():
+            pytest.fail(f"the driver failed: {json.loads(errors.read_text())['error']}")
+        if nvim.poll() is not None:
+            pytest.fail(f"nvim exited ({nvim.returncode}) before {path.name}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {path.name}")
+        time.sleep(0.02)
+
+
+def test_nvim_plugin_completes_cancels_chats_and_survives_a_restart(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    folder = short_tmpdir()
+    sock = folder / "mlxd.sock"
+    daemon: Daemon | None = start_daemon(sock, "--model", f"tiny={tiny_model}")
+    sync, results = tmp_path / "sync", tmp_path / "results"
+    sync.mkdir()
+    results.mkdir()
+    config = {
+        "plugin": str(ROOT / "clients" / "nvim"),
+        "socket": str(sock),
+        "sync": str(sync),
+        "results": str(results),
+        "lines": ["import os", "", "def main():", "    "],
+        "text": "print(os.getcwd())",
+        "interval_ms": 120,
+        "max_tokens": MAX_TOKENS,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = {
+        **os.environ,
+        "MLXD_NVIM_TEST": str(tmp_path / "config.json"),
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
+    driver = ROOT / "tests" / "nvim" / "driver.lua"
+    assert NVIM is not None
+    nvim = subprocess.Popen(
+        [NVIM, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {driver}"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    errors = results / "error.json"
+    try:
+        wait_file(sync / "ready_for_restart", nvim, errors, 90)
+        one = json.loads((results / "phase1.json").read_text())
+        with daemon.client() as client:
+            stats = client.stats()
+
+        # The last completion, streamed into virtual text, is mlx-lm's greedy output.
+        text, _ = reference(tiny_model, one["prefix"], MAX_TOKENS)
+        assert one["suffix"] == ""  # typed at the end: a plain prompt
+        assert one["prefix"].endswith("    " + config["text"])
+        assert one["suggestion"] == text
+        assert one["shown"] == text and one["extmarks"] == 1
+        assert one["after_accept"] == one["prefix"] + text  # <Tab> inserted it
+
+        # Each key's request superseded the one before, and the daemon cancelled those.
+        plugin = one["stats"]
+        assert plugin["failed"] == 0
+        assert plugin["cancelled"] >= 1
+        assert stats.requests_cancelled == plugin["cancelled"]
+        assert plugin["completed"] + plugin["cancelled"] == plugin["requests"]
+
+        # The chat buffer holds the daemon's reply to the conversation.
+        with daemon.client() as client:
+            chat = client.chat([{"role": "user", "content": one["chat_prompt"]}], max_tokens=48)
+        assert one["chat_reply"] == chat.text
+        assert "mlxd models:" in one["messages"] and "tiny" in one["messages"]
+        assert "mlxd: ready" in one["messages"]
+
+        latencies = one["latencies_ms"]
+        assert len(latencies) == one["keystrokes"]
+        print(
+            f"\nnvim typing session: {one['keystrokes']} keystrokes, keystroke to first "
+            f"virtual-text character median {statistics.median(latencies):.1f} ms "
+            f"(min {min(latencies):.1f}, max {max(latencies):.1f}; debounce 30 ms); "
+            f"requests {plugin['requests']}: {plugin['completed']} completed, "
+            f"{plugin['cancelled']} cancelled (daemon: {stats.requests_cancelled} cancelled)"
+        )
+
+        # The daemon stops: the plugin says so once, however many keys are typed.
+        assert daemon.stop() == 0
+        daemon = None
+        (sync / "stopped").touch()
+        wait_file(sync / "down_checked", nvim, errors, 30)
+        daemon = start_daemon(sock, "--model", f"tiny={tiny_model}")
+        (sync / "restarted").touch()
+        assert nvim.wait(60) == 0
+        if errors.exists():
+            pytest.fail(f"the driver failed: {json.loads(errors.read_text())['error']}")
+        two = json.loads((results / "phase2.json").read_text())
+    finally:
+        if nvim.poll() is None:
+            nvim.kill()
+            nvim.wait()
+        if daemon is not None:
+            daemon.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    down = two["down"]
+    warnings = [n for n in down["notes"] if n["level"] >= 3]  # vim.log.levels.WARN
+    assert len(warnings) == 1, down["notes"]
+    assert down["state"] == "down" and down["failed"] >= 1
+    # After the restart it reconnected (one "connected" note) and completed, mid-buffer:
+    # fill in the middle, equal to mlx-lm's output for the same FIM tokens.
+    assert two["state"] == "ready"
+    assert any("connected" in n["msg"] for n in two["notes"][len(down["notes"]) :])
+    assert two["suffix"] != "" and two["fim"] == "tokens"
+    text, _ = reference(
+        tiny_model, fim_tokens(tiny_model, two["prefix"], two["suffix"]), MAX_TOKENS
+    )
+    assert two["suggestion"] == text
