@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-root", action="store_true", default=None, help="accept root's connections too"
     )
     serve.add_argument(
+        "--memory-headroom", type=float, help="budget fraction kept for MLX's temporaries (0.1)"
+    )
+    serve.add_argument(
         "--pin-model", action="append", help="keep this model resident once loaded (repeatable)"
     )
     serve.add_argument(

@@ -8,6 +8,10 @@ model's context), so it can never grow past what was set aside for it. MLX's own
 (``mx.get_active_memory``/``get_peak_memory``) are reported next to the accounting: they
 also count the temporaries of the step in progress.
 
+The accounting does not see MLX's transient buffers (a step's activations, a prefill
+chunk's attention scores), so it keeps to ``limit`` less a headroom (``memory_headroom``,
+10% by default): MLX's measured peak then stays under the budget itself.
+
 When something new needs room (a model to load, a sequence to admit, an entry to cache)
 the policy frees, in this order and only as much as needed: prompt-cache entries, least
 recently used first (never a pinned one); then idle models, least recently used first
@@ -40,6 +44,7 @@ log = structlog.get_logger("mlxd.memory")
 @dataclass
 class MemoryBudget:
     limit: int
+    headroom: float
     cache: PromptCache
     models: ModelRegistry
     live_kv: Callable[[], dict[str, int]]
@@ -65,8 +70,13 @@ class MemoryBudget:
     def note(self) -> None:
         self.peak_used = max(self.peak_used, self.used())
 
+    @property
+    def usable(self) -> int:
+        """What the accounting may fill: the limit less the transient buffers' headroom."""
+        return int(self.limit * (1.0 - self.headroom))
+
     def fits(self, needed: int) -> bool:
-        return self.used() + needed <= self.limit
+        return self.used() + needed <= self.usable
 
     # ------------------------------------------------------------------ the policy
 
@@ -80,7 +90,7 @@ class MemoryBudget:
         not cost a model its residency)."""
         if self.fits(needed):
             return True
-        over = self.used() + needed - self.limit
+        over = self.used() + needed - self.usable
         freed = self.cache.evict_bytes(over)
         if freed:
             self.evicted_entries += freed
@@ -106,6 +116,7 @@ class MemoryBudget:
         names = sorted(set(live) | set(cached) | set(weights))
         stats = MemoryStats(
             budget_bytes=self.limit,
+            usable_bytes=self.usable,
             used_bytes=self.used(),
             peak_used_bytes=max(self.peak_used, self.used()),
             weights_bytes=sum(weights.values()),

@@ -99,6 +99,8 @@ class FileSchema(_Strict):
     default_model: str | None = None
     memory_budget: Size | None = None
     keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None
+    memory_headroom: Annotated[float, msgspec.Meta(ge=0, lt=1)] | None = None
+    """Fraction of the memory budget left to MLX's transient buffers."""
     pinned_models: list[str] | None = None
     """Models never unloaded once loaded (keep-alive forever, never evicted for room)."""
     background_aging: Annotated[float, msgspec.Meta(ge=0)] | None = None
@@ -148,6 +150,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("default_model", "default_model", "--default-model"),
     Setting("memory_budget", "memory_budget_bytes", "--memory-budget", size=True),
     Setting("keep_alive", "keep_alive_s", "--keep-alive"),
+    Setting("memory_headroom", "memory_headroom", "--memory-headroom"),
     Setting("pinned_models", "pinned_models", "--pin-model"),
     Setting("background_aging", "background_aging_s", "--background-aging"),
     Setting("shutdown_grace", "shutdown_grace_s", "--shutdown-grace"),

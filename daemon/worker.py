@@ -307,7 +307,11 @@ class Worker:
         )
         self._active: dict[Any, _Sequence] = {}  # by sink
         self._budget = MemoryBudget(
-            config.memory_budget_bytes, self._cache, self._models, self._live_kv
+            config.memory_budget_bytes,
+            config.memory_headroom,
+            self._cache,
+            self._models,
+            self._live_kv,
         )
         # By (model name, solo?), in turn order: each model has at most one BatchGenerator
         # and one SoloGenerator running at a time.
@@ -425,6 +429,7 @@ class Worker:
             self._models.reconfigure(command.config)
             self._cache.set_limits(command.config.cache_max_bytes, command.config.cache_max_entries)
             self._budget.limit = command.config.memory_budget_bytes
+            self._budget.headroom = command.config.memory_headroom
             return
         if isinstance(command, _Preload):
             try:
@@ -656,12 +661,13 @@ class Worker:
         tokens = self._prompt(req, loaded, warm=warm is not None)
         reserve = self._reservation(loaded, tokens, req.max_tokens)
         alone = loaded.nbytes + reserve
-        if alone > self._budget.limit:
+        if alone > self._budget.usable:
             raise RequestError(
                 errors.INSUFFICIENT_MEMORY,
                 f"this request's KV state ({reserve} bytes for {len(tokens)} prompt tokens "
-                f"and max_tokens {req.max_tokens}) does not fit the memory budget of "
-                f"{self._budget.limit} bytes beside the model's weights, even alone",
+                f"and max_tokens {req.max_tokens}) does not fit the memory budget "
+                f"({self._budget.usable} bytes usable of {self._budget.limit}) beside the "
+                "model's weights, even alone",
             )
         sampler, processors = make_sampling(req, loaded.vocab_size)
         free = max(0, self._config.max_batch_size - self._running(loaded))
@@ -718,7 +724,7 @@ class Worker:
             waiting.model.active -= 1
             message = (
                 f"{waiting.reserve} bytes of KV state do not fit the memory budget of "
-                f"{self._budget.limit} beside the resident weights and pinned cache entries"
+                f"{self._budget.usable} usable beside the resident weights and pinned cache entries"
             )
             events.append(
                 (

@@ -240,6 +240,9 @@ class MemoryStats(Struct, kw_only=True):
     and what MLX itself reports (which also counts temporaries of the step in progress)."""
 
     budget_bytes: int
+    usable_bytes: int
+    """The budget less the headroom kept for MLX's transient buffers: what the accounted
+    total (``used_bytes``) is held under."""
     used_bytes: int
     peak_used_bytes: int
     weights_bytes: int

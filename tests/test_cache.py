@@ -205,3 +205,30 @@ def test_a_single_token_prompt_is_never_a_hit() -> None:
     cache = PromptCache(max_bytes=10**9)
     cache.insert("m", [5], state_for(1))
     assert cache.fetch("m", [5]).kind == "miss"
+
+
+def test_a_pinned_entry_is_never_handed_out_evicted_or_replaced_until_it_expires() -> None:
+    import math
+    import time
+
+    cache = PromptCache(max_bytes=10**9, max_entries=2)
+    cache.insert("m", [1, 2, 3], state_for(3), pin_until=math.inf)
+    # Fetched: the sequence gets a fork; the pin stays, whole.
+    lookup = cache.fetch("m", [1, 2, 3, 9])
+    assert lookup.kind == "shorter" and lookup.reused == 3
+    assert cache.pinned("m", [1, 2, 3]) and cache_length(lookup.state) == 3
+    extend(lookup.state, 3, 1, marker=100.0)  # the sequence writes on: the pin is untouched
+    # A longer entry on its path does not replace it, as it would an unpinned prefix.
+    cache.insert("m", [1, 2, 3, 9, 10], lookup.state)
+    assert ("m", (1, 2, 3)) in cache.entries()
+    # Eviction, by the entry cap or for the memory budget, passes it over.
+    cache.insert("m", [7, 7, 7], state_for(3))
+    cache.insert("m", [8, 8, 8], state_for(3))
+    assert ("m", (1, 2, 3)) in cache.entries() and len(cache) == 2
+    assert cache.evict_bytes(10**9) == 1
+    assert cache.entries() == [("m", (1, 2, 3))]
+    assert contents(cache.fetch("m", [1, 2, 3, 4]).state) == [0.0, 1.0, 2.0]
+    # An expired pin is an ordinary entry again.
+    cache.insert("m", [1, 2, 3], state_for(3), pin_until=time.time() - 1)
+    assert not cache.pinned("m", [1, 2, 3])
+    assert cache.evict_bytes(1) == 1 and len(cache) == 0

@@ -1,0 +1,264 @@
+"""One memory budget, pinned and warmed prefixes, next-turn cache keys and lanes (issue 8),
+each through a real daemon on a real socket."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Daemon, short_tmpdir, start_daemon
+from helpers import RawConn, _load, chat_tokens, reference
+
+from mlxd.client import MlxdError
+
+TINY_WEIGHTS = 410_240  # bytes of the tiny models' weights (bf16)
+TINY_KV_PER_TOKEN = 256  # 2 layers x 2 KV heads x 32 dims x (K, V) x 2 bytes
+
+
+@pytest.fixture(scope="module")
+def tiny_model_c(models_root: Path) -> Path:
+    from mlxd.daemon.demo_model import build_demo_model
+
+    return build_demo_model(models_root / "tiny-c", size="tiny", seed=2)
+
+
+@pytest.fixture(scope="module")
+def demo_model(models_root: Path) -> Path:
+    from mlxd.daemon.demo_model import build_demo_model
+
+    return build_demo_model(models_root / "demo", size="demo", seed=0)
+
+
+def _stop(d: Daemon, base: Path) -> None:
+    try:
+        assert d.stop() == 0, d.log()
+    finally:
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def resident(d: Daemon) -> set[str]:
+    with d.client() as c:
+        return {m.name for m in c.models() if m.resident}
+
+
+def test_one_budget_evicts_the_lru_idle_model_never_a_running_one(
+    tiny_model: Path, tiny_model_b: Path, tiny_model_c: Path
+) -> None:
+    # Just above two models' weights and one sequence's KV, plus the 10% headroom the
+    # accounting leaves to MLX's transient buffers.
+    budget = int((2 * TINY_WEIGHTS + 120_000) / 0.9)
+    base = short_tmpdir()
+    d = start_daemon(
+        base / "mlxd.sock",
+        "--model", f"tiny={tiny_model}", "--model", f"tiny-b={tiny_model_b}",
+        "--model", f"tiny-c={tiny_model_c}", "--memory-budget", str(budget),
+    )  # fmt: skip
+    try:
+        with d.client() as client:
+            assert client.load("tiny").bytes == TINY_WEIGHTS
+            client.load("tiny-b")
+            client.stats(reset_peak=True)
+            # tiny is now the least recently used model, but it is running a sequence.
+            result: dict[str, Any] = {}
+            busy = threading.Thread(
+                target=lambda: result.setdefault(
+                    "done", d.client().generate("count:", model="tiny", max_tokens=400)
+                )
+            )
+            busy.start()
+            while client.stats().active_sequences == 0:
+                pass
+            client.load("tiny-c")
+            assert resident(d) == {"tiny", "tiny-c"}  # tiny-b went, not the busy tiny
+            memory = client.stats().memory
+            assert memory is not None and memory.unloaded_models >= 1
+            prompt_tokens = len(_load(str(tiny_model))[1].encode("count:"))
+            # Set aside at admission: the prompt and all of max_tokens.
+            assert memory.by_model["tiny"].live_kv == (prompt_tokens + 400) * TINY_KV_PER_TOKEN
+            busy.join(60)
+            assert result["done"].tokens == reference(tiny_model, "count:", 400)[1]
+
+            # A run of mixed requests over the three models: loads, unloads and cached
+            # states all come and go under the one budget.
+            refs = {"tiny": tiny_model, "tiny-b": tiny_model_b, "tiny-c": tiny_model_c}
+            for i in range(9):
+                name = ["tiny", "tiny-b", "tiny-c"][i % 3]
+                prompt = f"def mixed_{i}(x):"
+                done = client.generate(prompt, model=name, max_tokens=60)
+                assert done.tokens == reference(refs[name], prompt, 60)[1]
+                assert len(resident(d)) <= 2
+            memory = client.stats().memory
+            assert memory is not None
+            assert memory.peak_used_bytes <= budget  # the accounting
+            assert memory.mlx_peak_bytes <= budget  # what MLX itself measured
+            assert memory.used_bytes == (
+                memory.weights_bytes + memory.live_kv_bytes + memory.cached_kv_bytes
+            )
+            print(
+                f"\nbudget {budget} B: MLX peak {memory.mlx_peak_bytes} B, accounted peak "
+                f"{memory.peak_used_bytes} B, models unloaded {memory.unloaded_models}, "
+                f"cache entries evicted {memory.evicted_entries}"
+            )
+    finally:
+        _stop(d, base)
+
+
+def test_a_request_that_cannot_fit_gets_insufficient_memory(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    d = start_daemon(
+        base / "mlxd.sock", "--model", f"tiny={tiny_model}",
+        "--memory-budget", str(int((TINY_WEIGHTS + 100_000) / 0.9)),
+    )  # fmt: skip
+    try:
+        with d.client() as client:
+            with pytest.raises(MlxdError) as info:
+                client.generate("hi", model="tiny", max_tokens=2000)  # 512 KB of KV
+            assert info.value.code == "insufficient_memory"
+            done = client.generate("hi", model="tiny", max_tokens=100)  # 26 KB: fits
+            assert done.tokens == reference(tiny_model, "hi", 100)[1]
+    finally:
+        _stop(d, base)
+
+
+SYSTEM = "".join(f"# rule {i}: keep the {w} short and clear.\n" for i, w in enumerate("abcdefgh"))
+
+
+def test_a_pinned_prefix_survives_churn_and_a_restart(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    sock = base / "mlxd.sock"
+    args = ("--model", f"tiny={tiny_model}", "--cache-max-bytes", "120K")
+    d = start_daemon(sock, *args)
+    try:
+        with d.client() as client:
+            warmed = client.warm(SYSTEM, model="tiny", pin=True)
+            system_tokens = warmed.usage.prompt_tokens
+            assert warmed.usage.completion_tokens == 0
+            # Churn: more distinct states than the 120 KB cache holds.
+            for i in range(24):
+                client.generate(f"churn {i} " + "x " * 40, model="tiny", max_tokens=40)
+            stats = client.stats()
+            assert stats.cache.evictions > 0
+            assert stats.memory.pinned_kv_bytes > 0
+            prompt = SYSTEM + "def first():"
+            done = client.generate(prompt, model="tiny", max_tokens=20)
+            assert done.done.usage.cached_tokens >= system_tokens - 1
+            assert done.tokens == reference(tiny_model, prompt, 20)[1]
+        assert d.stop() == 0, d.log()
+
+        again = start_daemon(sock, *args)  # same state folder: the pin was saved first
+        with again.client() as client:
+            prompt = SYSTEM + "def second():"
+            done = client.generate(prompt, model="tiny", max_tokens=20)
+            assert done.done.usage.cached_tokens >= system_tokens - 1
+            assert done.tokens == reference(tiny_model, prompt, 20)[1]
+            assert client.stats().memory.pinned_kv_bytes > 0  # still pinned after restart
+        assert again.stop() == 0, again.log()
+    finally:
+        if d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_five_chat_turns_each_reuse_the_whole_previous_conversation(demo_model: Path) -> None:
+    base = short_tmpdir()
+    d = start_daemon(base / "mlxd.sock", "--model", f"demo={demo_model}")
+    try:
+        messages: list[dict[str, str]] = [
+            {"role": "system", "content": "You answer in one line."},
+            {"role": "user", "content": "What does a hash map do?"},
+        ]
+        with d.client() as client:
+            previous: list[int] | None = None
+            for turn in range(5):
+                done = client.chat(messages, model="demo", max_tokens=24)
+                cold = reference(demo_model, chat_tokens(demo_model, messages), 24)[1]
+                assert done.tokens == cold, f"turn {turn + 1} differs from a cold run"
+                if previous is not None:
+                    # The whole previous conversation, its reply and end-of-turn included.
+                    assert done.done.usage.cached_tokens >= len(previous), turn + 1
+                    assert done.done.cache.kind == "shorter"
+                messages.append({"role": "assistant", "content": done.text})
+                previous = _rendered(demo_model, messages)
+                messages.append({"role": "user", "content": f"And question {turn + 2}?"})
+    finally:
+        _stop(d, base)
+
+
+def _rendered(model_dir: Path, messages: list[dict[str, str]]) -> list[int]:
+    _, tokenizer = _load(str(model_dir))
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+
+
+def _frames_until(conn: RawConn, stop: Any) -> list[dict[str, Any]]:
+    frames = []
+    while True:
+        m = conn.recv()
+        frames.append(m)
+        if stop(m, frames):
+            return frames
+
+
+def test_an_interactive_request_goes_ahead_of_background_work(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    d = start_daemon(base / "mlxd.sock", "--model", f"tiny={tiny_model}", "--max-batch-size", "2")
+    try:
+        conn = RawConn(d.socket)
+        for i in range(1, 9):
+            conn.send(
+                {"type": "generate", "id": i, "prompt": f"bulk {i}", "max_tokens": 150,
+                 "priority": "background", "cache": False}
+            )  # fmt: skip
+        conn.send({"type": "generate", "id": 9, "prompt": "now", "max_tokens": 5, "cache": False})
+        frames = _frames_until(conn, lambda m, _: m.get("id") == 9 and m["type"] == "chunk")
+        finished_before = [m["id"] for m in frames if m["type"] == "done"]
+        assert len(finished_before) < 4, finished_before  # before most of the eight
+        done = set(finished_before)
+        tokens: dict[int, list[int]] = {}
+        for m in frames:
+            if m["type"] == "chunk":
+                tokens.setdefault(m["id"], []).extend(m["tokens"])
+        while len(done) < 9:
+            m = conn.recv()
+            if m["type"] == "chunk":
+                tokens.setdefault(m["id"], []).extend(m["tokens"])
+            elif m["type"] == "done":
+                done.add(m["id"])
+            assert m["type"] != "error", m
+        for i in range(1, 9):
+            assert tokens[i] == reference(tiny_model, f"bulk {i}", 150)[1]
+        assert tokens[9] == reference(tiny_model, "now", 5)[1]
+    finally:
+        _stop(d, base)
+
+
+def test_background_work_ages_into_the_interactive_lane(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    d = start_daemon(
+        base / "mlxd.sock", "--model", f"tiny={tiny_model}",
+        "--max-batch-size", "1", "--background-aging", "0.1",
+    )  # fmt: skip
+    try:
+        conn = RawConn(d.socket)
+        conn.send({"type": "generate", "id": 1, "prompt": "a", "max_tokens": 600, "cache": False})
+        conn.send(
+            {"type": "generate", "id": 2, "prompt": "bulk", "max_tokens": 5,
+             "priority": "background", "cache": False}
+        )  # fmt: skip
+        for i in range(3, 8):  # a stream of interactive work that would starve it
+            conn.send(
+                {"type": "generate", "id": i, "prompt": "b", "max_tokens": 600, "cache": False}
+            )
+        frames = _frames_until(conn, lambda m, _: m.get("id") == 2 and m["type"] == "done")
+        finished_before = [m["id"] for m in frames if m["type"] == "done"]
+        assert finished_before[-1] == 2
+        # Aged while the first one ran: it went before the interactive requests behind it.
+        assert len(finished_before) <= 3, finished_before
+        conn.close()
+    finally:
+        _stop(d, base)
