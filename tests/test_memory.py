@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,9 @@ def test_one_budget_evicts_the_lru_idle_model_never_a_running_one(
                 )
             )
             busy.start()
+            deadline = time.monotonic() + 30
             while client.stats().active_sequences == 0:
-                pass
+                assert time.monotonic() < deadline, "the busy request never started"
             client.load("tiny-c")
             assert resident(d) == {"tiny", "tiny-c"}  # tiny-b went, not the busy tiny
             memory = client.stats().memory

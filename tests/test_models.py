@@ -101,11 +101,14 @@ def test_a_load_that_would_exceed_the_budget_is_refused(fresh_daemon: Daemon) ->
         client.load("tiny")
         # tiny is busy, so it cannot make room: tiny-b would take the weights over budget.
         busy = threading.Thread(
-            # 600 tokens of KV (256 B each) fit beside tiny's 410 KB of weights.
-            target=lambda: fresh_daemon.client().generate("x", model="tiny", max_tokens=600)
+            # 400 tokens of KV (256 B each) fit beside tiny's 410 KB of weights, under the
+            # budget less its 10% headroom.
+            target=lambda: fresh_daemon.client().generate("x", model="tiny", max_tokens=400)
         )
         busy.start()
+        deadline = time.monotonic() + 30
         while client.stats().active_sequences == 0:
+            assert time.monotonic() < deadline, "the busy request never started"
             time.sleep(0.01)
         with pytest.raises(MlxdError) as info:
             client.load("tiny-b")

@@ -1,0 +1,261 @@
+"""Memory and lanes: a long mixed run under a tight budget, and interactive time to first
+token with and without background load, side by side in one run.
+
+Two models ("demo": 4 layers x 256, and "small": 4 layers x 128; random weights, built
+locally) share one daemon whose memory budget is tight: both models' weights plus room for
+only part of what the prompt cache would like to keep, so entries are evicted to make room
+as the run goes. Workloads, all greedy, through mlxd's Unix socket:
+
+- interactive: 4 clients, each a 3-turn chat (next turn = history + the reply as received)
+  and editor-style completions (a file prefix growing by a line), alternating models;
+  time to first token (TTFT) measured on the client's side;
+- background: 6 clients sending bulk "summarize" requests (~300-token prompts, 96 tokens
+  out) for as long as the interactive work runs.
+
+Three phases, each the same interactive work: alone; beside background work marked
+``priority: background`` (lanes); beside the same background work left ``interactive``
+(no lanes: what a server without lanes does). The table gives interactive TTFT p50/p99 per
+phase, the prompt cache's hits by kind and tokens reused over the whole run, and the peak
+memory (the daemon's accounting and MLX's own measure) against the budget.
+
+    python bench/memory.py [--rounds 2]
+
+Prints a table and writes bench/results/memory.json. Takes a few minutes on 2 x86 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from servers import revision, stop, wait_mlxd
+
+INTERACTIVE_CLIENTS = 4
+BACKGROUND_CLIENTS = 6
+CHAT_TOKENS = 24
+EDIT_TOKENS = 16
+BULK_TOKENS = 96
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+async def timed(client: Any, **request: Any) -> tuple[float, Any]:
+    """TTFT (client side) and the finished request's done message."""
+    stream = client.stream(**request)
+    sent = time.perf_counter()
+    first = None
+    parts = []
+    async for chunk in stream:
+        if first is None and chunk.tokens:
+            first = time.perf_counter() - sent
+        parts.append(chunk.text)
+    assert first is not None and stream.done is not None
+    return first, ("".join(parts), stream.done)
+
+
+async def interactive_client(sock: Path, index: int, rounds: int) -> list[float]:
+    from mlxd.client import AsyncClient
+
+    ttfts: list[float] = []
+    async with AsyncClient(sock, name=f"interactive-{index}") as client:
+        for r in range(rounds):
+            model = ["demo", "small"][(index + r) % 2]
+            messages = [{"role": "system", "content": "You are terse."}]
+            for turn in range(3):
+                messages.append({"role": "user", "content": f"Client {index}, question {turn}?"})
+                ttft, (text, _) = await timed(
+                    client, messages=messages, model=model, max_tokens=CHAT_TOKENS
+                )
+                ttfts.append(ttft)
+                messages.append({"role": "assistant", "content": text})
+            source = f"# module {index}.{r}\nimport os\n"
+            for line in range(3):
+                source += f"def helper_{line}(path):\n    return os.path.basename(path)\n"
+                ttft, _ = await timed(client, prompt=source, model=model, max_tokens=EDIT_TOKENS)
+                ttfts.append(ttft)
+    return ttfts
+
+
+async def background_client(sock: Path, index: int, priority: str, stop_at: asyncio.Event) -> int:
+    from mlxd.client import AsyncClient
+
+    done = 0
+    async with AsyncClient(sock, name=f"background-{index}") as client:
+        while not stop_at.is_set():
+            body = " ".join(f"record {index}-{done}-{i} shipped late." for i in range(50))
+            await client.generate(
+                f"Summarize: {body}\nSummary:",
+                model="small" if index % 2 else "demo",
+                max_tokens=BULK_TOKENS,
+                priority=priority,
+            )
+            done += 1
+    return done
+
+
+async def phase(sock: Path, rounds: int, background: str | None) -> dict[str, Any]:
+    stop_at = asyncio.Event()
+    bulk = []
+    if background is not None:
+        bulk = [
+            asyncio.create_task(background_client(sock, i, background, stop_at))
+            for i in range(BACKGROUND_CLIENTS)
+        ]
+        await asyncio.sleep(1.0)  # let the background work fill the batches first
+    results = await asyncio.gather(
+        *(interactive_client(sock, i, rounds) for i in range(INTERACTIVE_CLIENTS))
+    )
+    stop_at.set()
+    bulk_done = sum(await asyncio.gather(*bulk))
+    ttfts = [t for r in results for t in r]
+    return {
+        "background": background,
+        "requests": len(ttfts),
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p99_s": percentile(ttfts, 0.99),
+        "background_requests_done": bulk_done,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per interactive client")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.json"))
+    args = parser.parse_args()
+    began = time.perf_counter()
+    measured = revision()
+
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from mlxd.client import Client
+    from mlxd.daemon.demo_model import build_demo_model
+
+    work = Path(tempfile.mkdtemp(prefix="mlxd-bench-memory-", dir="/tmp"))
+    dirs = {n: build_demo_model(work / n, size=n) for n in ("demo", "small")}
+    weights = {}
+    for name, d in dirs.items():
+        model, _ = load(str(d))
+        weights[name] = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        del model
+    # Tight: both models' weights plus 4 MiB for live and cached KV, above the headroom.
+    headroom = 0.1
+    budget = int((sum(weights.values()) + 4 * 2**20) / (1 - headroom))
+    sock = work / "mlxd.sock"
+    cmd = [
+        sys.executable, "-m", "mlxd.daemon", "serve", "--socket", str(sock),
+        "--model", f"demo={dirs['demo']}", "--model", f"small={dirs['small']}",
+        "--memory-budget", str(budget), "--memory-headroom", str(headroom),
+        "--state-dir", str(work / "state"), "--no-cache-persist", "--log-level", "warning",
+    ]  # fmt: skip
+    daemon = subprocess.Popen(cmd)
+    phases = {}
+    try:
+        wait_mlxd(sock, daemon)
+        with Client(sock) as c:
+            for name in dirs:
+                c.load(name)
+            c.stats(reset_peak=True)
+            before = c.stats()
+        for name, background in (
+            ("alone", None),
+            ("with background, lanes", "background"),
+            ("with background, no lanes", "interactive"),
+        ):
+            print(f"phase: {name} ...", flush=True)
+            phases[name] = asyncio.run(phase(sock, args.rounds, background))
+        with Client(sock) as c:
+            after = c.stats()
+    finally:
+        stop(daemon)
+    shutil.rmtree(work, ignore_errors=True)
+
+    hits = {k: after.cache.hits[k] - before.cache.hits.get(k, 0) for k in after.cache.hits}
+    lookups = sum(hits.values())
+    reused = after.cache.tokens_reused - before.cache.tokens_reused
+    processed = after.cache.tokens_processed - before.cache.tokens_processed
+    mem = after.memory
+    result = {
+        "benchmark": "memory",
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlxd_revision": measured,
+        "weights_bytes": weights,
+        "budget_bytes": budget,
+        "headroom": headroom,
+        "phases": phases,
+        "cache_hits": hits,
+        "cache_hit_rate": (lookups - hits.get("miss", 0)) / lookups if lookups else 0.0,
+        "prompt_tokens_reused": reused,
+        "prompt_tokens_processed": processed,
+        "memory": {
+            "peak_used_bytes": mem.peak_used_bytes,
+            "mlx_peak_bytes": mem.mlx_peak_bytes,
+            "evicted_entries": mem.evicted_entries,
+            "unloaded_models": mem.unloaded_models,
+            "cache_evictions": after.cache.evictions - before.cache.evictions,
+        },
+        "run_s": time.perf_counter() - began,
+    }
+    print_table(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def print_table(r: dict[str, Any]) -> None:
+    mib = 2**20
+    print(
+        f"\nmemory: models demo {r['weights_bytes']['demo'] / mib:.1f} MiB + small "
+        f"{r['weights_bytes']['small'] / mib:.1f} MiB; budget {r['budget_bytes'] / mib:.1f} MiB "
+        f"({r['headroom']:.0%} headroom); {r['cpus']} CPUs"
+    )
+    print(f"\n{'interactive TTFT':<30}{'requests':>10}{'p50':>12}{'p99':>12}{'bulk done':>11}")
+    alone = r["phases"]["alone"]
+    for name, p in r["phases"].items():
+        print(
+            f"{name:<30}{p['requests']:>10}{p['ttft_p50_s'] * 1000:>10.1f}ms"
+            f"{p['ttft_p99_s'] * 1000:>10.1f}ms{p['background_requests_done']:>11}"
+            + (
+                f"   p50 {p['ttft_p50_s'] / alone['ttft_p50_s']:.2f}x alone"
+                if p is not alone
+                else ""
+            )
+        )
+    hits = r["cache_hits"]
+    print(
+        "\nprompt cache: "
+        + ", ".join(f"{k} {v}" for k, v in hits.items())
+        + f"; hit rate {r['cache_hit_rate']:.0%}; prompt tokens reused "
+        f"{r['prompt_tokens_reused']} vs computed {r['prompt_tokens_processed']}"
+    )
+    m = r["memory"]
+    print(
+        f"peak memory: accounted {m['peak_used_bytes'] / mib:.2f} MiB, MLX "
+        f"{m['mlx_peak_bytes'] / mib:.2f} MiB, budget {r['budget_bytes'] / mib:.2f} MiB "
+        f"({'under' if m['mlx_peak_bytes'] <= r['budget_bytes'] else 'OVER'}); "
+        f"freed for room: {m['evicted_entries']} cache entries, {m['unloaded_models']} models; "
+        f"cache evictions {m['cache_evictions']}"
+    )
+    print(f"whole run {r['run_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
