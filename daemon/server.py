@@ -54,6 +54,9 @@ from .worker import LoopOutbox, Worker, WorkerStats
 log = structlog.get_logger("mlxd.server")
 
 WRITE_HIGH_WATER = 256 * 1024
+READ_PAUSE_BACKLOG = 1024
+"""Replies queued for a client past which its connection stops reading until they are
+written: a client that sends and never reads cannot make the daemon queue without end."""
 _AT_PATH = re.compile(r"- at `(\$[^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
@@ -107,6 +110,8 @@ class Connection:
             await self.close()
 
     async def _read_frame(self) -> bytes:
+        if len(self._queue) >= READ_PAUSE_BACKLOG and self._flusher is not None:
+            await asyncio.shield(self._flusher)  # until the backlog is written, or the peer gone
         header = await self.reader.readexactly(HEADER_SIZE)
         length = frame_length(header)
         limit = self.server.config.max_frame_bytes
