@@ -58,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--models-dir", help="a folder whose sub-folders are models, by folder name")
     serve.add_argument("--default-model", help="the model for requests that name none")
-    serve.add_argument("--memory-budget", type=_bytes, help="bytes for resident weights, e.g. 8G")
+    serve.add_argument("--memory-budget", type=_bytes, help="weights + KV bytes, e.g. 8G")
     serve.add_argument("--keep-alive", type=float, help="idle seconds before unloading; -1 never")
-    serve.add_argument("--max-frame-bytes", type=_bytes)
-    serve.add_argument("--max-tokens-limit", type=int, help="the largest max_tokens accepted")
+    serve.add_argument("--max-frame-bytes", type=_bytes, help="largest frame accepted (4M)")
+    serve.add_argument("--max-tokens-limit", type=int, help="largest max_tokens allowed (32768)")
+    serve.add_argument(
+        "--max-prompt-tokens", type=int, help="prompt tokens allowed (default: model context)"
+    )
     serve.add_argument("--max-batch-size", type=int, help="sequences per model decoded together")
     serve.add_argument("--max-queued", type=int, help="waiting requests before overloaded")
     serve.add_argument("--prefill-batch-size", type=int, help="prompts prefilled together")

@@ -64,6 +64,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """A ``background`` request waiting this long is admitted as if ``interactive``."""
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_tokens_limit: int = 32768
+    """The largest ``max_tokens`` a request may ask for; more is ``invalid_request``."""
+    max_prompt_tokens: int | None = None
+    """Prompt tokens a request may have (``prompt_too_long`` past it); None: as many as the
+    model's context takes."""
     max_batch_size: int = 32
     """Sequences of one model decoded together in one forward pass."""
     max_queued: int = 256
@@ -72,7 +76,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     prefill_step_size: int = 512
     """Prompt tokens prefilled per step: bounds how long one prompt holds up the others."""
     max_requests_per_connection: int = 64
+    """Requests in flight on one connection; more get ``too_many_requests``."""
     max_connections: int = 256
+    """Connections at once; one more gets ``overloaded`` and is closed."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM/SIGINT, seconds in-flight requests may take to finish before they are
     ended with ``shutting_down`` (launchd's own ExitTimeOut is 20 s)."""

@@ -167,9 +167,12 @@ class ModelRegistry:
         if name in self._aliases:
             return self._aliases[name]
         if self._models_dir is not None and name not in ("", ".", "..") and "/" not in name:
-            candidate = (self._models_dir / name).resolve()
-            if candidate.parent == self._models_dir.resolve() and candidate.is_dir():
-                return candidate
+            try:
+                candidate = (self._models_dir / name).resolve()
+                if candidate.parent == self._models_dir.resolve() and candidate.is_dir():
+                    return candidate
+            except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+                pass
         raise ModelError(errors.UNKNOWN_MODEL, f"unknown model {name!r}")
 
     def get(self, name: str | None, keep_alive_s: float | None = None) -> LoadedModel:

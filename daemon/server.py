@@ -63,6 +63,9 @@ from .worker import LoopOutbox, Worker, WorkerStats
 log = structlog.get_logger("mlxd.server")
 
 WRITE_HIGH_WATER = 256 * 1024
+READ_PAUSE_BACKLOG = 1024
+"""Replies queued for a client past which its connection stops reading until they are
+written: a client that sends and never reads cannot make the daemon queue without end."""
 _AT_PATH = re.compile(r"- at `(\$[^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
@@ -116,6 +119,8 @@ class Connection:
             await self.close()
 
     async def _read_frame(self) -> bytes:
+        if len(self._queue) >= READ_PAUSE_BACKLOG and self._flusher is not None:
+            await asyncio.shield(self._flusher)  # until the backlog is written, or the peer gone
         header = await self.reader.readexactly(HEADER_SIZE)
         length = frame_length(header)
         limit = self.server.config.max_frame_bytes
@@ -255,26 +260,37 @@ class Connection:
 
 def _diagnose(payload: bytes, exc: Exception) -> Error:
     """Say precisely why a frame was refused; costs a second decode, on the error path only."""
+    if isinstance(exc.__cause__, RecursionError):
+        return Error(code=errors.INVALID_MESSAGE, message=str(exc))  # decoding again would too
     try:
         obj = msgspec.msgpack.decode(payload)
+    except RecursionError:
+        return Error(code=errors.INVALID_MESSAGE, message="the message is nested too deeply")
     except Exception:
         return Error(code=errors.INVALID_MESSAGE, message="the frame is not a MessagePack message")
     if not isinstance(obj, dict):
         return Error(code=errors.INVALID_MESSAGE, message="a message must be a MessagePack map")
     raw_id = obj.get("id")
-    rid = raw_id if type(raw_id) is int and raw_id >= 0 else None
+    rid = raw_id if type(raw_id) is int and 0 <= raw_id < 2**53 else None  # a valid id only
     kind = obj.get("type")
     if not isinstance(kind, str) or kind not in REQUEST_TYPES:
         return Error(
-            id=rid, code=errors.UNKNOWN_MESSAGE_TYPE, message=f"unknown message type {kind!r}"
+            id=rid,
+            code=errors.UNKNOWN_MESSAGE_TYPE,
+            message=f"unknown message type {_clip(repr(kind))}",
         )
-    text = str(exc)
+    text = _clip(str(exc))
     at = _AT_PATH.search(text)
     missing = _MISSING.search(text)
     field = at.group(1) if at else "$"
     if missing:
         field = f"{field}.{missing.group(1)}"
     return Error(id=rid, code=errors.INVALID_REQUEST, message=text, field=field)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    # A refusal quotes the client's input for humans, never all of it: it can be megabytes.
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Server:

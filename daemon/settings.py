@@ -79,6 +79,8 @@ class LimitsSection(_Strict):
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024)] | str | None = None
     max_tokens: Positive | None = None
     """The largest ``max_tokens`` a request may ask for."""
+    max_prompt_tokens: Positive | None = None
+    """The longest prompt accepted (default: each model's context)."""
     max_queued: Count | None = None
     max_batch_size: Positive | None = None
     prefill_batch_size: Positive | None = None
@@ -164,6 +166,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("limits.max_frame_bytes", "max_frame_bytes", "--max-frame-bytes", size=True),
     Setting("limits.max_tokens", "max_tokens_limit", "--max-tokens-limit"),
+    Setting("limits.max_prompt_tokens", "max_prompt_tokens", "--max-prompt-tokens"),
     Setting("limits.max_queued", "max_queued", "--max-queued"),
     Setting("limits.max_batch_size", "max_batch_size", "--max-batch-size"),
     Setting("limits.prefill_batch_size", "prefill_batch_size", "--prefill-batch-size"),

@@ -635,6 +635,12 @@ class Worker:
             )
         if not tokens:
             raise InvalidField("$.prompt", "the prompt is empty")
+        cap = self._config.max_prompt_tokens
+        if cap is not None and len(tokens) > cap:
+            raise RequestError(
+                errors.PROMPT_TOO_LONG,
+                f"the prompt has {len(tokens)} tokens; this daemon takes at most {cap}",
+            )
         limit = loaded.context_length
         if limit is not None and len(tokens) >= limit:
             raise ModelError(

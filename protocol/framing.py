@@ -46,9 +46,23 @@ server_message_decoder: msgspec.msgpack.Decoder[ServerMessage] = msgspec.msgpack
 
 
 def decode_request(payload: bytes) -> Request:
-    """Decode one request; raises ``msgspec.DecodeError`` (a ``ValidationError`` if typed)."""
-    return request_decoder.decode(payload)
+    """Decode one request; raises ``msgspec.DecodeError`` (a ``ValidationError`` if typed),
+    and nothing else, whatever the bytes."""
+    return _decode(request_decoder, payload)
 
 
 def decode_server_message(payload: bytes) -> ServerMessage:
-    return server_message_decoder.decode(payload)
+    """Decode one server message; raises ``msgspec.DecodeError`` and nothing else."""
+    return _decode(server_message_decoder, payload)
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[Any], payload: bytes) -> Any:
+    try:
+        return decoder.decode(payload)
+    except msgspec.DecodeError:
+        raise
+    except RecursionError as exc:
+        # msgspec recurses even into keys it ignores: a deep enough nest exhausts the stack.
+        raise msgspec.DecodeError("the message is nested too deeply") from exc
+    except ValueError as exc:  # msgspec lets UnicodeDecodeError out of a `type` tag
+        raise msgspec.DecodeError(f"the message is malformed: {exc}") from exc

@@ -19,6 +19,9 @@ PROTOCOL_VERSION = 1
 
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 
+MAX_STOPS = 64
+"""Stop strings per request: each is matched against every new token's text."""
+
 RequestId = Annotated[int, Meta(ge=0, le=2**53 - 1)]  # 2**53: exact in a JavaScript number
 ModelName = Annotated[str, Meta(min_length=1, max_length=512)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -70,7 +73,9 @@ class Generate(_Message, tag="generate"):
     repetition_context_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 20
     logit_bias: dict[Annotated[int, Meta(ge=0)], LogitBias] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
-    stop: list[Annotated[str, Meta(min_length=1, max_length=1024)]] = []
+    stop: Annotated[
+        list[Annotated[str, Meta(min_length=1, max_length=1024)]], Meta(max_length=MAX_STOPS)
+    ] = []
     keep_alive: KeepAlive | None = None
     """Seconds the model stays resident after this request; -1 forever, 0 unload at once."""
     cache: bool = True
@@ -341,6 +346,7 @@ ServerMessage = Union[Welcome, Queued, Chunk, Done, Error]  # noqa: UP007
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
+    "MAX_STOPS",
     "PROTOCOL_VERSION",
     "REQUEST_TYPES",
     "CacheStats",
