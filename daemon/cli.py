@@ -269,9 +269,12 @@ def _json(obj: Any) -> str:
 def generate(args: argparse.Namespace) -> int:
     from mlxd.client import Chunk
 
+    from .progressbar import LoadProgressBar
+
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    with _client(args) as client:
-        for message in client.stream(prompt, **_sampling_options(args)):
+    # A bar on stderr if the model loads first, on a terminal only: stdout is the text.
+    with _client(args) as client, LoadProgressBar(final_line=False) as bar:
+        for message in client.stream(prompt, on_progress=bar, **_sampling_options(args)):
             if args.json:
                 print(_json(message), flush=True)
             elif isinstance(message, Chunk):
@@ -285,11 +288,13 @@ def generate(args: argparse.Namespace) -> int:
 def chat(args: argparse.Namespace) -> int:
     from mlxd.client import Chunk
 
+    from .progressbar import LoadProgressBar
+
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
-    with _client(args) as client:
+    with _client(args) as client, LoadProgressBar(final_line=False) as bar:
         while True:
             if interactive:
                 print("> ", end="", flush=True)
@@ -298,7 +303,8 @@ def chat(args: argparse.Namespace) -> int:
                 return 0
             history.append({"role": "user", "content": line.rstrip("\n")})
             reply = []
-            for message in client.stream(messages=history, **_sampling_options(args)):
+            stream = client.stream(messages=history, on_progress=bar, **_sampling_options(args))
+            for message in stream:
                 if isinstance(message, Chunk):
                     reply.append(message.text)
                     sys.stdout.write(message.text)
@@ -331,8 +337,12 @@ def stats(args: argparse.Namespace) -> int:
 
 
 def load(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        info = client.load(args.model, keep_alive=args.keep_alive)
+    from .progressbar import LoadProgressBar
+
+    # A bar on stderr while it loads (a terminal), or its final line (a log); nothing if
+    # the model was resident already.
+    with _client(args) as client, LoadProgressBar() as bar:
+        info = client.load(args.model, keep_alive=args.keep_alive, on_progress=bar)
     print(f"{info.name}\tresident {info.bytes / 2**20:.1f} MiB\t{info.path}")
     return 0
 

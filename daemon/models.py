@@ -7,12 +7,18 @@ may unload least recently used idle models); a model idle past its keep-alive is
 by ``sweep``. A model with keep-alive -1 (per request, or named in ``pinned_models``) is
 pinned: never unloaded by either.
 
+Loading reports progress: the weights are loaded lazily, then read into memory in about
+``LOAD_STEPS`` groups of similar size, and ``on_progress(model, done_bytes, total_bytes)``
+is called before the first group and after each one (the worker turns that into protocol
+``progress`` messages, and into a sign of life for the stall watchdog).
+
 Threading: worker thread only. Loading creates MLX arrays, and MLX streams are
 thread-local (mlx-lm #1181), so a model must be loaded on the thread that runs it.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import math
@@ -35,6 +41,12 @@ from mlxd.protocol import ModelInfo, errors
 from .config import Config
 
 log = structlog.get_logger("mlxd.models")
+
+LOAD_STEPS = 20
+"""About how many groups a model's weights are read in, so progress comes in steps of ~5%."""
+
+LoadProgress = Callable[[str, int, int], None]
+"""``(model, done_bytes, total_bytes)``: bytes of weights in memory so far, of the total."""
 
 
 class RequestError(Exception):
@@ -115,6 +127,31 @@ def _kv_bytes_per_token(model: Any) -> int:
     return sum(math.ceil(a.nbytes / a.shape[2]) for a in arrays if a.ndim == 4 and a.shape[2])
 
 
+def _read_weights(model: Any, report: Callable[[int, int], None] | None) -> int:
+    """Evaluate a lazily loaded model's parameters, in the model's order, in about
+    ``LOAD_STEPS`` groups of similar byte size (one large tensor makes a group alone), calling
+    ``report(done, total)`` first with 0 and then after each group. Returns the total: the
+    bytes of the weights in memory. Reading by group costs nothing measurable over one
+    ``mx.eval`` of everything: a load is bound by reading the files."""
+    params = [v for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array)]
+    total = sum(v.nbytes for v in params)
+    if report is not None:
+        report(0, total)
+    target = max(1, math.ceil(total / LOAD_STEPS))
+    group: list[mx.array] = []
+    size = done = 0
+    for i, v in enumerate(params):
+        group.append(v)
+        size += v.nbytes
+        if size >= target or i == len(params) - 1:
+            mx.eval(group)
+            done += size
+            group, size = [], 0
+            if report is not None:
+                report(done, total)
+    return total
+
+
 def _vocab_size(model: Any, tokenizer: TokenizerWrapper) -> int:
     """Token ids the model can take: its embedding rows, else the tokenizer's size."""
     args = getattr(model, "args", None)
@@ -175,8 +212,14 @@ class ModelRegistry:
                 pass
         raise ModelError(errors.UNKNOWN_MODEL, f"unknown model {name!r}")
 
-    def get(self, name: str | None, keep_alive_s: float | None = None) -> LoadedModel:
-        """The resident model called ``name`` (the default when None), loading it if needed."""
+    def get(
+        self,
+        name: str | None,
+        keep_alive_s: float | None = None,
+        on_progress: LoadProgress | None = None,
+    ) -> LoadedModel:
+        """The resident model called ``name`` (the default when None), loading it if needed;
+        ``on_progress`` hears how the load goes (nothing when it is resident already)."""
         name = name or self._config.default_model_name()
         if name is None:
             raise ModelError(errors.UNKNOWN_MODEL, "no model given and no default model set")
@@ -184,12 +227,12 @@ class ModelRegistry:
             self._unload_stale()
         loaded = self._resident.get(name)
         if loaded is None:
-            loaded = self._load(name, self.resolve(name))
+            loaded = self._load(name, self.resolve(name), on_progress)
         self._resident.move_to_end(name)
         loaded.touch(keep_alive_s)
         return loaded
 
-    def _load(self, name: str, path: Path) -> LoadedModel:
+    def _load(self, name: str, path: Path, on_progress: LoadProgress | None = None) -> LoadedModel:
         demo = self._config.demo_model_dir
         if demo is not None and path == Path(demo).expanduser():
             from .demo_model import ensure_demo_model
@@ -212,11 +255,13 @@ class ModelRegistry:
             )
         started = time.perf_counter()
         try:
-            model, tokenizer, config = mlx_lm_load(str(path), return_config=True)
+            # Lazy: the arrays only name their place in the files; _read_weights reads them.
+            model, tokenizer, config = mlx_lm_load(str(path), return_config=True, lazy=True)
+            report = functools.partial(on_progress, name) if on_progress else None
+            nbytes = _read_weights(model, report)
             kv_per_token = _kv_bytes_per_token(model)
         except Exception as exc:  # any failure to load is the model's, not the daemon's
             raise ModelError(errors.MODEL_LOAD_FAILED, f"loading {name!r} failed: {exc}") from exc
-        nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         pinned = name in self._config.pinned_models
         loaded = LoadedModel(
             name=name,

@@ -40,6 +40,7 @@ from mlxd.protocol import (
     Health,
     Hello,
     Ping,
+    Progress,
     ServerStats,
     Welcome,
     decode_request,
@@ -229,6 +230,8 @@ class Connection:
             # The reader is slow: merge rather than grow one frame per token.
             last.text += message.text
             last.tokens.extend(message.tokens)
+        elif isinstance(message, Progress) and isinstance(last, Progress) and last.id == message.id:
+            self._queue[-1] = message  # only the latest figure is worth writing
         else:
             self._queue.append(message)
         if self._flusher is None:
@@ -457,6 +460,12 @@ class Server:
         snap = self.worker.snapshot
         return 0.0 if snap.idle else max(0.0, time.monotonic() - snap.round_started)
 
+    def _worker_quiet_s(self) -> float:
+        """Seconds since the worker last showed life: a round starting, a model load
+        reading another part of its weights. A load that goes on is not a stall."""
+        snap = self.worker.snapshot
+        return 0.0 if snap.idle else max(0.0, time.monotonic() - snap.progress_at)
+
     def health(self) -> Health:
         snap = self.worker.snapshot
         alive = self.worker.alive()
@@ -520,7 +529,7 @@ class Server:
         limit = self.config.stall_timeout_s
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
-            busy = self._worker_busy_s()
+            busy = self._worker_quiet_s()
             if busy > limit:
                 log.critical("worker_stalled", busy_s=round(busy, 1), limit_s=limit)
                 self.stalled = True

@@ -15,6 +15,11 @@ Admission: waiting requests start in lane order (``interactive`` before ``backgr
 a background request aged past ``background_aging_s`` counting as interactive), each when
 its batch has room and the memory budget (daemon/memory.py) can set aside its KV.
 
+Model loads run here too (MLX streams are thread-local), inside a round: the load
+reports its progress as it reads the weights, and each report is posted to the requesting
+sink at once (not with the round's events, which the load holds up) and refreshes the
+snapshot's ``progress_at``, so the stall watchdog sees a long load moving.
+
 Next-turn keys: a chat reply's state is stored under the tokens the next turn will send
 for the same conversation (history plus this reply, rendered by the chat template), not
 under the tokens it generated, so the next turn hits even where the template renders the
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import math
 import queue
 import threading
@@ -56,6 +62,7 @@ from mlxd.protocol import (
     ListModels,
     Load,
     MemoryStats,
+    Progress,
     Queued,
     Timings,
     Unload,
@@ -253,6 +260,9 @@ class WorkerSnapshot:
     queued: int
     active_sequences: int
     models_resident: tuple[str, ...]
+    progress_at: float = 0.0
+    """The worker's last sign of life in this round: its start, or a step of a model load.
+    The stall watchdog measures from here; ``health``'s busy time from ``round_started``."""
 
 
 class LoopOutbox:
@@ -387,8 +397,10 @@ class Worker:
             self._on_death(exc)
 
     def _publish(self, idle: bool) -> None:
+        now = time.monotonic()
         self.snapshot = WorkerSnapshot(
-            round_started=time.monotonic(),
+            round_started=now,
+            progress_at=now,
             idle=idle,
             queued=len(self._waiting),
             active_sequences=len(self._active),
@@ -433,7 +445,8 @@ class Worker:
             return
         if isinstance(command, _Preload):
             try:
-                self._models.get(command.model)  # the registry logs the load
+                # The registry logs the load; no one to tell of its progress but the watchdog.
+                self._models.get(command.model, on_progress=self._load_progress(None, 0))
             except ModelError as exc:
                 log.error("preload_failed", model=command.model, code=exc.code, error=exc.message)
             return
@@ -476,7 +489,9 @@ class Worker:
             self._start(as_generate, command.sink, command.received_at, events, warm=req)
             return None
         if isinstance(req, Load):
-            return Done(id=req.id, model=self._models.get(req.model, req.keep_alive).info())
+            progress = self._load_progress(command.sink, req.id)
+            loaded = self._models.get(req.model, req.keep_alive, progress)
+            return Done(id=req.id, model=loaded.info())
         if isinstance(req, Unload):
             for seq in [s for s in self._active.values() if s.model.name == req.model]:
                 self._finish(seq, "cancelled", events)
@@ -493,6 +508,25 @@ class Worker:
             log.info("cache_cleared", model=req.model, entries=dropped)
             return Done(id=req.id)
         return self._stats(req.reset_peak)
+
+    def _load_progress(self, sink: Any, request_id: int) -> Callable[[str, int, int], None]:
+        """How a model load that request ``request_id`` waits on reports its progress: a
+        ``progress`` message posted to ``sink`` (if any) right away, so it reaches the
+        client while the load goes on, and a fresh ``progress_at`` for the watchdog."""
+
+        def report(model: str, done: int, total: int) -> None:
+            self.snapshot = dataclasses.replace(self.snapshot, progress_at=time.monotonic())
+            if sink is not None:
+                message = Progress(
+                    id=request_id,
+                    stage="loading",
+                    model=model,
+                    done_bytes=done,
+                    total_bytes=total,
+                )
+                self._outbox.post([(sink, message)])
+
+        return report
 
     def _stats(self, reset_peak: bool = False) -> WorkerStats:
         return WorkerStats(
@@ -663,7 +697,7 @@ class Worker:
                 "$.max_tokens",
                 f"max_tokens is over this daemon's limit of {self._config.max_tokens_limit}",
             )
-        loaded = self._models.get(req.model, req.keep_alive)
+        loaded = self._models.get(req.model, req.keep_alive, self._load_progress(sink, req.id))
         tokens = self._prompt(req, loaded, warm=warm is not None)
         reserve = self._reservation(loaded, tokens, req.max_tokens)
         alone = loaded.nbytes + reserve

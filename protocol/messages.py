@@ -178,6 +178,23 @@ class Queued(_Message, tag="queued"):
     position: int
 
 
+class Progress(_Message, tag="progress"):
+    """Request ``id`` waits for its model to load, and this much of it is done.
+
+    Sent to the request that caused the load (a ``load``, or a ``generate``/``warm`` whose
+    model was not resident): first with ``done_bytes`` 0 once the size is known, then after
+    each group of weights is read, the last with ``done_bytes == total_bytes``; at most
+    about twenty per load. ``total_bytes`` is the model's weights in memory, the
+    ``bytes`` of its model info. Clients that do not care ignore it."""
+
+    id: int
+    stage: str
+    """``loading``: reading the weights into memory. Other values may come: ignore them."""
+    model: str
+    done_bytes: int
+    total_bytes: int
+
+
 class Chunk(_Message, tag="chunk"):
     """Newly generated tokens of request ``id`` and the text that is now safe to show.
 
@@ -342,7 +359,7 @@ class Error(_Message, tag="error"):
     """The offending request field, for ``invalid_request``, as a path like ``$.top_p``."""
 
 
-ServerMessage = Union[Welcome, Queued, Chunk, Done, Error]  # noqa: UP007
+ServerMessage = Union[Welcome, Queued, Progress, Chunk, Done, Error]  # noqa: UP007
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
@@ -371,6 +388,7 @@ __all__ = [
     "ModelInfo",
     "Ping",
     "Priority",
+    "Progress",
     "Queued",
     "Request",
     "ServerMessage",

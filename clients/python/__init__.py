@@ -3,7 +3,7 @@
 Needs only msgspec and anyio, never MLX: a tool or plugin can use it alone.
 """
 
-from mlxd.protocol import Chunk, Done, ModelInfo, ServerStats
+from mlxd.protocol import Chunk, Done, ModelInfo, Progress, ServerStats
 
 from ._common import Completion
 from .aio import AsyncClient, GenerationStream
@@ -33,6 +33,7 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "OverloadedError",
+    "Progress",
     "ServerStats",
     "ShuttingDownError",
     "UnknownModelError",

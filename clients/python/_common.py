@@ -1,14 +1,34 @@
-"""What the async and sync clients share: building requests, the ``Completion`` result."""
+"""What the async and sync clients share: building requests, reading replies, the
+``Completion`` result."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
-from mlxd.protocol import ChatMessage, Done, Generate, Warm
+import msgspec
+
+from mlxd.protocol import ChatMessage, Done, Generate, Progress, ServerMessage, Warm
+from mlxd.protocol import decode_server_message as _decode
 
 Messages = Sequence[ChatMessage | Mapping[str, str]]
+OnProgress = Callable[[Progress], None]
+"""Called with each ``progress`` of a request that waits for its model to load."""
+
+_KNOWN_TYPES = frozenset(t.__struct_config__.tag for t in get_args(ServerMessage))
+
+
+def decode_server_message(payload: bytes) -> Any | None:
+    """One server message, or None for a type this client does not know: later servers of
+    protocol version 1 may send new ones, and clients are to ignore them (PROTOCOL.md)."""
+    try:
+        return _decode(payload)
+    except msgspec.ValidationError:
+        raw = msgspec.msgpack.decode(payload)
+        if isinstance(raw, dict) and raw.get("type") not in _KNOWN_TYPES:
+            return None
+        raise
 
 
 def generate_request(

@@ -39,16 +39,23 @@ from mlxd.protocol import (
     Load,
     ModelInfo,
     Ping,
+    Progress,
     Queued,
     ServerStats,
     Unload,
     Welcome,
-    decode_server_message,
     frame_length,
 )
 from mlxd.protocol.paths import default_socket_path
 
-from ._common import Completion, Messages, generate_request, warm_request
+from ._common import (
+    Completion,
+    Messages,
+    OnProgress,
+    decode_server_message,
+    generate_request,
+    warm_request,
+)
 from .exceptions import ConnectionClosedError, DaemonUnavailableError, MlxdError, error_from
 
 
@@ -99,13 +106,15 @@ class AsyncClient:
         *,
         messages: Messages | None = None,
         tokens: list[int] | None = None,
+        on_progress: OnProgress | None = None,
         **options: Any,
     ) -> GenerationStream:
-        """Chunks of a completion as an async iterator; ``.done`` holds the end once reached."""
+        """Chunks of a completion as an async iterator; ``.done`` holds the end once reached.
+        ``on_progress`` is called with each ``Progress`` while the model loads first."""
         request = generate_request(
             next(self._ids), prompt, messages=messages, tokens=tokens, **options
         )
-        return GenerationStream(self, request)
+        return GenerationStream(self, request, on_progress)
 
     async def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         stream = self.stream(prompt, **options)
@@ -126,15 +135,20 @@ class AsyncClient:
         *,
         messages: Messages | None = None,
         tokens: Sequence[int] | None = None,
+        on_progress: OnProgress | None = None,
         **options: Any,
     ) -> Done:
         """Prefill into the prompt cache without generating; ``pin=True`` (with ``ttl_s``)
         keeps it through eviction. The ``done`` has the prompt's usage and cache use."""
         request = warm_request(next(self._ids), prompt, messages=messages, tokens=tokens, **options)
-        return await self._call(request)
+        return await self._call(request, on_progress)
 
-    async def load(self, model: str, keep_alive: float | None = None) -> ModelInfo:
-        done = await self._call(Load(id=next(self._ids), model=model, keep_alive=keep_alive))
+    async def load(
+        self, model: str, keep_alive: float | None = None, on_progress: OnProgress | None = None
+    ) -> ModelInfo:
+        """Load ``model`` (if it is not resident); ``on_progress`` hears how the load goes."""
+        request = Load(id=next(self._ids), model=model, keep_alive=keep_alive)
+        done = await self._call(request, on_progress)
         assert done.model is not None
         return done.model
 
@@ -183,12 +197,15 @@ class AsyncClient:
         if route is not None:
             route.close()
 
-    async def _call(self, request: Any) -> Done:
+    async def _call(self, request: Any, on_progress: OnProgress | None = None) -> Done:
         receive = self._route(request.id)
         try:
             await self._write(request)
             message = await receive.receive()
-            while isinstance(message, Queued):  # a warm waiting for a place in the batch
+            # A warm waiting for a place in the batch; a load, or a warm, loading its model.
+            while isinstance(message, Queued | Progress):
+                if on_progress is not None and isinstance(message, Progress):
+                    on_progress(message)
                 message = await receive.receive()
         except anyio.EndOfStream:
             raise self._closed or ConnectionClosedError("connection_closed", "closed") from None
@@ -220,6 +237,8 @@ class AsyncClient:
         try:
             while True:
                 message = await self._read()
+                if message is None:
+                    continue  # a message type newer than this client
                 request_id = getattr(message, "id", None)
                 route = self._routes.get(request_id) if request_id is not None else None
                 if route is not None:
@@ -244,13 +263,18 @@ class GenerationStream:
     does it at once; a stream dropped mid-way sends the cancel from ``__del__``.
     """
 
-    def __init__(self, client: AsyncClient, request: Any) -> None:
+    def __init__(
+        self, client: AsyncClient, request: Any, on_progress: OnProgress | None = None
+    ) -> None:
         self.client = client
         self.request = request
         self.id: int = request.id
         self.done: Done | None = None
         self.position: int | None = None
         """The request's place in the daemon's queue while it waits (0 is next)."""
+        self.progress: Progress | None = None
+        """The latest news of its model's load, if it had to wait for one."""
+        self._on_progress = on_progress
         self._receive: MemoryObjectReceiveStream[Any] | None = None
         self._ended = False
 
@@ -270,8 +294,13 @@ class GenerationStream:
             raise self.client._closed or ConnectionClosedError(
                 "connection_closed", "closed"
             ) from None
-        while isinstance(message, Queued):
-            self.position = message.position
+        while isinstance(message, Queued | Progress):
+            if isinstance(message, Queued):
+                self.position = message.position
+            else:
+                self.progress = message
+                if self._on_progress is not None:
+                    self._on_progress(message)
             message = await self._receive.receive()
         if isinstance(message, Chunk):
             self.position = None

@@ -34,16 +34,23 @@ from mlxd.protocol import (
     Load,
     ModelInfo,
     Ping,
+    Progress,
     Queued,
     ServerStats,
     Unload,
     Welcome,
-    decode_server_message,
     frame_length,
 )
 from mlxd.protocol.paths import default_socket_path
 
-from ._common import Completion, Messages, generate_request, warm_request
+from ._common import (
+    Completion,
+    Messages,
+    OnProgress,
+    decode_server_message,
+    generate_request,
+    warm_request,
+)
 from .exceptions import ConnectionClosedError, DaemonUnavailableError, error_from
 
 
@@ -92,9 +99,11 @@ class Client:
         *,
         messages: Messages | None = None,
         tokens: list[int] | None = None,
+        on_progress: OnProgress | None = None,
         **options: Any,
     ) -> Iterator[Chunk | Done]:
-        """Yields each ``Chunk``, then the final ``Done``; raises ``MlxdError`` on an error."""
+        """Yields each ``Chunk``, then the final ``Done``; raises ``MlxdError`` on an error.
+        ``on_progress`` is called with each ``Progress`` while the model loads first."""
         request = generate_request(
             next(self._ids), prompt, messages=messages, tokens=tokens, **options
         )
@@ -104,6 +113,10 @@ class Client:
             while True:
                 message = self._read_for(request.id)
                 if isinstance(message, Queued):
+                    continue
+                if isinstance(message, Progress):
+                    if on_progress is not None:
+                        on_progress(message)
                     continue
                 if isinstance(message, Chunk):
                     yield message
@@ -137,15 +150,20 @@ class Client:
         *,
         messages: Messages | None = None,
         tokens: Sequence[int] | None = None,
+        on_progress: OnProgress | None = None,
         **options: Any,
     ) -> Done:
         """Prefill into the prompt cache without generating; ``pin=True`` (with ``ttl_s``)
         keeps it through eviction. The ``done`` has the prompt's usage and cache use."""
         request = warm_request(next(self._ids), prompt, messages=messages, tokens=tokens, **options)
-        return self._call(request)
+        return self._call(request, on_progress)
 
-    def load(self, model: str, keep_alive: float | None = None) -> ModelInfo:
-        done = self._call(Load(id=next(self._ids), model=model, keep_alive=keep_alive))
+    def load(
+        self, model: str, keep_alive: float | None = None, on_progress: OnProgress | None = None
+    ) -> ModelInfo:
+        """Load ``model`` (if it is not resident); ``on_progress`` hears how the load goes."""
+        request = Load(id=next(self._ids), model=model, keep_alive=keep_alive)
+        done = self._call(request, on_progress)
         assert done.model is not None
         return done.model
 
@@ -178,10 +196,13 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _call(self, request: Any) -> Done:
+    def _call(self, request: Any, on_progress: OnProgress | None = None) -> Done:
         self._send(request)
         message = self._read_for(request.id)
-        while isinstance(message, Queued):  # a warm waiting for a place in the batch
+        # A warm waiting for a place in the batch; a load, or a warm, loading its model.
+        while isinstance(message, Queued | Progress):
+            if on_progress is not None and isinstance(message, Progress):
+                on_progress(message)
             message = self._read_for(request.id)
         if isinstance(message, Error):
             raise error_from(message)
@@ -190,7 +211,7 @@ class Client:
     def _cancel_and_drain(self, target: int) -> None:
         try:
             self._send(Cancel(id=next(self._ids), target=target))
-            while isinstance(self._read_for(target), Chunk | Queued):
+            while isinstance(self._read_for(target), Chunk | Queued | Progress):
                 pass
         except (OSError, ConnectionClosedError):
             pass  # the connection is gone: the daemon cancels on disconnect
@@ -199,7 +220,8 @@ class Client:
         self._sock.sendall(self._encoder.frame(message))
 
     def _read_for(self, request_id: int) -> Any:
-        """The next message for ``request_id``; others (a cancel's reply, say) are skipped."""
+        """The next message for ``request_id``; others (a cancel's reply, say, or a type
+        this client does not know) are skipped."""
         while True:
             message = self._read()
             if getattr(message, "id", None) == request_id:

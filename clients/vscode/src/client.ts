@@ -15,7 +15,7 @@ export const PROTOCOL_VERSION = 1;
 export type Message = { type: string; id?: number; [key: string]: unknown };
 
 export interface Handlers {
-  /** Chunks and queued messages of the request. */
+  /** Chunks, queued and progress messages of the request (and any newer type). */
   onMessage?: (message: Message) => void;
   /** Its done or error: exactly once. */
   onEnd?: (message: Message) => void;

@@ -228,9 +228,10 @@ function Client:_dispatch(message)
 end
 
 --- Send `message` (a table with `type`; its `id` is assigned here) and return the id.
---- handlers.on_message(msg) gets its chunks and queued messages, handlers.on_end(msg)
---- its done or error, exactly once. Without a connection it ends at once, with the error
---- `daemon_unavailable`, unless a connection attempt is under way.
+--- handlers.on_message(msg) gets its chunks, queued and progress messages (and any type
+--- newer than this client), handlers.on_end(msg) its done or error, exactly once. Without
+--- a connection it ends at once, with the error `daemon_unavailable`, unless a connection
+--- attempt is under way.
 function Client:request(message, handlers)
   handlers = handlers or {}
   local id = self.next_id
