@@ -31,6 +31,7 @@ from helpers import RawConn, reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlxd.client import MlxdError
 from mlxd.daemon.server import _diagnose
 from mlxd.protocol import (
     HEADER_SIZE,
@@ -344,6 +345,25 @@ def fuzz_daemon(tiny_model: Path) -> Iterator[Daemon]:
     shutil.rmtree(base, ignore_errors=True)
     assert code == 0, d.log()
     assert "Traceback" not in d.log(), d.log()
+
+
+@pytest.fixture(autouse=True)
+def _connections_closed(request: pytest.FixtureRequest) -> None:
+    """Each live test starts with the earlier tests' connections gone: the daemon notices a
+    closed connection asynchronously, and the connection limit here is small."""
+    if "fuzz_daemon" not in request.fixturenames:
+        return
+    daemon = request.getfixturevalue("fuzz_daemon")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with daemon.client() as c:
+                if c.stats().connections <= 1:  # this one
+                    return
+        except (MlxdError, OSError):
+            pass  # refused while the earlier connections are still counted
+        assert time.monotonic() < deadline, "earlier tests' connections never closed"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
