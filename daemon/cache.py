@@ -424,9 +424,11 @@ class PromptCache:
 
 def _partial_reason(kind: str, reused: int, prompt: int) -> str | None:
     """Why a hit that is not whole left tokens to process (issue: "say why it missed")."""
+    if reused >= prompt - 1:
+        return None  # the whole prompt but the token that is always processed: no miss
     if kind == "longer":
         return f"a cached sequence diverges from this prompt after token {reused}"
-    if kind == "shorter" and reused < prompt - 1:
+    if kind == "shorter":
         return f"nothing cached extends past token {reused} of this prompt"
     return None
 
