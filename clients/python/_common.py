@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 import msgspec
 
@@ -13,6 +13,7 @@ from mlxd.protocol import ChatMessage, Done, Generate, Progress, ServerMessage, 
 from mlxd.protocol import decode_server_message as _decode
 
 Messages = Sequence[ChatMessage | Mapping[str, str]]
+T = TypeVar("T", Generate, Warm)
 OnProgress = Callable[[Progress], None]
 """Called with each ``progress`` of a request that waits for its model to load."""
 
@@ -31,6 +32,27 @@ def decode_server_message(payload: bytes) -> Any | None:
         raise
 
 
+def _prompted(
+    cls: type[T],
+    request_id: int,
+    prompt: str | None,
+    messages: Messages | None,
+    tokens: Sequence[int] | None,
+    options: dict[str, Any],
+) -> T:
+    """A request with exactly one of prompt, messages or tokens, and ``options`` as fields."""
+    chat = None
+    if messages is not None:
+        chat = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
+    return cls(
+        id=request_id,
+        prompt=prompt,
+        messages=chat,
+        tokens=list(tokens) if tokens is not None else None,
+        **{k: v for k, v in options.items() if v is not None},
+    )
+
+
 def generate_request(
     request_id: int,
     prompt: str | None = None,
@@ -40,16 +62,7 @@ def generate_request(
     **options: Any,
 ) -> Generate:
     """A ``Generate``; ``options`` are its fields (model, max_tokens, temperature, stop, ...)."""
-    chat = None
-    if messages is not None:
-        chat = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
-    return Generate(
-        id=request_id,
-        prompt=prompt,
-        messages=chat,
-        tokens=list(tokens) if tokens is not None else None,
-        **{k: v for k, v in options.items() if v is not None},
-    )
+    return _prompted(Generate, request_id, prompt, messages, tokens, options)
 
 
 def warm_request(
@@ -61,16 +74,7 @@ def warm_request(
     **options: Any,
 ) -> Warm:
     """A ``Warm``; ``options`` are its fields (model, pin, ttl_s, keep_alive, priority)."""
-    chat = None
-    if messages is not None:
-        chat = [m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in messages]
-    return Warm(
-        id=request_id,
-        prompt=prompt,
-        messages=chat,
-        tokens=list(tokens) if tokens is not None else None,
-        **{k: v for k, v in options.items() if v is not None},
-    )
+    return _prompted(Warm, request_id, prompt, messages, tokens, options)
 
 
 @dataclass(frozen=True)
