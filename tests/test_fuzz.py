@@ -765,8 +765,18 @@ def test_too_many_requests_in_flight_on_one_connection(
 def test_too_many_connections_are_refused_and_others_serve_on(
     fuzz_daemon: Daemon, witness_tokens: list[int]
 ) -> None:
+    opened: list[RawConn] = []
+    try:
+        _refused_past_the_limit(fuzz_daemon, witness_tokens, opened)
+    finally:  # a failure here must not leave the next tests without connections
+        for conn in opened:
+            conn.close()
+
+
+def _refused_past_the_limit(
+    fuzz_daemon: Daemon, witness_tokens: list[int], opened: list[RawConn]
+) -> None:
     with Witness(fuzz_daemon, witness_tokens):
-        opened: list[RawConn] = []
         refusal: dict[str, Any] | None = None
         for _ in range(MAX_CONNECTIONS + 1):
             conn = connect(fuzz_daemon)
@@ -787,8 +797,7 @@ def test_too_many_connections_are_refused_and_others_serve_on(
         while isinstance(again := connect(fuzz_daemon), dict) and time.monotonic() < deadline:
             time.sleep(0.05)  # the daemon notices the close asynchronously
         assert isinstance(again, RawConn)
-        for conn in [*opened, again]:
-            conn.close()
+        opened.append(again)
 
 
 def hostile_burst(daemon: Daemon) -> None:
