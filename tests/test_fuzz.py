@@ -476,7 +476,10 @@ def harmless(payload: bytes) -> bool:
 def connect(daemon: Daemon) -> RawConn | dict[str, Any]:
     """A connection past its welcome, or the daemon's refusal (the connection then closed)."""
     conn = RawConn(daemon.socket, hello=False)
-    conn.send({"type": "hello", "protocol": 1})
+    try:
+        conn.send({"type": "hello", "protocol": 1})
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused (and closed) before the hello went out: the refusal is still readable
     first = conn.recv()
     if first["type"] == "welcome":
         return conn
