@@ -153,9 +153,11 @@ def main() -> None:
         model, _ = load(str(d))
         weights[name] = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
         del model
-    # Tight: both models' weights plus 4 MiB for live and cached KV, above the headroom.
+    # Tight: both models' weights plus 16 MiB for live KV, its transient buffers (a
+    # background prompt's prefill alone sets aside about 5 MiB) and cached KV, above the
+    # headroom.
     headroom = 0.1
-    budget = int((sum(weights.values()) + 4 * 2**20) / (1 - headroom))
+    budget = int((sum(weights.values()) + 16 * 2**20) / (1 - headroom))
     sock = work / "mlxd.sock"
     cmd = [
         sys.executable, "-m", "mlxd.daemon", "serve", "--socket", str(sock),

@@ -54,8 +54,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """One budget for resident weights, running sequences' KV and the prompt cache's KV
     (see daemon/memory.py for what is freed, in which order, to stay under it)."""
     memory_headroom: float = 0.1
-    """Fraction of the budget left to MLX's transient buffers (activations, attention
-    scores of a prefill chunk), which the accounting does not see."""
+    """Fraction of the budget kept for what the accounting does not see (a sampler's
+    temporaries, the allocator's rounding); prefill and step buffers are set aside per
+    sequence."""
     keep_alive_s: float = 300.0
     """Idle seconds before a model is unloaded; -1 keeps models resident forever."""
     pinned_models: list[str] = []

@@ -1,16 +1,22 @@
 """One memory budget for the weights of every resident model, the KV state of running
 sequences and the prompt cache's KV state, and the policy that keeps them under it.
 
-Accounting, not guessing: weights are the loaded arrays' bytes, cached KV is the cache's
-own byte count (allocated capacity, not just the tokens held), and a running sequence is
-charged, from its admission, for the KV of its prompt plus ``max_tokens`` (capped at the
-model's context), so it can never grow past what was set aside for it. MLX's own figures
-(``mx.get_active_memory``/``get_peak_memory``) are reported next to the accounting: they
-also count the temporaries of the step in progress.
+Accounting, not guessing: weights are the loaded arrays' bytes and cached KV is the cache's
+own byte count (allocated capacity, not just the tokens held). A running sequence is
+charged, from its admission, for what its generator may allocate for it:
 
-The accounting does not see MLX's transient buffers (a step's activations, a prefill
-chunk's attention scores), so it keeps to ``limit`` less a headroom (``memory_headroom``,
-10% by default): MLX's measured peak then stays under the budget itself.
+- KV: its span (prompt plus ``max_tokens``, at most the context) as mlx-lm's cache classes
+  lay it out. They grow in ``KV_STEP``-token steps, and a batch pads every sequence to the
+  longest, so a batch costs ``sequences x (longest span + KV_STEP)`` tokens;
+- scratch, MLX's transient buffers: while its prompt is prefilled, a chunk's activations
+  and attention scores (a prefill group pays for its largest member), and a step's copy of
+  one layer's KV as the arrays grow; measured per model at load
+  (``LoadedModel.scratch_bytes``), not guessed.
+
+MLX's own figures (``mx.get_active_memory``/``get_peak_memory``) are reported next to the
+accounting. The accounting keeps to ``limit`` less a small headroom
+(``memory_headroom``, 10% by default) for what it still does not see (the sampler's
+temporaries, the allocator's rounding), so MLX's measured peak stays under the budget.
 
 When something new needs room (a model to load, a sequence to admit, an entry to cache)
 the policy frees, in this order and only as much as needed: prompt-cache entries, least
@@ -40,6 +46,44 @@ from .models import LoadedModel, ModelRegistry
 
 log = structlog.get_logger("mlxd.memory")
 
+KV_STEP = 256
+"""mlx-lm's ``KVCache`` and ``BatchKVCache`` grow their arrays by this many tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """What a sequence asks of memory, in tokens."""
+
+    span: int
+    """Tokens of KV it may hold: prompt plus ``max_tokens``, at most the context."""
+    prefill: int
+    """Tokens its prefill processes per step; 0 once it has its first token."""
+    context: int
+    """Its prompt's length: what the last prefill chunk attends to."""
+
+
+def generator_bytes(
+    model: LoadedModel, sequences: list[Footprint], prefill_batch: int
+) -> tuple[int, int]:
+    """(KV, scratch) bytes that one generator running ``sequences`` of ``model`` may hold
+    at once: its padded KV arrays, and the largest transient of a step."""
+    if not sequences:
+        return 0, 0
+    longest = max(s.span for s in sequences) + KV_STEP
+    kv = len(sequences) * longest * model.kv_bytes_per_token
+    # Growing (or merging a prefilled group into) the batch concatenates one layer's arrays
+    # at a time: the old and the new copy of that layer live together for a moment.
+    scratch = kv // model.num_layers
+    scratch += sum(model.scratch_bytes(1, s.span) for s in sequences)  # a decode step
+    prefilling = [s for s in sequences if s.prefill]
+    if prefilling:
+        # mlx-lm prefills up to prefill_batch prompts as one group, padded to the longest.
+        group = min(len(prefilling), prefill_batch)
+        chunk = max(s.prefill for s in prefilling)
+        context = max(s.context for s in prefilling)
+        scratch += group * model.scratch_bytes(chunk, context)
+    return kv, scratch
+
 
 @dataclass
 class MemoryBudget:
@@ -47,8 +91,8 @@ class MemoryBudget:
     headroom: float
     cache: PromptCache
     models: ModelRegistry
-    live_kv: Callable[[], dict[str, int]]
-    """Bytes reserved by running sequences, by model name."""
+    live: Callable[[], dict[str, tuple[int, int]]]
+    """(KV, scratch) bytes set aside for running sequences, by model name."""
     peak_used: int = 0
     evicted_entries: int = 0
     unloaded_models: int = 0
@@ -65,14 +109,15 @@ class MemoryBudget:
 
     def used(self) -> int:
         weights = self.models.resident_bytes()
-        return weights + sum(self.live_kv().values()) + self.cache.nbytes
+        live = sum(kv + scratch for kv, scratch in self.live().values())
+        return weights + live + self.cache.nbytes
 
     def note(self) -> None:
         self.peak_used = max(self.peak_used, self.used())
 
     @property
     def usable(self) -> int:
-        """What the accounting may fill: the limit less the transient buffers' headroom."""
+        """What the accounting may fill: the limit less the headroom."""
         return int(self.limit * (1.0 - self.headroom))
 
     def fits(self, needed: int) -> bool:
@@ -110,7 +155,7 @@ class MemoryBudget:
     # ------------------------------------------------------------------ reporting
 
     def stats(self, reset_peak: bool = False) -> MemoryStats:
-        live = self.live_kv()
+        live = self.live()
         cached = self.cache.bytes_by_model()
         weights = {m.name: m.nbytes for m in self.models.resident()}
         names = sorted(set(live) | set(cached) | set(weights))
@@ -120,21 +165,26 @@ class MemoryBudget:
             used_bytes=self.used(),
             peak_used_bytes=max(self.peak_used, self.used()),
             weights_bytes=sum(weights.values()),
-            live_kv_bytes=sum(live.values()),
+            live_kv_bytes=sum(kv for kv, _ in live.values()),
+            scratch_bytes=sum(scratch for _, scratch in live.values()),
             cached_kv_bytes=self.cache.nbytes,
             pinned_kv_bytes=self.cache.pinned_bytes(),
             by_model={
                 n: MemorySplit(
-                    weights=weights.get(n, 0), live_kv=live.get(n, 0), cached_kv=cached.get(n, 0)
+                    weights=weights.get(n, 0),
+                    live_kv=live.get(n, (0, 0))[0],
+                    scratch=live.get(n, (0, 0))[1],
+                    cached_kv=cached.get(n, 0),
                 )
                 for n in names
             },
             mlx_active_bytes=mx.get_active_memory(),
-            mlx_peak_bytes=mx.get_peak_memory(),
+            mlx_peak_bytes=max(mx.get_peak_memory(), self.models.mlx_peak_floor),
             evicted_entries=self.evicted_entries,
             unloaded_models=self.unloaded_models,
         )
         if reset_peak:
             self.peak_used = self.used()
             mx.reset_peak_memory()
+            self.models.mlx_peak_floor = 0
         return stats

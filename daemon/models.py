@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import json
 import math
 import time
 from collections import OrderedDict
@@ -76,6 +77,10 @@ class LoadedModel:
     keep_alive_s: float
     kv_bytes_per_token: int = 0
     """KV-cache bytes one more token of context costs (measured at load)."""
+    scratch: tuple[float, float] = (0.0, 0.0)
+    """MLX's transient bytes in a forward pass, per token processed and per (token, context
+    token) pair (measured at load; see ``_scratch_per_token``)."""
+    num_layers: int = 1
     pinned_by_config: bool = False
     last_used: float = field(default_factory=time.time)
     active: int = 0
@@ -84,6 +89,12 @@ class LoadedModel:
     @property
     def pinned(self) -> bool:
         return self.keep_alive_s < 0
+
+    def scratch_bytes(self, tokens: int, context: int) -> int:
+        """Transient bytes of one forward pass over ``tokens`` tokens that attend to
+        ``context`` tokens (activations, attention scores), beyond the KV it writes."""
+        per_token, per_pair = self.scratch
+        return math.ceil(tokens * (per_token + per_pair * context))
 
     def touch(self, keep_alive_s: float | None) -> None:
         self.last_used = time.time()
@@ -125,6 +136,60 @@ def _kv_bytes_per_token(model: Any) -> int:
     arrays = [a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
     mx.eval(arrays)
     return sum(math.ceil(a.nbytes / a.shape[2]) for a in arrays if a.ndim == 4 and a.shape[2])
+
+
+SCRATCH_PROBE_TOKENS = 64
+
+
+def _shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(hidden size, MLP size, attention heads) from a model's config.json."""
+    text = config.get("text_config", config)
+    hidden = int(text.get("hidden_size", 0))
+    intermediate = int(text.get("intermediate_size", 0) or 4 * hidden)
+    return hidden, intermediate, int(text.get("num_attention_heads", 0))
+
+
+def _probe_allowance(path: Path) -> int:
+    """Room for ``_scratch_per_token``'s forward pass, made before loading: a bound from the
+    model's shape (each token's activations at 4 bytes a value, its attention scores)."""
+    try:
+        hidden, intermediate, heads = _shape(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0  # the load itself will say what is wrong
+    tokens = SCRATCH_PROBE_TOKENS
+    return tokens * 4 * (4 * hidden + 4 * intermediate) + heads * tokens * tokens * 8
+
+
+def _scratch_per_token(
+    model: Any, config: dict[str, Any], context_length: int | None
+) -> tuple[float, float]:
+    """MLX's transient bytes in a forward pass, per token processed and per (token,
+    context token) pair, beyond the weights and the KV written.
+
+    The first is measured: the peak of a ``SCRATCH_PROBE_TOKENS``-token prefill over its
+    start and the KV it wrote, per token (its own attention included). The second, the
+    attention scores, is bounded from the shape: 4 bytes per head (scores and their softmax
+    at 2 bytes each, or once in float32). Fitting both from small prefills overstates the
+    second several times over (measured on MLX's CPU backend: the peak per token rises
+    faster at 16-64 tokens than at 256-512); against BatchGenerator's own prefills this
+    pair bounds the peak at every size tested (``tests/test_memory.py``). Fused attention
+    (Metal) makes the bound loose, never short.
+
+    Resets MLX's peak counter: the caller keeps the peak from before."""
+    tokens = SCRATCH_PROBE_TOKENS
+    if context_length:
+        tokens = max(1, min(tokens, context_length - 1))
+    cache = make_prompt_cache(model)
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model(mx.zeros((1, tokens), dtype=mx.int32), cache=cache)
+    arrays = [a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+    mx.eval(arrays)
+    peak = max(0, mx.get_peak_memory() - base - sum(a.nbytes for a in arrays))
+    heads = getattr(getattr(model, "args", None), "num_attention_heads", None) or _shape(config)[2]
+    return peak / tokens, 4.0 * heads
 
 
 def _read_weights(model: Any, report: Callable[[int, int], None] | None) -> int:
@@ -174,6 +239,8 @@ class ModelRegistry:
         self._aliases = {name: Path(p).expanduser() for name, p in config.models.items()}
         self._models_dir = Path(config.models_dir).expanduser() if config.models_dir else None
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self.mlx_peak_floor = 0
+        """MLX's peak before a load's probe reset it: the true peak is the larger."""
         # Resident models whose name now resolves elsewhere (a reload) but that were busy:
         # requests for the name still get them until they are idle and unloaded.
         self._stale: set[str] = set()
@@ -247,10 +314,13 @@ class ModelRegistry:
                 errors.INSUFFICIENT_MEMORY,
                 f"model {name!r} needs {needed} bytes, over the memory budget of {budget}",
             )
-        if not self._make_room(needed):
+        # The weights, and for a moment the probe of their transient buffers.
+        probe = _probe_allowance(path)
+        if not self._make_room(needed + probe):
             raise ModelError(
                 errors.INSUFFICIENT_MEMORY,
-                f"model {name!r} needs {needed} bytes of weights; the memory budget of "
+                f"model {name!r} needs {needed} bytes of weights (and {probe} more while it "
+                f"loads); the memory budget of "
                 f"{budget} is taken by running sequences and pinned models and entries",
             )
         started = time.perf_counter()
@@ -260,6 +330,9 @@ class ModelRegistry:
             report = functools.partial(on_progress, name) if on_progress else None
             nbytes = _read_weights(model, report)
             kv_per_token = _kv_bytes_per_token(model)
+            context_length = config.get("max_position_embeddings")
+            self.mlx_peak_floor = max(self.mlx_peak_floor, mx.get_peak_memory())
+            scratch = _scratch_per_token(model, config, context_length)
         except Exception as exc:  # any failure to load is the model's, not the daemon's
             raise ModelError(errors.MODEL_LOAD_FAILED, f"loading {name!r} failed: {exc}") from exc
         pinned = name in self._config.pinned_models
@@ -271,9 +344,11 @@ class ModelRegistry:
             nbytes=nbytes,
             identity=_identity(path),
             vocab_size=_vocab_size(model, tokenizer),
-            context_length=config.get("max_position_embeddings"),
+            context_length=context_length,
             keep_alive_s=-1.0 if pinned else self._config.keep_alive_s,
             kv_bytes_per_token=kv_per_token,
+            scratch=scratch,
+            num_layers=max(1, len(make_prompt_cache(model))),
             pinned_by_config=pinned,
         )
         self._resident[name] = loaded

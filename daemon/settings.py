@@ -102,7 +102,7 @@ class FileSchema(_Strict):
     memory_budget: Size | None = None
     keep_alive: Annotated[float, msgspec.Meta(ge=-1)] | None = None
     memory_headroom: Annotated[float, msgspec.Meta(ge=0, lt=1)] | None = None
-    """Fraction of the memory budget left to MLX's transient buffers."""
+    """Fraction of the memory budget kept for what the accounting does not see."""
     pinned_models: list[str] | None = None
     """Models never unloaded once loaded (keep-alive forever, never evicted for room)."""
     background_aging: Annotated[float, msgspec.Meta(ge=0)] | None = None

@@ -34,8 +34,9 @@ class SoloResponse:
 
 
 class SoloGenerator:
-    def __init__(self, model: Any, eos: frozenset[int]) -> None:
+    def __init__(self, model: Any, eos: frozenset[int], prefill_step_size: int = 512) -> None:
         self._model = model
+        self._prefill_step_size = prefill_step_size
         self._eos = eos
         self._steps: Any = None
         self._state: list[Any] = []
@@ -67,6 +68,7 @@ class SoloGenerator:
             sampler=samplers[0],
             logits_processors=processors,
             prompt_cache=self._state,
+            prefill_step_size=self._prefill_step_size,
         )
         return [0]
 

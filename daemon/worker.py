@@ -74,7 +74,7 @@ from mlxd.protocol import (
 from .cache import Lease, Lookup, PromptCache, cache_bytes, cache_length
 from .config import Config
 from .faults import Faults, InjectedCrash
-from .memory import MemoryBudget
+from .memory import Footprint, MemoryBudget, generator_bytes
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
@@ -142,8 +142,7 @@ class _Waiting:
     prompt: list[int]
     sampler: Any
     processors: list[Any]
-    reserve: int
-    """KV bytes to set aside for it: prompt plus max_tokens, at most the context."""
+    footprint: Footprint
     warm: Warm | None = None
     position: int = -1
 
@@ -179,7 +178,8 @@ class _Sequence:
     stop: StopMatcher
     received_at: float
     started_at: float
-    reserve: int = 0
+    span: int = 0
+    """Tokens of KV it may hold: prompt plus max_tokens, at most the context."""
     warm: Warm | None = None
     detokenizer: Any = None
     first_token_at: float | None = None
@@ -187,6 +187,15 @@ class _Sequence:
     text: list[str] = field(default_factory=list)
     """What was streamed, for the next turn's key."""
     eos: frozenset[int] = field(default_factory=frozenset)
+
+    def footprint(self, prefill_step: int) -> Footprint:
+        prefilling = self.first_token_at is None
+        rest = len(self.prompt) - self.cached_tokens
+        return Footprint(
+            span=self.span,
+            prefill=min(prefill_step, rest) if prefilling else 0,
+            context=len(self.prompt),
+        )
 
 
 # Fill-in-the-middle token names, each in prefix-suffix-middle (PSM) order: Qwen2.5-Coder
@@ -321,7 +330,7 @@ class Worker:
             config.memory_headroom,
             self._cache,
             self._models,
-            self._live_kv,
+            self._live,
         )
         # By (model name, solo?), in turn order: each model has at most one BatchGenerator
         # and one SoloGenerator running at a time.
@@ -581,7 +590,8 @@ class Worker:
         alone = not any(w.model is loaded for w in self._waiting)
         if self._running(loaded) == 0 and alone:
             eos = frozenset(loaded.tokenizer.eos_token_ids)
-            batch = _Batch(loaded, SoloGenerator(loaded.model, eos), solo=True)
+            solo = SoloGenerator(loaded.model, eos, self._config.prefill_step_size)
+            batch = _Batch(loaded, solo, solo=True)
             self._batches[loaded.name, True] = batch
             return batch
         batch = self._batches.get((loaded.name, False))
@@ -622,17 +632,42 @@ class Worker:
             return Lookup(None, 0, "bypass")
         return self._cache.fetch(loaded.name, tokens)
 
-    def _live_kv(self) -> dict[str, int]:
-        live: dict[str, int] = {}
-        for seq in self._active.values():
-            live[seq.model.name] = live.get(seq.model.name, 0) + seq.reserve
+    def _live(self) -> dict[str, tuple[int, int]]:
+        """(KV, scratch) bytes set aside for the running sequences, by model."""
+        live: dict[str, tuple[int, int]] = {}
+        for batch in self._batches.values():
+            if batch.sequences:
+                kv, scratch = self._generator_bytes(batch)
+                had = live.get(batch.model.name, (0, 0))
+                live[batch.model.name] = (had[0] + kv, had[1] + scratch)
         return live
 
-    def _reservation(self, loaded: LoadedModel, prompt: list[int], max_tokens: int) -> int:
-        tokens = len(prompt) + max_tokens
+    def _prefill_group(self) -> int:
+        return min(self._config.prefill_batch_size, self._config.max_batch_size)
+
+    def _generator_bytes(self, batch: _Batch, extra: Footprint | None = None) -> tuple[int, int]:
+        step = self._config.prefill_step_size
+        sequences = [s.footprint(step) for s in batch.sequences.values()]
+        if extra is not None:
+            sequences.append(extra)
+        return generator_bytes(batch.model, sequences, 1 if batch.solo else self._prefill_group())
+
+    def _footprint(self, loaded: LoadedModel, prompt: list[int], max_tokens: int) -> Footprint:
+        span = len(prompt) + max_tokens
         if loaded.context_length:
-            tokens = min(tokens, loaded.context_length)
-        return tokens * loaded.kv_bytes_per_token
+            span = min(span, loaded.context_length)
+        # At admission the cached share of the prompt is not known yet: the whole of it.
+        prefill = min(self._config.prefill_step_size, len(prompt))
+        return Footprint(span=span, prefill=prefill, context=len(prompt))
+
+    def _needed(self, waiting: _Waiting) -> int:
+        """Bytes that starting ``waiting`` adds: its own KV and scratch, and the padding it
+        gives the batch it joins (or all of a generator's, when it starts one)."""
+        loaded, footprint = waiting.model, waiting.footprint
+        batch = self._batches.get((loaded.name, False))
+        if batch is None or not batch.sequences or batch.model is not loaded:
+            return sum(generator_bytes(loaded, [footprint], self._prefill_group()))
+        return sum(self._generator_bytes(batch, footprint)) - sum(self._generator_bytes(batch))
 
     def _prompt(self, req: Generate, loaded: LoadedModel, warm: bool = False) -> list[int]:
         tokenizer = loaded.tokenizer
@@ -699,13 +734,14 @@ class Worker:
             )
         loaded = self._models.get(req.model, req.keep_alive, self._load_progress(sink, req.id))
         tokens = self._prompt(req, loaded, warm=warm is not None)
-        reserve = self._reservation(loaded, tokens, req.max_tokens)
-        alone = loaded.nbytes + reserve
-        if alone > self._budget.usable:
+        footprint = self._footprint(loaded, tokens, req.max_tokens)
+        kv, scratch = generator_bytes(loaded, [footprint], 1)
+        if loaded.nbytes + kv + scratch > self._budget.usable:
             raise RequestError(
                 errors.INSUFFICIENT_MEMORY,
-                f"this request's KV state ({reserve} bytes for {len(tokens)} prompt tokens "
-                f"and max_tokens {req.max_tokens}) does not fit the memory budget "
+                f"this request's KV state and transient buffers ({kv} + {scratch} bytes for "
+                f"{len(tokens)} prompt tokens and max_tokens {req.max_tokens}) do not fit the "
+                "memory budget "
                 f"({self._budget.usable} bytes usable of {self._budget.limit}) beside the "
                 "model's weights, even alone",
             )
@@ -720,7 +756,7 @@ class Worker:
         # Admitted by the run loop once the whole inbox is read, so that a burst of
         # requests is seen as one and batched from its first step.
         self._waiting.append(
-            _Waiting(req, sink, received_at, loaded, tokens, sampler, processors, reserve, warm)
+            _Waiting(req, sink, received_at, loaded, tokens, sampler, processors, footprint, warm)
         )
 
     def _batch_full(self, loaded: LoadedModel) -> bool:
@@ -757,13 +793,14 @@ class Worker:
         """Whether the budget can set ``waiting``'s KV aside now (freeing cache entries and
         idle models if need be). If not, it waits for running sequences to end; with none
         running, nothing will free up, so it is refused."""
-        if self._budget.make_room(waiting.reserve, keep=waiting.model):
+        needed = self._needed(waiting)
+        if self._budget.make_room(needed, keep=waiting.model):
             return True
         if not self._active:
             self._waiting.remove(waiting)
             waiting.model.active -= 1
             message = (
-                f"{waiting.reserve} bytes of KV state do not fit the memory budget of "
+                f"{needed} bytes of KV state and transient buffers do not fit the memory budget of "
                 f"{self._budget.usable} usable beside the resident weights and pinned cache entries"
             )
             events.append(
@@ -813,7 +850,7 @@ class Worker:
             stop=StopMatcher(req.stop),
             received_at=received_at,
             started_at=time.perf_counter(),
-            reserve=waiting.reserve,
+            span=waiting.footprint.span,
             warm=waiting.warm,
             detokenizer=loaded.tokenizer.detokenizer,
             eos=frozenset(loaded.tokenizer.eos_token_ids),

@@ -253,8 +253,12 @@ class MemorySplit(Struct, kw_only=True):
 
     weights: int
     live_kv: int
-    """Reserved for its running sequences: prompt plus max_tokens each."""
+    """Set aside for its running sequences' KV: prompt plus max_tokens each, as the KV
+    arrays lay it out (a batch pads each sequence to its longest)."""
     cached_kv: int
+    scratch: int = 0
+    """Set aside for its running sequences' transient buffers (prefill activations and
+    attention scores, a step's copies)."""
 
 
 class MemoryStats(Struct, kw_only=True):
@@ -263,8 +267,8 @@ class MemoryStats(Struct, kw_only=True):
 
     budget_bytes: int
     usable_bytes: int
-    """The budget less the headroom kept for MLX's transient buffers: what the accounted
-    total (``used_bytes``) is held under."""
+    """The budget less a headroom for what the accounting does not see: what the
+    accounted total (``used_bytes``) is held under."""
     used_bytes: int
     peak_used_bytes: int
     weights_bytes: int
@@ -272,6 +276,8 @@ class MemoryStats(Struct, kw_only=True):
     cached_kv_bytes: int
     pinned_kv_bytes: int
     by_model: dict[str, MemorySplit]
+    scratch_bytes: int = 0
+    """Set aside for MLX's transient buffers of the running sequences (in ``used_bytes``)."""
     mlx_active_bytes: int
     mlx_peak_bytes: int
     """Since the daemon started, or since the last ``stats`` with ``reset_peak``."""

@@ -93,7 +93,8 @@ def test_a_model_that_fails_to_load_fails_its_requests_only(fresh_daemon: Daemon
         assert client.stats().worker_alive
 
 
-@pytest.mark.parametrize("fresh_daemon", [("--memory-budget", "600K")], indirect=True)
+# One tiny model's weights (410 KB) and, while it loads, its probe (328 KB) fit; two do not.
+@pytest.mark.parametrize("fresh_daemon", [("--memory-budget", "900K")], indirect=True)
 def test_a_load_that_would_exceed_the_budget_is_refused(fresh_daemon: Daemon) -> None:
     import threading
 
@@ -101,8 +102,9 @@ def test_a_load_that_would_exceed_the_budget_is_refused(fresh_daemon: Daemon) ->
         client.load("tiny")
         # tiny is busy, so it cannot make room: tiny-b would take the weights over budget.
         busy = threading.Thread(
-            # 400 tokens of KV (256 B each) fit beside tiny's 410 KB of weights, under the
-            # budget less its 10% headroom.
+            # 400 tokens of KV (256 B each, in 256-token steps) and its transient buffers
+            # (265 KB in all) fit beside tiny's 410 KB of weights, under the budget less its
+            # 10% headroom.
             target=lambda: fresh_daemon.client().generate("x", model="tiny", max_tokens=400)
         )
         busy.start()
@@ -120,7 +122,8 @@ def test_a_load_that_would_exceed_the_budget_is_refused(fresh_daemon: Daemon) ->
         assert set(resident(client)) == {"tiny-b"}
 
 
-@pytest.mark.parametrize("fresh_daemon", [("--memory-budget", "600K")], indirect=True)
+# One tiny model's weights (410 KB) and, while it loads, its probe (328 KB) fit; two do not.
+@pytest.mark.parametrize("fresh_daemon", [("--memory-budget", "900K")], indirect=True)
 def test_lru_model_is_unloaded_when_the_budget_would_be_exceeded(fresh_daemon: Daemon) -> None:
     with fresh_daemon.client() as client:
         size = client.load("tiny").bytes
