@@ -13,6 +13,7 @@ long local run (see README, Testing).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -476,10 +477,9 @@ def harmless(payload: bytes) -> bool:
 def connect(daemon: Daemon) -> RawConn | dict[str, Any]:
     """A connection past its welcome, or the daemon's refusal (the connection then closed)."""
     conn = RawConn(daemon.socket, hello=False)
-    try:
+    # Refused (and closed) before the hello went out: the refusal is still there to read.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         conn.send({"type": "hello", "protocol": 1})
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # refused (and closed) before the hello went out: the refusal is still readable
     first = conn.recv()
     if first["type"] == "welcome":
         return conn
