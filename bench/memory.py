@@ -14,9 +14,11 @@ as the run goes. Workloads, all greedy, through mlxd's Unix socket:
 
 Three phases, each the same interactive work: alone; beside background work marked
 ``priority: background`` (lanes); beside the same background work left ``interactive``
-(no lanes: what a server without lanes does). The table gives interactive TTFT p50/p99 per
-phase, the prompt cache's hits by kind and tokens reused over the whole run, and the peak
-memory (the daemon's accounting and MLX's own measure) against the budget.
+(no lanes: what a server without lanes does). The tables give, per phase, interactive
+TTFT p50/p99 and the share of interactive requests that reused cached tokens; over the
+whole run, the cache's hits by kind of lookup and by kind of request (with why the rest
+of each prompt missed); and the peak memory (the daemon's accounting and MLX's own
+measure) against the budget.
 
     python bench/memory.py [--rounds 2]
 
@@ -31,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -68,44 +71,65 @@ async def timed(client: Any, **request: Any) -> tuple[float, Any]:
     return first, ("".join(parts), stream.done)
 
 
-async def interactive_client(sock: Path, index: int, rounds: int) -> list[float]:
+Record = dict[str, Any]
+"""One request as the client saw it: kind, TTFT, and its done message's cache figures."""
+
+
+def record(kind: str, ttft: float, done: Any) -> Record:
+    return {
+        "kind": kind,
+        "ttft_s": ttft,
+        "prompt_tokens": done.usage.prompt_tokens,
+        "cached_tokens": done.usage.cached_tokens,
+        "lookup": done.cache.kind if done.cache else "bypass",
+        "miss_reason": done.cache.miss_reason if done.cache else None,
+    }
+
+
+async def interactive_client(sock: Path, index: int, rounds: int) -> list[Record]:
     from mlxd.client import AsyncClient
 
-    ttfts: list[float] = []
+    records: list[Record] = []
     async with AsyncClient(sock, name=f"interactive-{index}") as client:
         for r in range(rounds):
             model = ["demo", "small"][(index + r) % 2]
             messages = [{"role": "system", "content": "You are terse."}]
             for turn in range(3):
                 messages.append({"role": "user", "content": f"Client {index}, question {turn}?"})
-                ttft, (text, _) = await timed(
+                ttft, (text, done) = await timed(
                     client, messages=messages, model=model, max_tokens=CHAT_TOKENS
                 )
-                ttfts.append(ttft)
+                records.append(record("chat" if turn == 0 else "chat, next turn", ttft, done))
                 messages.append({"role": "assistant", "content": text})
             source = f"# module {index}.{r}\nimport os\n"
             for line in range(3):
                 source += f"def helper_{line}(path):\n    return os.path.basename(path)\n"
-                ttft, _ = await timed(client, prompt=source, model=model, max_tokens=EDIT_TOKENS)
-                ttfts.append(ttft)
-    return ttfts
+                ttft, (_, done) = await timed(
+                    client, prompt=source, model=model, max_tokens=EDIT_TOKENS
+                )
+                kind = "completion" if line == 0 else "completion, grown"
+                records.append(record(kind, ttft, done))
+    return records
 
 
-async def background_client(sock: Path, index: int, priority: str, stop_at: asyncio.Event) -> int:
+async def background_client(
+    sock: Path, index: int, priority: str, stop_at: asyncio.Event
+) -> list[Record]:
     from mlxd.client import AsyncClient
 
-    done = 0
+    records: list[Record] = []
     async with AsyncClient(sock, name=f"background-{index}") as client:
         while not stop_at.is_set():
-            body = " ".join(f"record {index}-{done}-{i} shipped late." for i in range(50))
-            await client.generate(
-                f"Summarize: {body}\nSummary:",
+            body = " ".join(f"record {index}-{len(records)}-{i} shipped late." for i in range(50))
+            ttft, (_, done) = await timed(
+                client,
+                prompt=f"Summarize: {body}\nSummary:",
                 model="small" if index % 2 else "demo",
                 max_tokens=BULK_TOKENS,
                 priority=priority,
             )
-            done += 1
-    return done
+            records.append(record("background", ttft, done))
+    return records
 
 
 async def phase(sock: Path, rounds: int, background: str | None) -> dict[str, Any]:
@@ -121,15 +145,42 @@ async def phase(sock: Path, rounds: int, background: str | None) -> dict[str, An
         *(interactive_client(sock, i, rounds) for i in range(INTERACTIVE_CLIENTS))
     )
     stop_at.set()
-    bulk_done = sum(await asyncio.gather(*bulk))
-    ttfts = [t for r in results for t in r]
+    bulk_records = [r for records in await asyncio.gather(*bulk) for r in records]
+    interactive = [r for records in results for r in records]
+    ttfts = [r["ttft_s"] for r in interactive]
     return {
         "background": background,
         "requests": len(ttfts),
         "ttft_p50_s": statistics.median(ttfts),
         "ttft_p99_s": percentile(ttfts, 0.99),
-        "background_requests_done": bulk_done,
+        "background_requests_done": len(bulk_records),
+        "interactive_hit_rate": sum(r["cached_tokens"] > 0 for r in interactive) / len(interactive),
+        "interactive_tokens_cached": sum(r["cached_tokens"] for r in interactive)
+        / sum(r["prompt_tokens"] for r in interactive),
+        "records": interactive + bulk_records,
     }
+
+
+def by_kind(records: list[Record]) -> dict[str, dict[str, Any]]:
+    """Per kind of request: how many, how many reused cached tokens, the share of prompt
+    tokens served from the cache, and why the others missed."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for r in records:
+        k = kinds.setdefault(
+            r["kind"], {"requests": 0, "hits": 0, "prompt_tokens": 0, "cached_tokens": 0,
+                        "miss_reasons": {}},
+        )  # fmt: skip
+        k["requests"] += 1
+        k["hits"] += r["cached_tokens"] > 0
+        k["prompt_tokens"] += r["prompt_tokens"]
+        k["cached_tokens"] += r["cached_tokens"]
+        if r["miss_reason"]:
+            reason = re.sub(r"\d+", "N", r["miss_reason"])  # one bucket for every position
+            k["miss_reasons"][reason] = k["miss_reasons"].get(reason, 0) + 1
+    for k in kinds.values():
+        k["hit_rate"] = k["hits"] / k["requests"]
+        k["tokens_cached_share"] = k["cached_tokens"] / k["prompt_tokens"]
+    return kinds
 
 
 def main() -> None:
@@ -187,6 +238,7 @@ def main() -> None:
         stop(daemon)
     shutil.rmtree(work, ignore_errors=True)
 
+    records = [r for p in phases.values() for r in p.pop("records")]
     hits = {k: after.cache.hits[k] - before.cache.hits.get(k, 0) for k in after.cache.hits}
     lookups = sum(hits.values())
     reused = after.cache.tokens_reused - before.cache.tokens_reused
@@ -203,6 +255,7 @@ def main() -> None:
         "headroom": headroom,
         "phases": phases,
         "cache_hits": hits,
+        "cache_by_request_kind": by_kind(records),
         "cache_hit_rate": (lookups - hits.get("miss", 0)) / lookups if lookups else 0.0,
         "prompt_tokens_reused": reused,
         "prompt_tokens_processed": processed,
@@ -229,12 +282,16 @@ def print_table(r: dict[str, Any]) -> None:
         f"{r['weights_bytes']['small'] / mib:.1f} MiB; budget {r['budget_bytes'] / mib:.1f} MiB "
         f"({r['headroom']:.0%} headroom); {r['cpus']} CPUs"
     )
-    print(f"\n{'interactive TTFT':<30}{'requests':>10}{'p50':>12}{'p99':>12}{'bulk done':>11}")
+    print(
+        f"\n{'interactive TTFT':<30}{'requests':>10}{'p50':>12}{'p99':>12}{'bulk done':>11}"
+        f"{'cache hits':>12}{'tokens cached':>15}"
+    )
     alone = r["phases"]["alone"]
     for name, p in r["phases"].items():
         print(
             f"{name:<30}{p['requests']:>10}{p['ttft_p50_s'] * 1000:>10.1f}ms"
             f"{p['ttft_p99_s'] * 1000:>10.1f}ms{p['background_requests_done']:>11}"
+            f"{p['interactive_hit_rate']:>12.0%}{p['interactive_tokens_cached']:>15.0%}"
             + (
                 f"   p50 {p['ttft_p50_s'] / alone['ttft_p50_s']:.2f}x alone"
                 if p is not alone
@@ -243,11 +300,21 @@ def print_table(r: dict[str, Any]) -> None:
         )
     hits = r["cache_hits"]
     print(
-        "\nprompt cache: "
+        "\nprompt cache lookups: "
         + ", ".join(f"{k} {v}" for k, v in hits.items())
         + f"; hit rate {r['cache_hit_rate']:.0%}; prompt tokens reused "
         f"{r['prompt_tokens_reused']} vs computed {r['prompt_tokens_processed']}"
     )
+    print(
+        f"\n{'by request kind':<20}{'requests':>10}{'hit rate':>10}{'tokens cached':>15}  "
+        "why (the rest of) a prompt missed"
+    )
+    for kind, k in sorted(r["cache_by_request_kind"].items()):
+        reasons = ", ".join(f"{n} {c}" for n, c in sorted(k["miss_reasons"].items()))
+        print(
+            f"{kind:<20}{k['requests']:>10}{k['hit_rate']:>10.0%}"
+            f"{k['tokens_cached_share']:>15.0%}  {reasons}"
+        )
     m = r["memory"]
     print(
         f"peak memory: accounted {m['peak_used_bytes'] / mib:.2f} MiB, MLX "

@@ -69,6 +69,30 @@ def cache_length(state: KVState) -> int:
     return int(getattr(state[0], "offset", 0)) if state else 0
 
 
+def settle(state: KVState, tokens: list[int]) -> list[int] | None:
+    """Make ``state`` hold exactly ``tokens`` (or their prefix, if it holds fewer), and
+    hold them compactly; returns the tokens it holds, or None if it cannot be trimmed.
+
+    Plain ``KVCache`` layers grow in 256-token steps: a 100-token chat turn sits in arrays
+    of 256. Stored as it is, an entry would keep (and be billed for) that slack for as long
+    as it is cached, so each layer is copied to its length, one layer at a time (the copy
+    costs one layer's worth at once; the old arrays go with the sequence that grew them).
+    """
+    length = cache_length(state)
+    if length < len(tokens):
+        tokens = tokens[:length]
+    elif length > len(tokens):
+        if not can_trim_prompt_cache(state):
+            return None
+        trim_prompt_cache(state, length - len(tokens))
+    for c in state:
+        if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
+            c.keys = mx.contiguous(c.keys[..., : c.offset, :])
+            c.values = mx.contiguous(c.values[..., : c.offset, :])
+            mx.eval(c.keys, c.values)
+    return tokens
+
+
 def fork(state: KVState, length: int) -> KVState:
     """An independent copy of the first ``length`` tokens of ``state``, sharing memory.
 
@@ -113,6 +137,8 @@ class _Entry:
     nbytes: int
     pin_until: float = 0.0
     """Unix time the pin lasts until (``math.inf``: for good; 0: not pinned)."""
+    background: bool = False
+    """Stored by background work: the only entries background work may evict for room."""
 
     @property
     def pinned(self) -> bool:
@@ -248,20 +274,23 @@ class PromptCache:
     # ------------------------------------------------------------------ storing
 
     def insert(
-        self, model: str, tokens: list[int], state: KVState, pin_until: float | None = None
+        self,
+        model: str,
+        tokens: list[int],
+        state: KVState,
+        pin_until: float | None = None,
+        background: bool = False,
     ) -> bool:
-        """Store ``state`` for ``tokens`` (the state may hold more: it is trimmed to fit).
-        ``pin_until`` pins it (see ``_Entry``); None keeps the pin of an entry it replaces.
+        """Store ``state`` for ``tokens`` (the state may hold more: it is trimmed to fit, see
+        ``settle``). ``pin_until`` pins it (see ``_Entry``); None keeps the pin of an entry
+        it replaces.
 
         Returns False when it was not stored (alone over the byte budget, or empty).
         """
-        length = cache_length(state)
-        if length < len(tokens):
-            tokens = tokens[:length]
-        elif length > len(tokens):
-            if not can_trim_prompt_cache(state):
-                return False
-            trim_prompt_cache(state, length - len(tokens))
+        settled = settle(state, tokens)
+        if settled is None:
+            return False
+        tokens = settled
         if not tokens:
             return False
         nbytes = cache_bytes(state)
@@ -273,7 +302,7 @@ class PromptCache:
         if old is not None:
             pin_until = old.pin_until if pin_until is None else pin_until
             self._remove(old)
-        entry = _Entry(model, key[1], state, nbytes, pin_until or 0.0)
+        entry = _Entry(model, key[1], state, nbytes, pin_until or 0.0, background)
         self._trie.add(model, tokens, entry)
         self._lru[key] = entry
         self._bytes_by_model[model] = self._bytes_by_model.get(model, 0) + nbytes
@@ -297,11 +326,14 @@ class PromptCache:
                 # The newest entry goes too if pins alone fill the cache: never the pins.
                 self._evict_one(entry)
 
-    def evict_bytes(self, needed: int) -> int:
-        """Evict unpinned entries, least recently used first, until ``needed`` bytes are
-        freed or none is left; returns how many went (for the memory budget)."""
+    def evict_bytes(self, needed: int, background_only: bool = False) -> int:
+        """Evict unpinned entries (only background work's, with ``background_only``), least
+        recently used first, until ``needed`` bytes are freed or none is left; returns how
+        many went (for the memory budget)."""
         freed = count = 0
-        for entry in [e for e in self._lru.values() if not e.pinned]:
+        for entry in [
+            e for e in self._lru.values() if not e.pinned and (e.background or not background_only)
+        ]:
             if freed >= needed:
                 break
             freed += entry.nbytes

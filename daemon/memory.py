@@ -21,7 +21,9 @@ temporaries, the allocator's rounding), so MLX's measured peak stays under the b
 When something new needs room (a model to load, a sequence to admit, an entry to cache)
 the policy frees, in this order and only as much as needed: prompt-cache entries, least
 recently used first (never a pinned one); then idle models, least recently used first
-(never a pinned model, never one with a running or waiting sequence). What still does not
+(never a pinned model, never one with a running or waiting sequence). Background work
+that has to share takes only background work's own entries, and no model: it waits for
+room instead (see ``make_room``). What still does not
 fit is refused with ``insufficient_memory`` (or, for a sequence, waits while others run),
 never a crash. One budget, enforced on every path that allocates (mlx-lm #1118, #1392, #1807).
 
@@ -60,10 +62,12 @@ class Footprint:
     """Tokens its prefill processes per step; 0 once it has its first token."""
     context: int
     """Its prompt's length: what the last prefill chunk attends to."""
+    held: int = 0
+    """Bytes of a cached state it took, held until its prefill copies it into the batch."""
 
 
 def generator_bytes(
-    model: LoadedModel, sequences: list[Footprint], prefill_batch: int
+    model: LoadedModel, sequences: list[Footprint], prefill_batch: int, batched: bool = True
 ) -> tuple[int, int]:
     """(KV, scratch) bytes that one generator running ``sequences`` of ``model`` may hold
     at once: its padded KV arrays, and the largest transient of a step."""
@@ -71,9 +75,11 @@ def generator_bytes(
         return 0, 0
     longest = max(s.span for s in sequences) + KV_STEP
     kv = len(sequences) * longest * model.kv_bytes_per_token
-    # Growing (or merging a prefilled group into) the batch concatenates one layer's arrays
-    # at a time: the old and the new copy of that layer live together for a moment.
-    scratch = kv // model.num_layers
+    # Growing a cache concatenates one layer's arrays at a time: the old and the new copy
+    # of that layer live together for a moment. A batch also copies its arrays when
+    # sequences leave it (and merges prefilled groups in): measured on MLX's CPU backend,
+    # up to half of them at once.
+    scratch = kv // 2 if batched else kv // model.num_layers
     scratch += sum(model.scratch_bytes(1, s.span) for s in sequences)  # a decode step
     prefilling = [s for s in sequences if s.prefill]
     if prefilling:
@@ -82,6 +88,7 @@ def generator_bytes(
         chunk = max(s.prefill for s in prefilling)
         context = max(s.context for s in prefilling)
         scratch += group * model.scratch_bytes(chunk, context)
+        scratch += sum(s.held for s in prefilling)
     return kv, scratch
 
 
@@ -126,21 +133,28 @@ class MemoryBudget:
     # ------------------------------------------------------------------ the policy
 
     def make_room(
-        self, needed: int, *, keep: LoadedModel | None = None, unload_models: bool = True
+        self,
+        needed: int,
+        *,
+        keep: LoadedModel | None = None,
+        unload_models: bool = True,
+        for_background: bool = False,
     ) -> bool:
         """Free what the policy allows until ``needed`` more bytes fit; True if they do.
 
         ``keep`` is the model the room is for (never unloaded for itself). With
         ``unload_models`` false only cache entries go (making room for a cache entry must
-        not cost a model its residency)."""
+        not cost a model its residency). ``for_background``: room for background work while
+        other work runs, which takes only background work's own cache entries (never the
+        cached state an editor or a chat comes back to, nor a model): else it waits."""
         if self.fits(needed):
             return True
         over = self.used() + needed - self.usable
-        freed = self.cache.evict_bytes(over)
+        freed = self.cache.evict_bytes(over, background_only=for_background)
         if freed:
             self.evicted_entries += freed
             log.info("budget_evicted_entries", entries=freed, needed=needed)
-        if self.fits(needed) or not unload_models:
+        if self.fits(needed) or not unload_models or for_background:
             return self.fits(needed)
         for victim in self.models.resident():  # least recently used first
             if self.fits(needed):

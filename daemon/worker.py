@@ -71,7 +71,7 @@ from mlxd.protocol import (
     errors,
 )
 
-from .cache import Lease, Lookup, PromptCache, cache_bytes, cache_length
+from .cache import Lease, Lookup, PromptCache, cache_bytes, cache_length, settle
 from .config import Config
 from .faults import Faults, InjectedCrash
 from .memory import Footprint, MemoryBudget, generator_bytes
@@ -180,6 +180,8 @@ class _Sequence:
     started_at: float
     span: int = 0
     """Tokens of KV it may hold: prompt plus max_tokens, at most the context."""
+    held: int = 0
+    """Bytes of the cached state it took, until its prefill merges it into the batch."""
     warm: Warm | None = None
     detokenizer: Any = None
     first_token_at: float | None = None
@@ -195,6 +197,7 @@ class _Sequence:
             span=self.span,
             prefill=min(prefill_step, rest) if prefilling else 0,
             context=len(self.prompt),
+            held=self.held if prefilling else 0,
         )
 
 
@@ -650,7 +653,9 @@ class Worker:
         sequences = [s.footprint(step) for s in batch.sequences.values()]
         if extra is not None:
             sequences.append(extra)
-        return generator_bytes(batch.model, sequences, 1 if batch.solo else self._prefill_group())
+        return generator_bytes(
+            batch.model, sequences, self._prefill_group(), batched=not batch.solo
+        )
 
     def _footprint(self, loaded: LoadedModel, prompt: list[int], max_tokens: int) -> Footprint:
         span = len(prompt) + max_tokens
@@ -666,7 +671,9 @@ class Worker:
         loaded, footprint = waiting.model, waiting.footprint
         batch = self._batches.get((loaded.name, False))
         if batch is None or not batch.sequences or batch.model is not loaded:
-            return sum(generator_bytes(loaded, [footprint], self._prefill_group()))
+            # Alone it runs solo, unless others of its model wait too: the batch's charge.
+            batched = any(w.model is loaded and w is not waiting for w in self._waiting)
+            return sum(generator_bytes(loaded, [footprint], 1, batched=batched))
         return sum(self._generator_bytes(batch, footprint)) - sum(self._generator_bytes(batch))
 
     def _prompt(self, req: Generate, loaded: LoadedModel, warm: bool = False) -> list[int]:
@@ -735,7 +742,7 @@ class Worker:
         loaded = self._models.get(req.model, req.keep_alive, self._load_progress(sink, req.id))
         tokens = self._prompt(req, loaded, warm=warm is not None)
         footprint = self._footprint(loaded, tokens, req.max_tokens)
-        kv, scratch = generator_bytes(loaded, [footprint], 1)
+        kv, scratch = generator_bytes(loaded, [footprint], 1, batched=False)
         if loaded.nbytes + kv + scratch > self._budget.usable:
             raise RequestError(
                 errors.INSUFFICIENT_MEMORY,
@@ -768,9 +775,16 @@ class Worker:
         position = 0
         now = time.perf_counter()
         aging = self._config.background_aging_s
+        # Once a request waits for memory, lower lanes wait too: they would take the room
+        # it waits for.
+        held_below: int | None = None
         # sorted() is stable: arrival order within a lane.
         for waiting in sorted(self._waiting, key=lambda w: w.lane(now, aging)):
-            if not self._batch_full(waiting.model) and self._room_for(waiting, events):
+            lane = waiting.lane(now, aging)
+            admit = not self._batch_full(waiting.model) and (
+                held_below is None or lane <= held_below
+            )
+            if admit and self._room_for(waiting, lane, events):
                 self._waiting.remove(waiting)
                 waiting.model.active -= 1
                 try:
@@ -784,17 +798,21 @@ class Worker:
                 continue
             if waiting not in self._waiting:
                 continue  # refused by _room_for
+            if admit and held_below is None:
+                held_below = lane  # it waits for memory
             if waiting.position != position:
                 waiting.position = position
                 events.append((waiting.sink, Queued(id=waiting.request.id, position=position)))
             position += 1
 
-    def _room_for(self, waiting: _Waiting, events: list[Event]) -> bool:
+    def _room_for(self, waiting: _Waiting, lane: int, events: list[Event]) -> bool:
         """Whether the budget can set ``waiting``'s KV aside now (freeing cache entries and
-        idle models if need be). If not, it waits for running sequences to end; with none
-        running, nothing will free up, so it is refused."""
+        idle models if need be; background work that has to share takes neither the cached
+        states interactive work comes back to nor a model). If not, it waits for running
+        sequences to end; with none running, nothing will free up, so it is refused."""
         needed = self._needed(waiting)
-        if self._budget.make_room(needed, keep=waiting.model):
+        background = lane == 1 and bool(self._active)
+        if self._budget.make_room(needed, keep=waiting.model, for_background=background):
             return True
         if not self._active:
             self._waiting.remove(waiting)
@@ -851,6 +869,8 @@ class Worker:
             received_at=received_at,
             started_at=time.perf_counter(),
             span=waiting.footprint.span,
+            # A solo sequence grows the state it took in place: its KV charge covers it.
+            held=0 if batch.solo or lookup.state is None else cache_bytes(lookup.state),
             warm=waiting.warm,
             detokenizer=loaded.tokenizer.detokenizer,
             eos=frozenset(loaded.tokenizer.eos_token_ids),
@@ -866,6 +886,11 @@ class Worker:
                 if self._faults and self._faults.hit(f"step_error:{batch.model.name}"):
                     raise RuntimeError("injected step error (MLXD_FAULTS)")
                 _, responses = batch.generator.next()
+                # Copy the states of the sequences that ended out now, while the batch's old
+                # arrays are still there anyway: left lazy, they would keep those arrays alive
+                # beside the filtered batch's new ones (a whole second copy of the batch).
+                ended = [r.prompt_cache for r in responses if r.finish_reason and r.prompt_cache]
+                mx.eval([c.state for state in ended for c in state])
             except Exception as exc:
                 # The batch's state can no longer be trusted: fail its sequences, start over.
                 log.exception("batch_failed", model=batch.model.name)
@@ -1000,11 +1025,15 @@ class Worker:
             pin = _pin_until(seq.warm)
         elif finished and seq.request.messages is not None:
             tokens, state = self._next_turn_key(seq, tokens, state)
-        if not self._budget.make_room(cache_bytes(state), unload_models=False):
+        # The state can hold one token more than was streamed (the step ahead), and room to
+        # grow: trimmed to the key and copied compact before room is made for it.
+        settled = settle(state, tokens)
+        if not settled or not self._budget.make_room(cache_bytes(state), unload_models=False):
             return False
-        # The state can hold one token more than was streamed (the step ahead); the cache
-        # trims it to the key.
-        return self._cache.insert(seq.model.name, tokens, state, pin_until=pin)
+        background = seq.request.priority == "background"
+        return self._cache.insert(
+            seq.model.name, settled, state, pin_until=pin, background=background
+        )
 
     def _next_turn_key(
         self, seq: _Sequence, tokens: list[int], state: list[Any]

@@ -107,8 +107,18 @@ def test_two_live_sequences_on_one_prefix_get_independent_states() -> None:
     assert cache.fetch("m", prompt).kind == "miss"
 
 
+def test_a_cached_state_holds_its_tokens_compactly() -> None:
+    state = state_for(4)  # KVCache arrays grow in 256-token steps: 4 tokens in 256 places
+    grown = sum(c.nbytes for c in state)
+    cache = PromptCache(max_bytes=10**9)
+    assert cache.insert("m", [1, 2, 3, 4], state)
+    assert cache.nbytes == grown * 4 // 256
+    assert [c.keys.shape[2] for c in state] == [4] * len(state)
+    assert cache.fetch("m", [1, 2, 3, 4, 5]).reused == 4
+
+
 def test_lru_eviction_by_count_and_by_bytes() -> None:
-    one = sum(c.nbytes for c in state_for(4))
+    one = sum(c.nbytes for c in state_for(4)) * 4 // 256  # as cached: compact
     cache = PromptCache(max_bytes=10**9, max_entries=2)
     for first in (1, 2, 3):
         cache.insert("m", [first, 0, 0, 0], state_for(4))
@@ -133,7 +143,7 @@ def test_a_longer_trimmable_entry_replaces_its_prefixes() -> None:
     cache.insert("m", [1, 2, 3], state_for(3))
     cache.insert("m", [1, 2, 3, 4, 5], state_for(5))
     assert cache.entries() == [("m", (1, 2, 3, 4, 5))]
-    assert cache.bytes_by_model() == {"m": sum(c.nbytes for c in state_for(5))}
+    assert cache.bytes_by_model() == {"m": sum(c.nbytes for c in state_for(5)) * 5 // 256}
 
 
 def test_a_state_holding_more_than_its_key_is_trimmed_to_it() -> None:
@@ -192,7 +202,7 @@ def test_save_and_restore_skips_foreign_and_corrupt_files(tmp_path: Path) -> Non
 
 def test_save_respects_its_size_cap(tmp_path: Path) -> None:
     cache = PromptCache(max_bytes=10**9)
-    one = sum(c.nbytes for c in state_for(4))
+    one = sum(c.nbytes for c in state_for(4)) * 4 // 256  # as cached: compact
     for first in (1, 2, 3):
         cache.insert("m", [first, 0, 0, 0], state_for(4))
     assert cache.save(tmp_path, {"m": "x"}, max_bytes=2 * one) == 2

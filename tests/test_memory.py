@@ -146,8 +146,12 @@ def test_a_pinned_prefix_survives_churn_and_a_restart(tiny_model: Path) -> None:
             system_tokens = warmed.usage.prompt_tokens
             assert warmed.usage.completion_tokens == 0
             # Churn: more distinct states than the 120 KB cache holds.
+            # Each from its first token on its own (a shared start would take, and so
+            # replace, the last one's entry).
+            words = ["alpha", "delta", "omega", "sigma", "kappa", "gamma", "theta", "zeta"]
             for i in range(24):
-                client.generate(f"churn {i} " + "x " * 40, model="tiny", max_tokens=40)
+                prompt = f"{words[i % 8]} {i} churn " + "x " * 80
+                client.generate(prompt, model="tiny", max_tokens=40)
             stats = client.stats()
             assert stats.cache.evictions > 0
             assert stats.memory.pinned_kv_bytes > 0
@@ -272,15 +276,16 @@ def test_background_work_ages_into_the_interactive_lane(tiny_model: Path) -> Non
 
 @pytest.mark.parametrize(
     "lengths",
-    [[20], [300], [300] * 4, [40] * 8, [30, 200, 500], [700, 20]],
-    ids=["one-short", "one-300", "four-300", "eight-40", "mixed", "long-and-short"],
+    [[20], [300], [300] * 4, [40] * 8, [30, 200, 500], [700, 20], [20] * 32],
+    ids=["one-short", "one-300", "four-300", "eight-40", "mixed", "long-and-short", "32-short"],
 )
 def test_set_aside_bytes_bound_what_mlx_allocates_in_a_batch(
     tiny_model: Path, lengths: list[int]
 ) -> None:
     """The budget's charge for a generator's sequences (KV as laid out, plus the transient
     buffers measured at load) is at least MLX's own peak while BatchGenerator prefills and
-    decodes them, in-process on the real model."""
+    decodes them, in-process on the real model, stepped as the worker steps it (the states
+    of sequences that end are evaluated at once, and prefilled in groups of 8)."""
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
@@ -290,16 +295,17 @@ def test_set_aside_bytes_bound_what_mlx_allocates_in_a_batch(
 
     loaded = ModelRegistry(Config(models={"tiny": str(tiny_model)})).get("tiny")
     step, max_tokens = 256, 8
+    group = min(8, len(lengths))
     generator = BatchGenerator(
         loaded.model,
         stop_tokens=[],
         completion_batch_size=len(lengths),
-        prefill_batch_size=len(lengths),
+        prefill_batch_size=group,
         prefill_step_size=step,
     )
     prompts = [[(7 * i + j) % 1000 + 10 for j in range(n)] for i, n in enumerate(lengths)]
     footprints = [Footprint(span=n + max_tokens, prefill=min(step, n), context=n) for n in lengths]
-    kv, scratch = generator_bytes(loaded, footprints, prefill_batch=len(lengths))
+    kv, scratch = generator_bytes(loaded, footprints, prefill_batch=group)
     mx.synchronize()
     mx.clear_cache()
     base = mx.get_active_memory()
@@ -308,7 +314,9 @@ def test_set_aside_bytes_bound_what_mlx_allocates_in_a_batch(
     finished = 0
     while finished < len(lengths):
         _, responses = generator.next()
-        finished += sum(r.finish_reason is not None for r in responses)
+        ended = [r.prompt_cache for r in responses if r.finish_reason is not None]
+        mx.eval([c.state for state in ended for c in state])
+        finished += len(ended)
     peak = mx.get_peak_memory() - base
     generator.close()
     print(f"\n{lengths}: MLX peak {peak} B, set aside {kv} + {scratch} B")
