@@ -327,13 +327,15 @@ class PromptCache:
                 self._evict_one(entry)
 
     def evict_bytes(self, needed: int, background_only: bool = False) -> int:
-        """Evict unpinned entries (only background work's, with ``background_only``), least
-        recently used first, until ``needed`` bytes are freed or none is left; returns how
-        many went (for the memory budget)."""
+        """Evict unpinned entries until ``needed`` bytes are freed or none is left:
+        background work's first, then (unless ``background_only``) the others, each least
+        recently used first. Returns how many went (for the memory budget)."""
+        unpinned = [e for e in self._lru.values() if not e.pinned]
+        order = [e for e in unpinned if e.background]
+        if not background_only:
+            order += [e for e in unpinned if not e.background]
         freed = count = 0
-        for entry in [
-            e for e in self._lru.values() if not e.pinned and (e.background or not background_only)
-        ]:
+        for entry in order:
             if freed >= needed:
                 break
             freed += entry.nbytes

@@ -19,11 +19,11 @@ accounting. The accounting keeps to ``limit`` less a small headroom
 temporaries, the allocator's rounding), so MLX's measured peak stays under the budget.
 
 When something new needs room (a model to load, a sequence to admit, an entry to cache)
-the policy frees, in this order and only as much as needed: prompt-cache entries, least
-recently used first (never a pinned one); then idle models, least recently used first
-(never a pinned model, never one with a running or waiting sequence). Background work
-that has to share takes only background work's own entries, and no model: it waits for
-room instead (see ``make_room``). What still does not
+the policy frees, in this order and only as much as needed: prompt-cache entries stored
+by background work, then the others, least recently used first (never a pinned one); then
+idle models, least recently used first (never a pinned model, never one with a running or
+waiting sequence). Background work that has to share takes only background work's own
+entries, and no model: it waits for room instead (see ``make_room``). What still does not
 fit is refused with ``insufficient_memory`` (or, for a sequence, waits while others run),
 never a crash. One budget, enforced on every path that allocates (mlx-lm #1118, #1392, #1807).
 
@@ -144,9 +144,10 @@ class MemoryBudget:
 
         ``keep`` is the model the room is for (never unloaded for itself). With
         ``unload_models`` false only cache entries go (making room for a cache entry must
-        not cost a model its residency). ``for_background``: room for background work while
-        other work runs, which takes only background work's own cache entries (never the
-        cached state an editor or a chat comes back to, nor a model): else it waits."""
+        not cost a model its residency). ``for_background``: room for background work (a
+        sequence while others run, or its state going into the cache), which takes only
+        background work's own cache entries: never the cached state an editor or a chat
+        comes back to, nor a model."""
         if self.fits(needed):
             return True
         over = self.used() + needed - self.usable

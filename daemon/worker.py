@@ -671,8 +671,10 @@ class Worker:
         loaded, footprint = waiting.model, waiting.footprint
         batch = self._batches.get((loaded.name, False))
         if batch is None or not batch.sequences or batch.model is not loaded:
-            # Alone it runs solo, unless others of its model wait too: the batch's charge.
-            batched = any(w.model is loaded and w is not waiting for w in self._waiting)
+            # Alone it runs solo, unless its model is busy or others of it wait: a batch.
+            batched = self._running(loaded) > 0 or any(
+                w.model is loaded and w is not waiting for w in self._waiting
+            )
             return sum(generator_bytes(loaded, [footprint], 1, batched=batched))
         return sum(self._generator_bytes(batch, footprint)) - sum(self._generator_bytes(batch))
 
@@ -1028,9 +1030,14 @@ class Worker:
         # The state can hold one token more than was streamed (the step ahead), and room to
         # grow: trimmed to the key and copied compact before room is made for it.
         settled = settle(state, tokens)
-        if not settled or not self._budget.make_room(cache_bytes(state), unload_models=False):
+        if not settled:
             return False
+        # Background work's states take the room of no other work's entries.
         background = seq.request.priority == "background"
+        if not self._budget.make_room(
+            cache_bytes(state), unload_models=False, for_background=background
+        ):
+            return False
         return self._cache.insert(
             seq.model.name, settled, state, pin_until=pin, background=background
         )

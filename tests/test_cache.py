@@ -242,3 +242,17 @@ def test_a_pinned_entry_is_never_handed_out_evicted_or_replaced_until_it_expires
     cache.insert("m", [1, 2, 3], state_for(3), pin_until=time.time() - 1)
     assert not cache.pinned("m", [1, 2, 3])
     assert cache.evict_bytes(1) == 1 and len(cache) == 0
+
+
+def test_room_is_made_from_background_work_entries_first() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    cache.insert("m", [1, 0, 0, 0], state_for(4))  # an editor's: the least recently used
+    cache.insert("m", [2, 0, 0, 0], state_for(4), background=True)
+    cache.insert("m", [3, 0, 0, 0], state_for(4), background=True)
+    one = cache.nbytes // 3
+    assert cache.evict_bytes(one) == 1  # a background entry went, not the older editor's
+    assert [k[1][0] for k in cache.entries()] == [1, 3]
+    # Background work that shares takes no other entry, however much it needs.
+    assert cache.evict_bytes(10**9, background_only=True) == 1
+    assert [k[1][0] for k in cache.entries()] == [1]
+    assert cache.evict_bytes(10**9) == 1 and len(cache) == 0

@@ -274,6 +274,56 @@ def test_background_work_ages_into_the_interactive_lane(tiny_model: Path) -> Non
         _stop(d, base)
 
 
+@pytest.mark.parametrize("priority", ["background", "interactive"])
+def test_background_work_that_must_share_takes_no_interactive_cache_entry(
+    tiny_model: Path, priority: str
+) -> None:
+    """Under a budget with room for one bulk sequence beside an editor's cached state but
+    not two, background bulk work waits for room rather than evict that state: the
+    editor's next keystroke is served from it. The same work marked interactive (a server
+    without lanes) evicts it."""
+    from mlxd.daemon.config import Config
+    from mlxd.daemon.memory import Footprint, generator_bytes
+    from mlxd.daemon.models import ModelRegistry
+
+    loaded = ModelRegistry(Config(models={"tiny": str(tiny_model)})).get("tiny")
+    editor = "".join(f"x{i} = {i}\n" for i in range(8))
+    editor_tokens = len(loaded.tokenizer.encode(editor))
+    entry = (editor_tokens + 8) * TINY_KV_PER_TOKEN  # its state, cached compact
+    bulk = Footprint(span=len(loaded.tokenizer.encode("bulk 1")) + 400, prefill=4, context=4)
+    one = sum(generator_bytes(loaded, [bulk], 8))
+    second = sum(generator_bytes(loaded, [bulk, bulk], 8)) - one
+    # Room for the editor's state and one bulk sequence, and half of a second one.
+    budget = int((TINY_WEIGHTS + entry + one + second // 2) / 0.9)
+    base = short_tmpdir()
+    d = start_daemon(
+        base / "mlxd.sock", "--model", f"tiny={tiny_model}", "--memory-budget", str(budget)
+    )
+    try:
+        with d.client() as client:
+            assert client.generate(editor, model="tiny", max_tokens=8).done.usage.cached_tokens == 0
+            conn = RawConn(d.socket)
+            for i in range(1, 5):
+                conn.send(
+                    {"type": "generate", "id": i, "prompt": f"bulk {i}", "max_tokens": 400,
+                     "priority": priority}
+                )  # fmt: skip
+            frames = _frames_until(
+                conn, lambda _, frames: sum(f["type"] == "done" for f in frames) == 4
+            )
+            assert not [f for f in frames if f["type"] == "error"]
+            conn.close()
+            keystroke = editor + "x8 ="
+            done = client.generate(keystroke, model="tiny", max_tokens=8)
+            assert done.tokens == reference(tiny_model, keystroke, 8)[1]
+            if priority == "background":
+                assert done.done.usage.cached_tokens >= editor_tokens - 1
+            else:
+                assert done.done.usage.cached_tokens < editor_tokens - 1
+    finally:
+        _stop(d, base)
+
+
 @pytest.mark.parametrize(
     "lengths",
     [[20], [300], [300] * 4, [40] * 8, [30, 200, 500], [700, 20], [20] * 32],
