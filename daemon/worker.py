@@ -587,11 +587,16 @@ class Worker:
             if batch is not None:
                 batch.generator.close()
 
+    def _runs_solo(self, loaded: LoadedModel, waiting: _Waiting | None = None) -> bool:
+        """Whether a new sequence of ``loaded`` (``waiting``, if it is still in the queue)
+        would run alone: nothing else of its model runs or waits."""
+        others = any(w.model is loaded and w is not waiting for w in self._waiting)
+        return self._running(loaded) == 0 and not others
+
     def _batch_for(self, loaded: LoadedModel) -> _Batch:
         """Where a new sequence of ``loaded`` runs: alone on ``generate_step`` when the model
         has nothing else running (no batching overhead), else in the model's batch."""
-        alone = not any(w.model is loaded for w in self._waiting)
-        if self._running(loaded) == 0 and alone:
+        if self._runs_solo(loaded):
             eos = frozenset(loaded.tokenizer.eos_token_ids)
             solo = SoloGenerator(loaded.model, eos, self._config.prefill_step_size)
             batch = _Batch(loaded, solo, solo=True)
@@ -671,10 +676,7 @@ class Worker:
         loaded, footprint = waiting.model, waiting.footprint
         batch = self._batches.get((loaded.name, False))
         if batch is None or not batch.sequences or batch.model is not loaded:
-            # Alone it runs solo, unless its model is busy or others of it wait: a batch.
-            batched = self._running(loaded) > 0 or any(
-                w.model is loaded and w is not waiting for w in self._waiting
-            )
+            batched = not self._runs_solo(loaded, waiting)
             return sum(generator_bytes(loaded, [footprint], 1, batched=batched))
         return sum(self._generator_bytes(batch, footprint)) - sum(self._generator_bytes(batch))
 
