@@ -1,0 +1,67 @@
+"""The Python clients raise only ``MlxdError``\\s: a connection the daemon closed, or a
+connect it refused, never surfaces as an OSError, an anyio error or an exception group."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import short_tmpdir, start_daemon
+
+from mlxd.client import AsyncClient, Client, ConnectionClosedError, OverloadedError
+
+
+async def test_a_request_after_the_daemon_closed_the_connection_is_connection_closed(
+    tiny_model: Path,
+) -> None:
+    base = short_tmpdir()
+    d = start_daemon(base / "mlxd.sock", "--model", f"tiny={tiny_model}")
+    try:
+        sync = d.client()
+        assert sync.ping() >= 0
+        async with AsyncClient(d.socket) as aio:
+            assert await aio.ping() >= 0
+            # Blocking here, so the async client's reader has not yet seen the close when
+            # the next request is written: the write meets it first.
+            assert d.stop() == 0
+            with anyio.fail_after(30):
+                with pytest.raises(ConnectionClosedError):
+                    await aio.ping()
+                with pytest.raises(ConnectionClosedError):
+                    async for _ in aio.stream("hi", max_tokens=4):
+                        pass
+                with pytest.raises(ConnectionClosedError):
+                    await aio.generate("hi", max_tokens=4)
+        with pytest.raises(ConnectionClosedError):
+            sync.ping()
+        with pytest.raises(ConnectionClosedError):
+            sync.generate("hi", max_tokens=4)
+        sync.close()
+    finally:
+        d.stop()
+        shutil.rmtree(base)
+
+
+async def test_a_refused_connect_is_always_the_daemons_error(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    d = start_daemon(base / "mlxd.sock", "--model", f"tiny={tiny_model}", "--max-connections", "1")
+    try:
+        with d.client() as held:  # the one place: every other connect is refused
+            assert held.ping() >= 0
+            # A hello bigger than the socket's buffer cannot be sent before the daemon has
+            # refused and closed: the write always meets the close (EPIPE), and the client
+            # must still read the refusal. Then plain hellos, which race the close.
+            names = ["x" * (1 << 20)] * 3 + ["mlxd.client"] * 20
+            for name in names:
+                with pytest.raises(OverloadedError):
+                    Client(d.socket, timeout=30, name=name)
+            for name in names:
+                with anyio.fail_after(30), pytest.raises(OverloadedError):
+                    async with AsyncClient(d.socket, name=name):
+                        pass
+            assert held.ping() >= 0
+    finally:
+        assert d.stop() == 0
+        shutil.rmtree(base)
