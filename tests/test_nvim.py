@@ -166,7 +166,8 @@ def test_nvim_client_sends_nothing_to_a_socket_another_user_owns(tmp_path: Path)
         "local ended = nil\n"
         "client:request({ type = 'ping' }, { on_end = function(m) ended = m end })\n"
         "vim.wait(2000, function() return ended ~= nil end)\n"
-        f"vim.fn.writefile({{ vim.fn.json_encode(ended or {{ code = 'no end' }}) }}, {json.dumps(str(result))})\n"
+        "local line = vim.fn.json_encode(ended or { code = 'no end' })\n"
+        f"vim.fn.writefile({{ line }}, {json.dumps(str(result))})\n"
         "vim.cmd('qa!')\n"
     )
     assert NVIM is not None
