@@ -4,13 +4,21 @@ connect it refused, never surfaces as an OSError, an anyio error or an exception
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import anyio
 import pytest
 from conftest import short_tmpdir, start_daemon
 
-from mlxd.client import AsyncClient, Client, ConnectionClosedError, OverloadedError
+from mlxd.client import (
+    AsyncClient,
+    Client,
+    ConnectionClosedError,
+    MlxdError,
+    OverloadedError,
+    RequestTimeoutError,
+)
 
 
 async def test_a_request_after_the_daemon_closed_the_connection_is_connection_closed(
@@ -64,4 +72,21 @@ async def test_a_refused_connect_is_always_the_daemons_error(tiny_model: Path) -
             assert held.ping() >= 0
     finally:
         assert d.stop() == 0
+        shutil.rmtree(base)
+
+
+def test_the_blocking_clients_timeout_is_an_mlxd_error_and_closes() -> None:
+    # A server that accepts and never answers: the hello's reply never comes.
+    base = short_tmpdir()
+    path = base / "mlxd.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    try:
+        with pytest.raises(RequestTimeoutError) as raised:
+            Client(path, timeout=0.5)
+        assert raised.value.code == "timeout"
+        assert isinstance(raised.value, MlxdError) and isinstance(raised.value, TimeoutError)
+    finally:
+        server.close()
         shutil.rmtree(base)
