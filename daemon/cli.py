@@ -213,7 +213,7 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
     import asyncio
 
     from .server import Server
-    from .transport import ActivationError, AlreadyRunning
+    from .transport import ActivationError, AlreadyRunning, UnsafePath
 
     try:
         import uvloop
@@ -229,6 +229,9 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
         return 1
     except ActivationError as exc:
         print(f"mlxd: error: activation_failed: {exc}", file=sys.stderr)
+        return 1
+    except UnsafePath as exc:
+        print(f"mlxd: error: unsafe_socket_path: {exc}", file=sys.stderr)
         return 1
 
 

@@ -323,8 +323,9 @@ class Server:
         inherited = inherited_socket()
         if inherited is not None:
             return await self._serve_inherited(inherited, path)
-        if not prepare_dir(path.parent):
-            log.warning("socket_dir_not_private", dir=str(path.parent))
+        # Not for an inherited socket: its folder is the service manager's (the lock beside
+        # it is still opened without following links).
+        prepare_dir(path.parent)
         lock = SocketLock(path)
         try:
             sock = bind_unix_socket(path)

@@ -6,6 +6,10 @@ Socket activation: systemd passes listening sockets as fds 3.. with ``LISTEN_FDS
 ``launch_activate_socket`` in libSystem, by the name of the plist's ``Sockets`` entry. An
 adopted socket's file belongs to the manager: the daemon never creates, chmods or unlinks it.
 
+Other users: the socket's folder must be ours and closed to everyone else (``prepare_dir``),
+and nothing in it is opened through a symlink (``O_NOFOLLOW``): a folder another user can
+write to lets them swap the socket for theirs, or point the lock at a file of ours.
+
 Threading: called once from the main thread before the event loop serves.
 """
 
@@ -17,6 +21,7 @@ import ctypes.util
 import errno
 import fcntl
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -40,13 +45,53 @@ class ActivationError(RuntimeError):
     """The service manager said it passed a socket, but what it passed cannot be served."""
 
 
+class UnsafePath(RuntimeError):
+    """The socket's folder, or a file in it, could let another user in: refused at start."""
+
+
+def _who(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _open_own_file(path: Path, flags: int) -> int:
+    """``path`` opened without following a symlink, and only if it is a regular file of ours.
+
+    A file reached through a planted symlink (or a hard link) would be someone else's to
+    truncate; ``O_NOFOLLOW`` closes the first, the ``fstat`` of what was opened the rest.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"{path} is a symlink; remove it (rm {path})") from exc
+        raise
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to {_who(st.st_uid)}, not to {_who(os.getuid())}"
+    elif st.st_nlink != 1:
+        problem = f"has {st.st_nlink} hard links"
+    if problem is not None:
+        os.close(fd)
+        raise UnsafePath(f"{path} {problem}; remove it (rm {path})")
+    return fd
+
+
 class SocketLock:
     """An exclusive ``flock`` beside the socket: held for the daemon's life, freed by the
-    kernel when the process dies, so a crashed daemon never blocks the next one."""
+    kernel when the process dies, so a crashed daemon never blocks the next one.
+
+    The file is reused from run to run (no ``O_EXCL``), so it is opened with ``O_NOFOLLOW``
+    and must be a regular file of ours before the pid is written into it."""
 
     def __init__(self, socket_path: Path) -> None:
         self.path = socket_path.with_name(socket_path.name + ".lock")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = _open_own_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -63,11 +108,15 @@ class SocketLock:
 
 
 def running_pid(socket_path: Path) -> int | None:
-    """The pid of the daemon holding ``socket_path``'s lock, or None if none holds it."""
+    """The pid of the daemon holding ``socket_path``'s lock, or None if none holds it.
+
+    A lock that is a symlink, or not a file of ours, is none a daemon of ours can hold
+    (``SocketLock`` refuses them): None, so ``mlxd stop`` never signals a pid planted there.
+    """
     lock = socket_path.with_name(socket_path.name + ".lock")
     try:
-        fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = _open_own_file(lock, os.O_RDONLY)
+    except (FileNotFoundError, UnsafePath):
         return None
     try:
         try:
@@ -96,19 +145,39 @@ def peer_uid(sock: socket.socket) -> int | None:
     return None
 
 
-def prepare_dir(path: Path) -> bool:
-    """Make the socket's folder private to its owner (0700) if it is missing.
+def prepare_dir(path: Path) -> None:
+    """Create the socket's folder, 0700, if it is missing; refuse one others could use.
 
-    An existing folder is left as it is (it may be /tmp, or shared on purpose); the socket
-    itself is still 0600. Returns whether the folder is private.
+    The folder must be a real folder (not a symlink), ours, and closed to group and others:
+    whoever can write to it can replace the socket with theirs and read the prompts sent to
+    it. Refused rather than fixed: another user's folder is not ours to chmod, and a folder
+    of ours left open is a choice the user should see and undo (``chmod 700``).
     """
-    if not path.exists():
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         old_umask = os.umask(0o077)
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
         finally:
             os.umask(old_umask)
-    return stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
+        st = os.lstat(path)  # what is there now, whoever made it
+    fix = "remove it, or choose another --socket (MLXD_SOCKET)"
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePath(f"the socket folder {path} is a symlink; {fix}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePath(f"the socket folder {path} is not a folder; {fix}")
+    if st.st_uid != os.getuid():
+        raise UnsafePath(
+            f"the socket folder {path} belongs to {_who(st.st_uid)}, not to "
+            f"{_who(os.getuid())}: its owner could replace the socket; {fix}"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise UnsafePath(
+            f"the socket folder {path} has mode {mode:04o}: other users could replace the "
+            f"socket; make it private (chmod 700 {path})"
+        )
 
 
 def _is_live(path: Path) -> bool:

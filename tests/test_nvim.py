@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import time
@@ -147,3 +148,40 @@ def test_nvim_plugin_completes_cancels_chats_and_survives_a_restart(
         tiny_model, fim_tokens(tiny_model, two["prefix"], two["suffix"]), MAX_TOKENS
     )
     assert two["suggestion"] == text
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to make a socket another user owns")
+def test_nvim_client_sends_nothing_to_a_socket_another_user_owns(tmp_path: Path) -> None:
+    folder = short_tmpdir()
+    sock = folder / "mlxd.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock))
+    server.listen(8)
+    os.chown(sock, 65534, 65534)  # as if nobody had put it there
+    result = tmp_path / "result.json"
+    script = tmp_path / "probe.lua"
+    script.write_text(
+        f"vim.opt.rtp:prepend({json.dumps(str(ROOT / 'clients' / 'nvim'))})\n"
+        f"local client = require('mlxd.client').new({{ path = {json.dumps(str(sock))} }})\n"
+        "local ended = nil\n"
+        "client:request({ type = 'ping' }, { on_end = function(m) ended = m end })\n"
+        "vim.wait(2000, function() return ended ~= nil end)\n"
+        "local line = vim.fn.json_encode(ended or { code = 'no end' })\n"
+        f"vim.fn.writefile({{ line }}, {json.dumps(str(result))})\n"
+        "vim.cmd('qa!')\n"
+    )
+    assert NVIM is not None
+    try:
+        subprocess.run(
+            [NVIM, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {script}"],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        ended = json.loads(result.read_text())
+        assert ended["code"] == "permission_denied", ended
+        assert "uid 65534" in ended["message"]
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()  # it never connected: not a byte of a hello
+    finally:
+        server.close()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -49,4 +49,5 @@ def test_vscode_client_and_provider_against_the_daemon(daemon: Daemon, tiny_mode
         timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "# pass 5" in run.stdout and "# fail 0" in run.stdout, run.stdout
+    passes = 6 if os.getuid() == 0 else 5  # one needs root (another user's socket)
+    assert f"# pass {passes}" in run.stdout and "# fail 0" in run.stdout, run.stdout

@@ -14,6 +14,8 @@ from .exceptions import (
     MlxdError,
     ModelLoadError,
     OverloadedError,
+    PermissionDeniedError,
+    RequestTimeoutError,
     ShuttingDownError,
     UnknownModelError,
 )
@@ -33,7 +35,9 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "OverloadedError",
+    "PermissionDeniedError",
     "Progress",
+    "RequestTimeoutError",
     "ServerStats",
     "ShuttingDownError",
     "UnknownModelError",

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, get_args
 
 import msgspec
@@ -12,12 +14,35 @@ import msgspec
 from mlxd.protocol import ChatMessage, Done, Generate, Progress, ServerMessage, Warm
 from mlxd.protocol import decode_server_message as _decode
 
+from .exceptions import DaemonUnavailableError, PermissionDeniedError
+
 Messages = Sequence[ChatMessage | Mapping[str, str]]
 T = TypeVar("T", Generate, Warm)
 OnProgress = Callable[[Progress], None]
 """Called with each ``progress`` of a request that waits for its model to load."""
 
 _KNOWN_TYPES = frozenset(t.__struct_config__.tag for t in get_args(ServerMessage))
+
+
+def check_socket_owner(path: Path) -> None:
+    """Refuse a socket that is not our own user's, before connecting to it.
+
+    Whoever owns the socket file runs the server behind it; a socket another user made
+    (in a folder they could write to) would receive our prompts. Strict for root too: root
+    talking to another user's daemon is refused like anyone else.
+    """
+    try:
+        owner = os.stat(path).st_uid
+    except OSError as exc:
+        raise DaemonUnavailableError(
+            "daemon_unavailable", f"no mlxd at {path}: {exc.strerror or exc}"
+        ) from exc
+    if owner != os.getuid():
+        raise PermissionDeniedError(
+            "permission_denied",
+            f"the socket {path} belongs to uid {owner}, not to you (uid {os.getuid()}): "
+            "it is not your mlxd, so nothing was sent to it",
+        )
 
 
 def decode_server_message(payload: bytes) -> Any | None:

@@ -5,7 +5,10 @@
             print(chunk.text, end="")
 
 Leaving a ``stream`` early (``break``, an exception, or dropping it) cancels the request
-on the daemon. Threading: one event loop; the client is not shared between threads.
+on the daemon. Every failure is an ``MlxdError`` (never an anyio error, an OSError or an
+exception group): a connection the daemon closed, or that broke, is a
+``ConnectionClosedError``, or the error the daemon said it closed it for.
+Threading: one event loop; the client is not shared between threads.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from ._common import (
     Completion,
     Messages,
     OnProgress,
+    check_socket_owner,
     decode_server_message,
     generate_request,
     warm_request,
@@ -73,18 +77,18 @@ class AsyncClient:
         self._closed: MlxdError | None = None
 
     async def __aenter__(self) -> AsyncClient:
+        check_socket_owner(self.socket_path)
         try:
             self._stream = await anyio.connect_unix(self.socket_path)
         except OSError as exc:
             raise DaemonUnavailableError(
                 "daemon_unavailable", f"no mlxd at {self.socket_path}: {exc.strerror or exc}"
             ) from exc
-        await self._write(Hello(protocol=PROTOCOL_VERSION, client=self._name))
-        reply = await self._read()
-        if isinstance(reply, Error):
-            raise error_from(reply)
-        assert isinstance(reply, Welcome)
-        self.welcome = reply
+        try:
+            self.welcome = await self._handshake()
+        except BaseException:
+            await self._stream.aclose()
+            raise
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._reader)
@@ -185,6 +189,24 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ plumbing
 
+    async def _handshake(self) -> Welcome:
+        closed = ConnectionClosedError("connection_closed", "closed during the handshake")
+        try:
+            await self._write(Hello(protocol=PROTOCOL_VERSION, client=self._name))
+        except ConnectionClosedError as exc:
+            # A refused connect: the daemon sends its error and closes, and our hello can
+            # meet the close. The error is still there to read.
+            closed = exc
+        try:
+            reply = await self._read()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            raise closed from None
+        if isinstance(reply, Error):
+            raise error_from(reply)
+        if not isinstance(reply, Welcome):
+            raise ConnectionClosedError("connection_closed", f"not a welcome: {reply!r}")
+        return reply
+
     def _route(self, request_id: int) -> MemoryObjectReceiveStream[Any]:
         if self._closed is not None:
             raise self._closed
@@ -218,8 +240,19 @@ class AsyncClient:
     async def _write(self, message: Any) -> None:
         assert self._stream is not None
         frame = self._encoder.frame(message)
-        async with self._send_lock:
-            await self._stream.send(frame)
+        try:
+            async with self._send_lock:
+                await self._stream.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            # The daemon closed before the reader noticed: the reader's reason if it has one.
+            raise self._closed or ConnectionClosedError(
+                "connection_closed", f"the daemon closed the connection ({exc!r})"
+            ) from None
+
+    async def _write_quietly(self, message: Any) -> None:
+        """For a cancel: if the connection is gone, the daemon has cancelled on its own."""
+        with contextlib.suppress(MlxdError):
+            await self._write(message)
 
     async def _read(self) -> Any:
         assert self._stream is not None
@@ -247,6 +280,10 @@ class AsyncClient:
                     self._closed = error_from(message)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
+        except Exception as exc:  # a bad frame, say: never out of the task group
+            self._closed = ConnectionClosedError(
+                "connection_closed", f"the connection failed: {exc!r}"
+            )
         finally:
             if self._closed is None:
                 self._closed = ConnectionClosedError(
@@ -286,7 +323,11 @@ class GenerationStream:
             raise StopAsyncIteration
         if self._receive is None:
             self._receive = self.client._route(self.id)
-            await self.client._write(self.request)
+            try:
+                await self.client._write(self.request)
+            except MlxdError:
+                self._end()
+                raise
         try:
             message = await self._receive.receive()
         except anyio.EndOfStream:
@@ -320,8 +361,9 @@ class GenerationStream:
         if self._ended or self._receive is None:
             self._ended = True
             return
-        await self.client._write(Cancel(id=next(self.client._ids), target=self.id))
-        with anyio.move_on_after(10):
+        await self.client._write_quietly(Cancel(id=next(self.client._ids), target=self.id))
+        # The request is over either way: a connection lost meanwhile is no error of this.
+        with anyio.move_on_after(10), contextlib.suppress(MlxdError):
             async for _ in self:
                 pass
         self._end()
@@ -339,7 +381,9 @@ class GenerationStream:
         client._unroute(target)
         # If the client is closing, start_soon fails: the daemon cancels on disconnect anyway.
         with contextlib.suppress(RuntimeError):
-            client._tg.start_soon(client._write, Cancel(id=next(client._ids), target=target))
+            client._tg.start_soon(
+                client._write_quietly, Cancel(id=next(client._ids), target=target)
+            )
 
 
 __all__ = ["AsyncClient", "GenerationStream", "MlxdError"]

@@ -20,7 +20,18 @@ class DaemonUnavailableError(MlxdError):
 
 
 class ConnectionClosedError(MlxdError):
-    """The daemon closed the connection before the request ended."""
+    """The daemon closed the connection (or it broke) before the request ended, or before
+    this request was sent: open a new client to go on."""
+
+
+class PermissionDeniedError(MlxdError):
+    """Not a daemon of ours: the socket file belongs to another user (checked by the client
+    before it sends anything), or the daemon refused us as another user."""
+
+
+class RequestTimeoutError(MlxdError, TimeoutError):
+    """The blocking client's ``timeout`` passed with no reply; the connection is closed,
+    since a frame may have been cut in two. Also a ``TimeoutError``."""
 
 
 class InvalidRequestError(MlxdError):
@@ -50,6 +61,7 @@ _BY_CODE: dict[str, type[MlxdError]] = {
     errors.OVERLOADED: OverloadedError,
     errors.TOO_MANY_REQUESTS: OverloadedError,
     errors.SHUTTING_DOWN: ShuttingDownError,
+    errors.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

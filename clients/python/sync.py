@@ -5,6 +5,8 @@
             print(chunk.text, end="")
 
 Leaving a ``stream`` early (``break`` or an exception) cancels the request on the daemon.
+Every failure is an ``MlxdError``: a connection the daemon closed or that broke is a
+``ConnectionClosedError`` (or the error the daemon said it closed it for), never an OSError.
 Threading: not shared between threads; use one client per thread.
 """
 
@@ -15,7 +17,7 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mlxd.protocol import (
     HEADER_SIZE,
@@ -47,11 +49,18 @@ from ._common import (
     Completion,
     Messages,
     OnProgress,
+    check_socket_owner,
     decode_server_message,
     generate_request,
     warm_request,
 )
-from .exceptions import ConnectionClosedError, DaemonUnavailableError, error_from
+from .exceptions import (
+    ConnectionClosedError,
+    DaemonUnavailableError,
+    MlxdError,
+    RequestTimeoutError,
+    error_from,
+)
 
 
 class Client:
@@ -65,6 +74,7 @@ class Client:
         self.socket_path = Path(socket_path) if socket_path else default_socket_path()
         self._ids = itertools.count(1)
         self._encoder = Encoder()
+        check_socket_owner(self.socket_path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -74,12 +84,18 @@ class Client:
             raise DaemonUnavailableError(
                 "daemon_unavailable", f"no mlxd at {self.socket_path}: {exc.strerror or exc}"
             ) from exc
-        self._send(Hello(protocol=PROTOCOL_VERSION, client=name))
-        reply = self._read()
+        try:
+            self._send(Hello(protocol=PROTOCOL_VERSION, client=name))
+            reply = self._read()
+        except MlxdError:
+            self.close()
+            raise
         if isinstance(reply, Error):
             self.close()
             raise error_from(reply)
-        assert isinstance(reply, Welcome)
+        if not isinstance(reply, Welcome):
+            self.close()
+            raise ConnectionClosedError("connection_closed", f"not a welcome: {reply!r}")
         self.welcome: Welcome = reply
 
     def close(self) -> None:
@@ -217,7 +233,29 @@ class Client:
             pass  # the connection is gone: the daemon cancels on disconnect
 
     def _send(self, message: Any) -> None:
-        self._sock.sendall(self._encoder.frame(message))
+        try:
+            self._sock.sendall(self._encoder.frame(message))
+        except TimeoutError:
+            self._timed_out()
+        except OSError as exc:
+            # The daemon closed first (a refused connect: the error is sent, then the
+            # close, and our hello can meet the close): say what it said, if it said it.
+            raise self._why_closed(exc) from None
+
+    def _why_closed(self, exc: OSError) -> MlxdError:
+        """The connection-level error the daemon sent before closing, if one is still
+        waiting to be read, else a ``ConnectionClosedError``."""
+        closed = ConnectionClosedError(
+            "connection_closed", f"the daemon closed the connection ({exc.strerror or exc})"
+        )
+        try:
+            self._sock.settimeout(1.0)  # the peer is gone: reads get what is queued, then EOF
+            while True:
+                message = self._read()
+                if isinstance(message, Error) and message.id is None:
+                    return error_from(message)
+        except (MlxdError, OSError):
+            return closed
 
     def _read_for(self, request_id: int) -> Any:
         """The next message for ``request_id``; others (a cancel's reply, say, or a type
@@ -236,8 +274,21 @@ class Client:
     def _receive_exactly(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            part = self._sock.recv(n - len(buf))
+            try:
+                part = self._sock.recv(n - len(buf))
+            except TimeoutError:
+                self._timed_out()
+            except OSError as exc:  # e.g. ECONNRESET: closed with our data unread
+                raise ConnectionClosedError(
+                    "connection_closed", f"the connection broke: {exc.strerror or exc}"
+                ) from None
             if not part:
                 raise ConnectionClosedError("connection_closed", "the daemon closed the connection")
             buf += part
         return bytes(buf)
+
+    def _timed_out(self) -> NoReturn:
+        # A frame may be half read or half written: the connection cannot go on.
+        timeout = self._sock.gettimeout()
+        self.close()
+        raise RequestTimeoutError("timeout", f"no reply within {timeout} s")

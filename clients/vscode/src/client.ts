@@ -4,6 +4,7 @@
 //
 // Threading: node's single event loop; a Client is used from it only.
 
+import * as fs from "node:fs";
 import * as net from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
@@ -45,6 +46,8 @@ export class Client {
   state: "down" | "connecting" | "ready" = "down";
   welcome: Message | undefined;
   lastError: string | undefined;
+  /** Why the last connection ended, for the requests made while down. */
+  private downCode: string | undefined;
   private nextId = 1;
   private pending = new Map<number, Handlers>();
   private outbox: Buffer[] = [];
@@ -69,6 +72,20 @@ export class Client {
     this.lastAttempt = Date.now();
     this.state = "connecting";
     this.inbuf = Buffer.alloc(0);
+    // Whoever owns the socket runs the server behind it: a socket another user made (in a
+    // folder they could write to) would get our code. Checked before connecting.
+    const uid = process.getuid?.();
+    let owner: number | undefined;
+    try {
+      owner = fs.statSync(this.socketPath).uid;
+    } catch {
+      owner = undefined; // missing: the connect says so
+    }
+    if (uid !== undefined && owner !== undefined && owner !== uid) {
+      const why = `${this.socketPath} belongs to uid ${owner}, not to you (uid ${uid})`;
+      this.drop(`${why}: it is not your mlxd, so nothing was sent to it`, false, "permission_denied");
+      return;
+    }
     const socket = net.createConnection(this.socketPath);
     this.socket = socket;
     socket.on("connect", () => {
@@ -89,10 +106,11 @@ export class Client {
     this.drop("closed by the editor", true);
   }
 
-  /** Every request in flight ends with an error: `daemon_unavailable` if the handshake never
-   * finished, else `connection_closed`. */
-  private drop(reason: string, quiet = false): void {
-    const code = this.state === "ready" ? "connection_closed" : "daemon_unavailable";
+  /** Every request in flight ends with an error: `code` if given, else `daemon_unavailable`
+   * if the handshake never finished, else `connection_closed`. */
+  private drop(reason: string, quiet = false, code?: string): void {
+    code ??= this.state === "ready" ? "connection_closed" : "daemon_unavailable";
+    this.downCode = code;
     const socket = this.socket;
     this.socket = undefined;
     this.welcome = undefined;
@@ -154,7 +172,8 @@ export class Client {
 
   /**
    * Send `message` (its `id` is assigned here) and return the id. Without a daemon it ends
-   * at once with the error `daemon_unavailable`, unless a connection attempt is under way.
+   * at once with the error `daemon_unavailable` (`permission_denied` if the socket belongs to
+   * another user), unless a connection attempt is under way.
    */
   request(message: Record<string, unknown>, handlers: Handlers = {}): number {
     const id = this.nextId++;
@@ -163,7 +182,7 @@ export class Client {
       handlers.onEnd?.({
         type: "error",
         id,
-        code: "daemon_unavailable",
+        code: this.downCode === "permission_denied" ? this.downCode : "daemon_unavailable",
         message: this.lastError ?? `no mlxd at ${this.socketPath}`,
       });
       return id;

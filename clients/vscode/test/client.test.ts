@@ -2,6 +2,8 @@
 // holds mlx-lm's greedy outputs for the prompts below (tests/test_vscode.py computes them).
 
 import { strict as assert } from "node:assert";
+import * as fs from "node:fs";
+import * as net from "node:net";
 import { test } from "node:test";
 import { Client, Message } from "../src/client";
 import { InlineProvider, Token, defaultSettings, prefixStart } from "../src/provider";
@@ -104,6 +106,30 @@ test("no daemon: requests fail at once, and the state changes only once", async 
   assert.equal(again.code, "daemon_unavailable");
   assert.deepEqual(states, ["down"]);
 });
+
+test(
+  "a socket another user owns: refused before connecting, not a byte sent",
+  { skip: process.getuid?.() !== 0 && "needs root to make a socket another user owns" },
+  async () => {
+    const dir = fs.mkdtempSync("/tmp/mlxd-vsc-");
+    const path = `${dir}/mlxd.sock`;
+    let connections = 0;
+    const server = net.createServer(() => connections++);
+    await new Promise<void>((resolve) => server.listen(path, resolve));
+    fs.chownSync(path, 65534, 65534); // as if nobody had put it there
+    try {
+      const client = new Client(path);
+      const end = await client.call({ type: "ping" });
+      assert.equal(end.code, "permission_denied");
+      assert.match(String(end.message), /uid 65534/);
+      await sleep(200); // a connect, had there been one, would have been accepted by now
+      assert.equal(connections, 0);
+    } finally {
+      await new Promise((resolve) => server.close(resolve));
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  },
+);
 
 test("the prompt's start moves in steps, not with each keystroke", () => {
   const text = "line\n".repeat(1000);

@@ -68,6 +68,7 @@ function M.new(opts)
     pipe = nil,
     last_attempt = nil,
     last_error = nil,
+    down_code = nil, -- why the last connection ended, for requests made while down
   }, Client)
 end
 
@@ -93,6 +94,18 @@ function Client:connect()
   self.last_attempt = now
   self.state = "connecting"
   self.inbuf = ""
+  -- Whoever owns the socket runs the server behind it: a socket another user made (in a
+  -- folder they could write to) would get our buffers. Checked before connecting.
+  local st = uv.fs_stat(self.path)
+  if st and st.uid ~= uv.getuid() then
+    self:_close(
+      self.path .. " belongs to uid " .. st.uid .. ", not to you (uid " .. uv.getuid()
+        .. "): it is not your mlxd, so nothing was sent to it",
+      false,
+      "permission_denied"
+    )
+    return false
+  end
   local pipe = uv.new_pipe(false)
   self.pipe = pipe
   pipe:connect(
@@ -143,10 +156,11 @@ function Client:_write(bytes)
   end)
 end
 
---- Drop the connection; every request in flight ends with an error: `daemon_unavailable`
---- if the handshake never finished, else `connection_closed`.
-function Client:_close(reason, quiet)
-  local code = self.state == "ready" and "connection_closed" or "daemon_unavailable"
+--- Drop the connection; every request in flight ends with an error: `code` if given, else
+--- `daemon_unavailable` if the handshake never finished, else `connection_closed`.
+function Client:_close(reason, quiet, code)
+  code = code or (self.state == "ready" and "connection_closed" or "daemon_unavailable")
+  self.down_code = code
   local pipe = self.pipe
   self.pipe = nil
   self.welcome = nil
@@ -230,8 +244,8 @@ end
 --- Send `message` (a table with `type`; its `id` is assigned here) and return the id.
 --- handlers.on_message(msg) gets its chunks, queued and progress messages (and any type
 --- newer than this client), handlers.on_end(msg) its done or error, exactly once. Without
---- a connection it ends at once, with the error `daemon_unavailable`, unless a connection
---- attempt is under way.
+--- a connection it ends at once, with the error `daemon_unavailable` (`permission_denied`
+--- if the socket belongs to another user), unless a connection attempt is under way.
 function Client:request(message, handlers)
   handlers = handlers or {}
   local id = self.next_id
@@ -243,7 +257,7 @@ function Client:request(message, handlers)
       handlers.on_end({
         type = "error",
         id = id,
-        code = "daemon_unavailable",
+        code = self.down_code == "permission_denied" and self.down_code or "daemon_unavailable",
         message = self.last_error or ("no mlxd at " .. self.path),
       })
     end
