@@ -210,13 +210,15 @@ class PromptCacheStore:
         body = json.dumps({"format": FORMAT, "files": files, "pending": pending}).encode()
         tmp = self.folder / _tmp(self._manifest.name)
         tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, _FLAGS, 0o600)
         try:
-            os.write(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._manifest)
+            with os.fdopen(os.open(tmp, _FLAGS, 0o600), "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._manifest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half manifest
+            raise
         _fsync(self.folder)
 
     def _remove(self, names: Any) -> None:
