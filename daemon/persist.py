@@ -16,8 +16,8 @@ A saved entry must never be wrong, never fatal and never another user's to read:
 - a daemon deletes only what its own manifest (``manifest-<key of its socket>.json``)
   lists, and file names carry a per-save random prefix, so daemons sharing a state
   folder keep each other's files; a ``prompt-cache`` folder that is a symlink, not a
-  folder or not ours is refused (``cache_persist_disabled``), as is one we cannot read:
-  the daemon then runs without persistence;
+  folder or not ours is refused (``cache_persist_disabled``), as is one we cannot read or
+  whose parent others may write to: the daemon then runs without persistence;
 - folders are 0700 and files 0600 whatever the umask (files are created with that mode
   before mlx writes into them).
 
@@ -92,6 +92,10 @@ class PromptCacheStore:
             return f"it is owned by uid {st.st_uid}, not by us"
         if st.st_mode & 0o077:
             os.chmod(self.folder, 0o700)  # made by an older mlxd, with the umask's mode
+        parent = os.stat(self.folder.parent)
+        if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
+            # Anyone who may write there could swap our folder for a symlink.
+            return "the state folder is writable by other users"
         manifest = self._read_manifest()
         if manifest["pending"]:  # what a killed save left behind
             self._remove(n for n in manifest["pending"] if n not in _names(manifest))

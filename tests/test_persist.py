@@ -283,6 +283,14 @@ def test_a_cache_folder_of_another_user_is_refused(tiny_model: Path, base: Path)
     assert events(d, "cache_persist_disabled"), d.log()
 
 
+def test_a_state_folder_others_may_write_to_is_refused(tiny_model: Path, base: Path) -> None:
+    (base / "state").mkdir()
+    (base / "state").chmod(0o777)  # no sticky bit: anyone could swap prompt-cache for a link
+    _, d = run(base, tiny_model, PROMPTS[:1])
+    assert not saved(base)
+    assert events(d, "cache_persist_disabled"), d.log()
+
+
 def test_two_daemons_sharing_a_state_folder_keep_each_others_files(
     tiny_model: Path, base: Path
 ) -> None:
