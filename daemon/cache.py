@@ -23,7 +23,7 @@ sequence holds, it gets a *fork*: slices of the live arrays, which MLX's copy-on
 keeps independent (a buffer with two owners is copied before it is written, not shared).
 
 Built on mlx-lm: its ``PromptTrie`` (search, add, pop, pop of redundant prefixes), its
-cache classes and ``trim_prompt_cache``, ``save_prompt_cache``/``load_prompt_cache``. Not
+cache classes and ``trim_prompt_cache`` (saving and restoring: daemon/persist.py). Not
 on its ``LRUPromptCache``, which deep-copies every entry it returns (doubling peak memory,
 mlx-lm #1395), keeps no per-model byte counts, and has no notion of leased entries.
 
@@ -33,12 +33,9 @@ Threading: worker thread only. It holds MLX arrays and calls MLX; no locks, by d
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -47,8 +44,6 @@ from mlx_lm.models.cache import (
     KVCache,
     PromptTrie,
     can_trim_prompt_cache,
-    load_prompt_cache,
-    save_prompt_cache,
     trim_prompt_cache,
 )
 
@@ -401,59 +396,9 @@ class PromptCache:
         """Keys, least recently used first."""
         return [k for k in self._lru if model is None or k[0] == model]
 
-    # ------------------------------------------------------------------ persistence
-
-    def save(self, folder: Path, identities: dict[str, str], max_bytes: int) -> int:
-        """Write the most recently used entries, up to ``max_bytes``, for the models in
-        ``identities`` (name -> fingerprint of its weights). Returns the entries written."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.safetensors"):
-            old.unlink()
-        written = total = 0
-        counts: dict[str, int] = {}
-        newest_first = list(reversed(self._lru.values()))
-        # Pins first: within the size cap they are what must survive a restart.
-        ordered = [e for e in newest_first if e.pinned] + [e for e in newest_first if not e.pinned]
-        for entry in ordered:
-            model, tokens = entry.model, entry.tokens
-            identity = identities.get(model)
-            if identity is None or total + entry.nbytes > max_bytes:
-                continue
-            meta = {
-                "mlxd_model": model,
-                "mlxd_identity": identity,
-                "mlxd_tokens": json.dumps(list(tokens)),
-                "mlxd_pin_until": repr(entry.pin_until if entry.pinned else 0.0),
-            }
-            # Numbered most recent first, per model, so a restore can replay LRU order.
-            rank = counts[model] = counts.get(model, -1) + 1
-            path = folder / f"{_file_key(model)}-{rank:05d}.safetensors"
-            save_prompt_cache(str(path), entry.state, meta)
-            written += 1
-            total += entry.nbytes
-        return written
-
-    def restore(self, folder: Path, model: str, identity: str) -> int:
-        """Load the saved entries of ``model``; skip, with a warning, any file that is
-        corrupt or belongs to other weights. Newest entries end most recently used."""
-        restored = 0
-        for path in sorted(folder.glob(f"{_file_key(model)}-*.safetensors"), reverse=True):
-            try:
-                state, meta = load_prompt_cache(str(path), return_metadata=True)
-                if meta.get("mlxd_model") != model:
-                    continue
-                if meta.get("mlxd_identity") != identity:
-                    log.warning("cache_file_skipped", file=path.name, reason="other weights")
-                    continue
-                tokens = json.loads(meta["mlxd_tokens"])
-                pin_until = float(meta.get("mlxd_pin_until", "0.0"))
-                mx.eval([c.state for c in state])
-            except Exception as exc:  # a half-written or foreign file must never stop us
-                log.warning("cache_file_skipped", file=path.name, reason=repr(exc))
-                continue
-            if self.insert(model, tokens, state, pin_until=pin_until):
-                restored += 1
-        return restored
+    def stored(self) -> list[_Entry]:
+        """The stored entries, most recently used first (for daemon/persist.py)."""
+        return list(reversed(self._lru.values()))
 
 
 def _partial_reason(kind: str, reused: int, prompt: int) -> str | None:
@@ -465,7 +410,3 @@ def _partial_reason(kind: str, reused: int, prompt: int) -> str | None:
     if kind == "shorter":
         return f"nothing cached extends past token {reused} of this prompt"
     return None
-
-
-def _file_key(model: str) -> str:
-    return hashlib.sha256(model.encode()).hexdigest()[:16]

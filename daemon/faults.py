@@ -7,7 +7,9 @@
 - ``worker_crash@N``: the worker thread dies at its Nth round (the daemon must fail what
   is in flight with ``worker_unavailable`` and exit non-zero);
 - ``worker_stall@N``: the worker's Nth round takes 3 s more (``health`` must still answer
-  at once, from the event loop, and show the worker busy).
+  at once, from the event loop, and show the worker busy);
+- ``save_stall@N``: a prompt-cache save logs ``fault_save_stall`` and sleeps 60 s before
+  writing its Nth file (a test kills the daemon there: the last save must survive).
 
 Unset in production: ``Faults`` is then falsy, and the worker skips every check.
 

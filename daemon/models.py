@@ -118,11 +118,31 @@ def _weights_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+WHOLE_FILE_HASH_BYTES = 64 * 1024**2
+"""Weight files up to this size are hashed whole; larger ones by their header and samples."""
+SAMPLES, SAMPLE_BYTES = 64, 64 * 1024
+
+
 def _identity(path: Path) -> str:
+    """What saved prompt-cache entries are bound to: config.json, and each weight file's
+    name, size, mtime and contents. Weights swapped in place for others of the same size,
+    with the mtime put back, must not find the old KV: the contents are hashed (whole when
+    small; else the safetensors header, where every tensor's name, shape and offset is,
+    and ``SAMPLES`` blocks spread evenly over the data: 4 MiB read per file, at load)."""
     digest = hashlib.sha256((path / "config.json").read_bytes())
     for f in sorted(path.glob("*.safetensors")):
         st = f.stat()
         digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        with open(f, "rb") as fh:
+            if st.st_size <= WHOLE_FILE_HASH_BYTES:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+                continue
+            header = fh.read(8)
+            digest.update(header)
+            digest.update(fh.read(min(int.from_bytes(header, "little"), st.st_size)))
+            for i in range(SAMPLES):
+                fh.seek((st.st_size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                digest.update(fh.read(SAMPLE_BYTES))
     return digest.hexdigest()[:32]
 
 
@@ -333,6 +353,7 @@ class ModelRegistry:
             context_length = config.get("max_position_embeddings")
             self.mlx_peak_floor = max(self.mlx_peak_floor, mx.get_peak_memory())
             scratch = _scratch_per_token(model, config, context_length)
+            identity = _identity(path)
         except Exception as exc:  # any failure to load is the model's, not the daemon's
             raise ModelError(errors.MODEL_LOAD_FAILED, f"loading {name!r} failed: {exc}") from exc
         pinned = name in self._config.pinned_models
@@ -342,7 +363,7 @@ class ModelRegistry:
             model=model,
             tokenizer=tokenizer,
             nbytes=nbytes,
-            identity=_identity(path),
+            identity=identity,
             vocab_size=_vocab_size(model, tokenizer),
             context_length=context_length,
             keep_alive_s=-1.0 if pinned else self._config.keep_alive_s,

@@ -76,6 +76,7 @@ from .config import Config
 from .faults import Faults, InjectedCrash
 from .memory import Footprint, MemoryBudget, generator_bytes
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
+from .persist import PromptCacheStore
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
 
@@ -344,6 +345,7 @@ class Worker:
         self._prompt_tokens_processed = 0
         self._stopping = False
         self._faults = Faults()
+        self._store = PromptCacheStore(config.cache_dir(), config.socket_path, self._faults)
         self.snapshot = WorkerSnapshot(time.monotonic(), True, 0, 0, ())
         self._swept_at = 0.0
 
@@ -574,11 +576,13 @@ class Worker:
         if not self._config.cache_persist or loaded.name in self._restored:
             return
         self._restored.add(loaded.name)
-        folder = self._config.cache_dir()
-        if folder.is_dir():
-            n = self._cache.restore(folder, loaded.name, loaded.identity)
-            if n:
-                log.info("cache_restored", model=loaded.name, entries=n)
+        try:
+            n = self._store.restore(self._cache, loaded.name, loaded.identity)
+        except Exception as exc:  # a saved cache is an optimisation: never fail a load for it
+            log.warning("cache_restore_failed", model=loaded.name, error=repr(exc))
+            return
+        if n:
+            log.info("cache_restored", model=loaded.name, entries=n)
 
     def _model_unloaded(self, loaded: LoadedModel) -> None:
         self._cache.drop_model(loaded.name)
@@ -624,16 +628,14 @@ class Worker:
         )
 
     def _persist_cache(self) -> None:
-        if not self._config.cache_persist or not len(self._cache):
+        if not self._config.cache_persist or not len(self._cache) or not self._store.usable():
             return
         identities = {m.name: m.identity for m in self._models.resident()}
         try:
-            n = self._cache.save(
-                self._config.cache_dir(), identities, self._config.cache_persist_max_bytes
-            )
-            log.info("cache_saved", entries=n, dir=str(self._config.cache_dir()))
-        except OSError as exc:
-            log.error("cache_save_failed", error=repr(exc))
+            n = self._store.save(self._cache, identities, self._config.cache_persist_max_bytes)
+            log.info("cache_saved", entries=n, dir=str(self._store.folder))
+        except Exception as exc:  # a full disk is a RuntimeError from mlx: never fail shutdown
+            log.error("cache_save_failed", dir=str(self._store.folder), error=repr(exc))
 
     def _lookup(self, req: Generate, loaded: LoadedModel, tokens: list[int]) -> Lookup:
         if not req.cache or self._cache.max_bytes <= 0:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
@@ -179,36 +177,6 @@ def test_drop_model_and_clear() -> None:
     assert cache.drop_model("a") == 1
     assert set(cache.bytes_by_model()) == {"b"}
     assert cache.clear() == 1 and len(cache) == 0 and cache.nbytes == 0
-
-
-def test_save_and_restore_skips_foreign_and_corrupt_files(tmp_path: Path) -> None:
-    cache = PromptCache(max_bytes=10**9)
-    cache.insert("m", [1, 2, 3, 4], state_for(4))
-    cache.insert("m", [7, 8, 9], state_for(3))
-    cache.insert("other", [5, 6], state_for(2))
-    assert cache.save(tmp_path, {"m": "id-1", "other": "id-2"}, max_bytes=10**9) == 3
-
-    files = sorted(tmp_path.glob("*.safetensors"))
-    restored = PromptCache(max_bytes=10**9)
-    assert restored.restore(tmp_path, "m", "id-1") == 2
-    assert restored.entries() == [("m", (1, 2, 3, 4)), ("m", (7, 8, 9))]  # LRU order kept
-    assert contents(restored.fetch("m", [1, 2, 3, 4]).state) == [0.0, 1.0, 2.0]
-
-    assert PromptCache(max_bytes=10**9).restore(tmp_path, "m", "other-weights") == 0
-    for f in files:
-        f.write_bytes(f.read_bytes()[:50])  # truncated: corrupt
-    assert PromptCache(max_bytes=10**9).restore(tmp_path, "m", "id-1") == 0
-
-
-def test_save_respects_its_size_cap(tmp_path: Path) -> None:
-    cache = PromptCache(max_bytes=10**9)
-    one = sum(c.nbytes for c in state_for(4)) * 4 // 256  # as cached: compact
-    for first in (1, 2, 3):
-        cache.insert("m", [first, 0, 0, 0], state_for(4))
-    assert cache.save(tmp_path, {"m": "x"}, max_bytes=2 * one) == 2
-    restored = PromptCache(max_bytes=10**9)
-    restored.restore(tmp_path, "m", "x")
-    assert [k[1][0] for k in restored.entries()] == [2, 3]  # the most recent two
 
 
 def test_a_single_token_prompt_is_never_a_hit() -> None:
