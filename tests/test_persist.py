@@ -294,8 +294,8 @@ def test_a_state_folder_others_may_write_to_is_refused(tiny_model: Path, base: P
 def test_two_daemons_sharing_a_state_folder_keep_each_others_files(
     tiny_model: Path, base: Path
 ) -> None:
-    (base / "a").mkdir()
-    (base / "b").mkdir()
+    (base / "a").mkdir(mode=0o700)  # socket folders must be private
+    (base / "b").mkdir(mode=0o700)
     args = model_args(tiny_model, base)
     a = start_daemon(base / "a" / "mlxd.sock", *args)
     b = start_daemon(base / "b" / "mlxd.sock", *args)
