@@ -115,6 +115,50 @@ def test_a_client_that_never_reads_gives_up_its_batch_places(
         assert end["usage"]["completion_tokens"] == len(ids)
 
 
+def test_a_paused_clients_waiting_requests_do_not_fill_the_queue(tiny_model: Path) -> None:
+    """max_queued counts the requests that can start: those of a client that reads. A paused
+    client's own are bounded by max_requests_per_connection, and end when it leaves."""
+    d = start_daemon(
+        short_tmpdir() / "mlxd.sock",
+        "--model",
+        f"tiny={tiny_model}",
+        "--default-model",
+        "tiny",
+        "--max-batch-size",
+        "2",
+        "--max-queued",
+        "2",
+    )
+    try:
+        greedy = unread_connection(d.socket)
+        for i in range(4):  # two places and two in the queue
+            greedy.send({"type": "generate", "id": i + 1, "prompt": f"g{i}", "max_tokens": 4000})
+        with d.client() as client:
+            paused = wait_for(client, lambda s: s.sequences_preempted >= 2 and s.queued == 4)
+            assert paused.active_sequences == 0
+            # Another client fills both places; a third's request still gets in line.
+            busy = RawConn(d.socket)
+            for rid in (1, 2):
+                busy.send(
+                    {"type": "generate", "id": rid, "prompt": f"busy {rid}", "max_tokens": 300}
+                )
+            wait_for(client, lambda s: s.active_sequences == 2)
+            third = client.generate("def third():", max_tokens=4)
+            assert third.tokens == reference(tiny_model, "def third():", 4)[1]
+            for rid in (1, 2):
+                assert busy.recv_until_end(rid)[1]["finish_reason"] == "length"
+            busy.close()
+            # The paused client leaves: its requests, paused or never started, end.
+            greedy.close()
+            idle = wait_for(client, lambda s: s.requests_in_flight == 1 and s.queued == 0)
+            assert idle.active_sequences == 0
+            assert idle.requests_cancelled == 4
+    finally:
+        code = d.stop()
+        shutil.rmtree(d.socket.parent, ignore_errors=True)
+    assert code == 0, d.log()
+
+
 @pytest.mark.parametrize("solo", [True, False], ids=["solo", "batch"])
 @pytest.mark.parametrize(
     "sampling",
