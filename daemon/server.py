@@ -7,7 +7,8 @@ with backpressure: a slow reader gets its pending chunks merged, never the worke
 another client stalled.
 
 Threading: everything here runs on the event loop thread; it never calls MLX. The only
-ways into the worker are ``Worker.submit``/``cancel``/``preload``/``reconfigure``/``stop``.
+ways into the worker are ``Worker.submit``/``cancel``/``pause``/``resume``/``preload``/
+``reconfigure``/``stop``.
 """
 
 from __future__ import annotations

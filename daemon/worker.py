@@ -25,9 +25,14 @@ for the same conversation (history plus this reply, rendered by the chat templat
 under the tokens it generated, so the next turn hits even where the template renders the
 reply differently (a stop string, reasoning removed, an end-of-turn marker).
 
-Threading: ``submit``, ``cancel``, ``stop``, ``start`` and ``alive`` are for the event loop
-thread; every other method runs on the worker thread. No locks: the inbox and outbox are
-the only shared state, and both are thread-safe queues.
+Paused owners: a connection whose replies pile up unread is paused by the loop
+(``pause``/``resume``); its running sequences leave their batches with their state and go
+on token-exact once it reads (daemon/pausing.py), and its waiting requests neither start
+nor count toward ``max_queued``.
+
+Threading: ``submit``, ``cancel``, ``pause``, ``resume``, ``stop``, ``start`` and ``alive``
+are for the event loop thread; every other method runs on the worker thread. No locks: the
+inbox and outbox are the only shared state, and both are thread-safe queues.
 """
 
 from __future__ import annotations
