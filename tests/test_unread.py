@@ -4,14 +4,17 @@ exactly where they were once it reads. Against a real daemon."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import Daemon, short_tmpdir, start_daemon
 from helpers import RawConn, reference
@@ -51,6 +54,11 @@ def unread_connection(path: Path) -> RawConn:
     conn.send({"type": "hello", "protocol": 1})
     assert conn.recv()["type"] == "welcome"
     return conn
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    payload = msgspec.msgpack.encode(message)
+    return struct.pack(">I", len(payload)) + payload
 
 
 def wait_for(client: Client, check: Any, timeout: float = 120) -> Any:
@@ -113,6 +121,37 @@ def test_a_client_that_never_reads_gives_up_its_batch_places(
         assert got == ids, rid
         assert "".join(c["text"] for c in chunks) == text, rid
         assert end["usage"]["completion_tokens"] == len(ids)
+
+
+def test_a_lone_unread_sequence_is_paused_and_resumed_token_exact(
+    small_batch: Daemon, tiny_model: Path
+) -> None:
+    """Alone, a sequence runs on the SoloGenerator: paused and resumed there, too. The
+    replies piling up unread are pings' (the loop answers them at once), so the pause comes
+    within a few tokens, and comes again as the pings go on while the client reads."""
+    n = 3000
+    conn = unread_connection(small_batch.socket)
+    conn.send({"type": "generate", "id": 1, "prompt": "solo unread:", "max_tokens": n})
+    flood = b"".join(frame({"type": "ping", "id": i}) for i in range(2, 200_000))
+
+    def send_flood() -> None:
+        with contextlib.suppress(OSError):  # closed while the daemon has stopped reading
+            conn.sock.sendall(flood)
+
+    sender = threading.Thread(target=send_flood, daemon=True)
+    sender.start()
+    with small_batch.client() as client:
+        paused = wait_for(client, lambda s: s.sequences_preempted >= 1 and s.queued == 1)
+        assert paused.active_sequences == 0
+        assert paused.tokens_generated < n
+    chunks, end = conn.recv_until_end(1)
+    conn.close()
+    with small_batch.client() as client:
+        assert client.stats().sequences_preempted >= 2  # once at least while it read
+    assert end["finish_reason"] == "length"
+    text, ids = reference(tiny_model, "solo unread:", n)
+    assert [t for c in chunks for t in c["tokens"]] == ids
+    assert "".join(c["text"] for c in chunks) == text
 
 
 def test_a_paused_clients_waiting_requests_do_not_fill_the_queue(tiny_model: Path) -> None:
