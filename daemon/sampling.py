@@ -45,15 +45,26 @@ def _seeded(sampler: Sampler, seed: int) -> Sampler:
     share; reseeding per step makes a seeded request's output independent of whatever else
     the worker runs between its steps.
     """
-    step = 0
+    return _Seeded(sampler, seed)
 
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal step
-        mx.random.seed((seed + step * _GOLDEN) % 2**64)
-        step += 1
-        return sampler(logprobs)
 
-    return sample
+class _Seeded:
+    __slots__ = ("sampler", "seed", "step")
+
+    def __init__(self, sampler: Sampler, seed: int) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.step = 0
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        mx.random.seed((self.seed + self.step * _GOLDEN) % 2**64)
+        self.step += 1
+        return self.sampler(logprobs)
+
+    def rewind(self) -> None:
+        """Forget the last draw: a paused sequence's step-ahead token is drawn again when
+        it resumes, and must be the same."""
+        self.step -= 1
 
 
 TRACES: dict[str, int] = {}

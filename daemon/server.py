@@ -7,7 +7,8 @@ with backpressure: a slow reader gets its pending chunks merged, never the worke
 another client stalled.
 
 Threading: everything here runs on the event loop thread; it never calls MLX. The only
-ways into the worker are ``Worker.submit``/``cancel``/``preload``/``reconfigure``/``stop``.
+ways into the worker are ``Worker.submit``/``cancel``/``pause``/``resume``/``preload``/
+``reconfigure``/``stop``.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ class _Pending:
         self.request = request
         self.received_at = received_at
 
+    @property
+    def owner(self) -> Connection:
+        """What ``Worker.pause``/``resume`` name: the connection the replies go to."""
+        return self.conn
+
 
 class Connection:
     def __init__(
@@ -98,6 +104,8 @@ class Connection:
         self._encoder = FrameEncoder()
         self._queue: collections.deque[Any] = collections.deque()
         self._flusher: asyncio.Task[None] | None = None
+        self._paused = False
+        """The worker was told this connection's replies pile up unread (``Worker.pause``)."""
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     # ------------------------------------------------------------------ reading
@@ -234,6 +242,11 @@ class Connection:
             self._queue[-1] = message  # only the latest figure is worth writing
         else:
             self._queue.append(message)
+        if not self._paused:
+            # The client reads slower than it is written to: its sequences stop taking
+            # batch places from others until what is queued here is written.
+            self._paused = True
+            self.server.worker.pause(self)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -243,10 +256,16 @@ class Connection:
                 await self.writer.drain()
                 if self._queue:
                     self.writer.write(self._encoder.frame(self._queue.popleft()))
+            self._unpause()
         except ConnectionError:
             self.writer.transport.abort()
         finally:
             self._flusher = None
+
+    def _unpause(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.server.worker.resume(self)
 
     async def close(self) -> None:
         # Flush what is queued (an error before closing, say), briefly, then let go.
@@ -256,6 +275,7 @@ class Connection:
         self.closed = True
         for pending in self.pending.values():
             self.server.worker.cancel(pending)
+        self._unpause()  # after the cancels: nothing of this connection resumes
         self.writer.close()
         with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
@@ -449,6 +469,7 @@ class Server:
             tokens_generated=worker.tokens_generated,
             decode_steps=worker.decode_steps,
             prompt_tokens_processed=worker.prompt_tokens_processed,
+            sequences_preempted=worker.sequences_preempted,
             models_resident=worker.models_resident,
             memory_active_bytes=worker.memory_active_bytes,
             memory_peak_bytes=worker.memory_peak_bytes,

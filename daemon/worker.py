@@ -25,9 +25,14 @@ for the same conversation (history plus this reply, rendered by the chat templat
 under the tokens it generated, so the next turn hits even where the template renders the
 reply differently (a stop string, reasoning removed, an end-of-turn marker).
 
-Threading: ``submit``, ``cancel``, ``stop``, ``start`` and ``alive`` are for the event loop
-thread; every other method runs on the worker thread. No locks: the inbox and outbox are
-the only shared state, and both are thread-safe queues.
+Paused owners: a connection whose replies pile up unread is paused by the loop
+(``pause``/``resume``); its running sequences leave their batches with their state and go
+on token-exact once it reads (daemon/pausing.py), and its waiting requests neither start
+nor count toward ``max_queued``.
+
+Threading: ``submit``, ``cancel``, ``pause``, ``resume``, ``stop``, ``start`` and ``alive``
+are for the event loop thread; every other method runs on the worker thread. No locks: the
+inbox and outbox are the only shared state, and both are thread-safe queues.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ from .config import Config
 from .faults import Faults, InjectedCrash
 from .memory import Footprint, MemoryBudget, generator_bytes
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
+from .pausing import Held, can_pause, put_back, take_out
 from .persist import PromptCacheStore
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
@@ -96,6 +102,7 @@ class WorkerStats:
     decode_steps: int
     tokens_generated: int
     prompt_tokens_processed: int
+    sequences_preempted: int
     models_resident: int
     memory_active_bytes: int
     memory_peak_bytes: int
@@ -125,11 +132,22 @@ class _Reconfigure:
     config: Config
 
 
+@dataclass(frozen=True, slots=True)
+class _Pause:
+    owner: Any
+    paused: bool
+
+
 class _Stop:
     pass
 
 
-_Command = _Submit | _Cancel | _Preload | _Reconfigure | _Stop
+_Command = _Submit | _Cancel | _Preload | _Reconfigure | _Pause | _Stop
+
+
+def _owner(sink: Any) -> Any:
+    """The key ``pause``/``resume`` name a sink by (its connection); None: never paused."""
+    return getattr(sink, "owner", None)
 
 
 @dataclass(eq=False)
@@ -146,6 +164,9 @@ class _Waiting:
     footprint: Footprint
     warm: Warm | None = None
     position: int = -1
+    paused: _Sequence | None = None
+    """A sequence that left its batch while its owner was paused, to resume as it was."""
+    held: Held | None = None
 
     def lane(self, now: float, aging_s: float) -> int:
         """0 goes first: interactive, or background that has waited long enough."""
@@ -190,6 +211,8 @@ class _Sequence:
     text: list[str] = field(default_factory=list)
     """What was streamed, for the next turn's key."""
     eos: frozenset[int] = field(default_factory=frozenset)
+    origin: _Waiting | None = None
+    """Its queue entry: where it goes back to (with its sampler) if its owner is paused."""
 
     def footprint(self, prefill_step: int) -> Footprint:
         prefilling = self.first_token_at is None
@@ -253,6 +276,8 @@ def _pin_until(warm: Warm) -> float:
 
 
 def _cancelled_before_start(waiting: _Waiting) -> Done:
+    if waiting.paused is not None:
+        return _done(waiting.paused, "cancelled")
     waited = time.perf_counter() - waiting.received_at
     return Done(
         id=waiting.request.id,
@@ -260,6 +285,31 @@ def _cancelled_before_start(waiting: _Waiting) -> Done:
         fim=_fim_mode(waiting.request, waiting.model),  # type: ignore[arg-type]
         usage=Usage(prompt_tokens=len(waiting.prompt), cached_tokens=0, completion_tokens=0),
         timings=Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0),
+    )
+
+
+def _done(seq: _Sequence, reason: str) -> Done:
+    now = time.perf_counter()
+    first = seq.first_token_at or now
+    decode_s = now - first
+    return Done(
+        id=seq.request.id,
+        finish_reason=reason,  # type: ignore[arg-type]
+        usage=Usage(
+            prompt_tokens=len(seq.prompt),
+            cached_tokens=seq.cached_tokens,
+            completion_tokens=0 if seq.warm else seq.completion_tokens,
+        ),
+        timings=Timings(
+            queue_s=seq.started_at - seq.received_at,
+            ttft_s=first - seq.received_at,
+            total_s=now - seq.received_at,
+            tokens_per_s=(seq.completion_tokens - 1) / decode_s
+            if seq.completion_tokens > 1 and decode_s > 0
+            else 0.0,
+        ),
+        cache=seq.cache_use,
+        fim=_fim_mode(seq.request, seq.model),  # type: ignore[arg-type]
     )
 
 
@@ -343,6 +393,8 @@ class Worker:
         self._tokens_generated = 0
         self._decode_steps = 0
         self._prompt_tokens_processed = 0
+        self._paused: set[Any] = set()  # owners whose replies pile up unread
+        self._preempted = 0
         self._stopping = False
         self._faults = Faults()
         self._store = PromptCacheStore(config.cache_dir(), config.socket_path, self._faults)
@@ -363,6 +415,14 @@ class Worker:
 
     def cancel(self, sink: Any) -> None:
         self._inbox.put(_Cancel(sink))
+
+    def pause(self, owner: Any) -> None:
+        """``owner``'s replies pile up unread: its sequences leave their batches (keeping
+        their state) and its waiting requests wait, until ``resume``."""
+        self._inbox.put(_Pause(owner, True))
+
+    def resume(self, owner: Any) -> None:
+        self._inbox.put(_Pause(owner, False))
 
     def reconfigure(self, config: Config) -> None:
         """Use ``config`` (a SIGHUP reload) for every command queued after this one."""
@@ -447,6 +507,12 @@ class Worker:
                 self._waiting.remove(waiting)
                 waiting.model.active -= 1
                 events.append((waiting.sink, _cancelled_before_start(waiting)))
+            return
+        if isinstance(command, _Pause):
+            if command.paused:
+                self._paused.add(command.owner)
+            else:
+                self._paused.discard(command.owner)
             return
         if isinstance(command, _Reconfigure):
             # Between rounds: running sequences go on as they were; the new aliases, limits
@@ -549,6 +615,7 @@ class Worker:
             decode_steps=self._decode_steps,
             tokens_generated=self._tokens_generated,
             prompt_tokens_processed=self._prompt_tokens_processed,
+            sequences_preempted=self._preempted,
             models_resident=len(self._models.resident()),
             memory_active_bytes=mx.get_active_memory(),
             memory_peak_bytes=mx.get_peak_memory(),
@@ -594,7 +661,10 @@ class Worker:
     def _runs_solo(self, loaded: LoadedModel, waiting: _Waiting | None = None) -> bool:
         """Whether a new sequence of ``loaded`` (``waiting``, if it is still in the queue)
         would run alone: nothing else of its model runs or waits."""
-        others = any(w.model is loaded and w is not waiting for w in self._waiting)
+        others = any(
+            w.model is loaded and w is not waiting and _owner(w.sink) not in self._paused
+            for w in self._waiting
+        )
         return self._running(loaded) == 0 and not others
 
     def _batch_for(self, loaded: LoadedModel) -> _Batch:
@@ -650,6 +720,10 @@ class Worker:
                 kv, scratch = self._generator_bytes(batch)
                 had = live.get(batch.model.name, (0, 0))
                 live[batch.model.name] = (had[0] + kv, had[1] + scratch)
+        for waiting in self._waiting:
+            if waiting.held is not None:  # a paused sequence's state, out of any batch
+                had = live.get(waiting.model.name, (0, 0))
+                live[waiting.model.name] = (had[0] + waiting.held.nbytes, had[1])
         return live
 
     def _prefill_group(self) -> int:
@@ -760,10 +834,11 @@ class Worker:
             )
         sampler, processors = make_sampling(req, loaded.vocab_size)
         free = max(0, self._config.max_batch_size - self._running(loaded))
-        if len(self._waiting) >= self._config.max_queued + free:
+        waiting = self._queued()
+        if waiting >= self._config.max_queued + free:
             raise RequestError(
                 errors.OVERLOADED,
-                f"{len(self._waiting)} requests are already waiting (max_queued)",
+                f"{waiting} requests are already waiting (max_queued)",
             )
         loaded.active += 1  # reserved: a model with waiting work is not unloaded
         # Admitted by the run loop once the whole inbox is read, so that a burst of
@@ -777,7 +852,10 @@ class Worker:
 
     def _admit(self, events: list[Event]) -> None:
         """Start waiting requests, in lane order, where their model's batch has room and
-        the budget can set their KV aside; tell the others their place when it changed."""
+        the budget can set their KV aside; tell the others their place when it changed. A
+        paused owner's requests wait, ahead of no one: they neither start nor get a place."""
+        if self._paused:
+            self._pause_running(events)
         position = 0
         now = time.perf_counter()
         aging = self._config.background_aging_s
@@ -786,6 +864,8 @@ class Worker:
         held_below: int | None = None
         # sorted() is stable: arrival order within a lane.
         for waiting in sorted(self._waiting, key=lambda w: w.lane(now, aging)):
+            if self._paused and _owner(waiting.sink) in self._paused:
+                continue
             lane = waiting.lane(now, aging)
             admit = not self._batch_full(waiting.model) and (
                 held_below is None or lane <= held_below
@@ -794,7 +874,11 @@ class Worker:
                 self._waiting.remove(waiting)
                 waiting.model.active -= 1
                 try:
-                    self._begin(waiting)
+                    if waiting.held is not None:
+                        self._resume(waiting)
+                    else:
+                        self._begin(waiting)
+                        self._active[waiting.sink].origin = waiting
                 except Exception as exc:
                     log.exception("request_failed", request_id=waiting.request.id)
                     error = Error(
@@ -811,12 +895,76 @@ class Worker:
                 events.append((waiting.sink, Queued(id=waiting.request.id, position=position)))
             position += 1
 
+    def _queued(self) -> int:
+        """Requests waiting for a place, less a paused owner's: a client that does not read
+        its replies cannot fill the queue for the others (its own requests are bounded by
+        ``max_requests_per_connection``)."""
+        if not self._paused:
+            return len(self._waiting)
+        return sum(1 for w in self._waiting if _owner(w.sink) not in self._paused)
+
+    def _pause_running(self, events: list[Event]) -> None:
+        """Paused owners' running sequences leave their batches and wait, state kept (see
+        daemon/pausing.py). One still prefilling leaves after its first token; a warm-up
+        ends with its prefill anyway."""
+        for seq in [s for s in self._active.values() if _owner(s.sink) in self._paused]:
+            if seq.first_token_at is None or seq.warm is not None or seq.origin is None:
+                continue
+            if not can_pause(seq.model):
+                continue
+            waiting = seq.origin
+            held = take_out(seq.batch.generator, seq.uid, waiting.sampler)
+            self._active.pop(seq.sink, None)
+            seq.batch.sequences.pop(seq.uid, None)
+            if seq.batch.solo:
+                self._batches.pop((seq.model.name, True), None)  # remove() closed it
+            if seq.lease is not None:
+                self._cache.release(seq.lease)  # a solo state others forked from: no longer live
+                seq.lease = None
+            if held is None:
+                seq.model.active -= 1
+                message = "the sequence's state could not be kept while it was paused"
+                events.append(
+                    (
+                        seq.sink,
+                        Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=message),
+                    )
+                )
+                continue
+            # Back in the queue in arrival order; the model stays reserved (``active``).
+            waiting.paused, waiting.held, waiting.position = seq, held, -1
+            waiting.footprint = Footprint(
+                span=seq.span, prefill=len(held.feed), context=len(held.tokens) + len(held.feed)
+            )
+            at = next(
+                (i for i, w in enumerate(self._waiting) if w.received_at > waiting.received_at),
+                len(self._waiting),
+            )
+            self._waiting.insert(at, waiting)
+            self._preempted += 1
+
+    def _resume(self, waiting: _Waiting) -> None:
+        """Put a paused sequence back into a batch: it goes on where it was."""
+        seq, held = waiting.paused, waiting.held
+        assert seq is not None and held is not None
+        batch = self._batch_for(waiting.model)
+        remaining = seq.request.max_tokens - seq.completion_tokens
+        uid = put_back(batch.generator, held, remaining, waiting.sampler, waiting.processors)
+        waiting.model.active += 1
+        waiting.paused = waiting.held = None
+        seq.batch, seq.uid = batch, uid
+        batch.sequences[uid] = seq
+        self._active[seq.sink] = seq
+
     def _room_for(self, waiting: _Waiting, lane: int, events: list[Event]) -> bool:
         """Whether the budget can set ``waiting``'s KV aside now (freeing cache entries and
         idle models if need be; background work that has to share takes neither the cached
         states interactive work comes back to nor a model). If not, it waits for running
         sequences to end; with none running, nothing will free up, so it is refused."""
         needed = self._needed(waiting)
+        if waiting.held is not None:
+            # Already counted (``_live``); it moves into the batch's arrays as it joins.
+            needed = max(0, needed - waiting.held.nbytes)
         background = lane == 1 and bool(self._active)
         if self._budget.make_room(needed, keep=waiting.model, for_background=background):
             return True
@@ -976,33 +1124,7 @@ class Worker:
                 )
             )
             return
-        now = time.perf_counter()
-        first = seq.first_token_at or now
-        decode_s = now - first
-        events.append(
-            (
-                seq.sink,
-                Done(
-                    id=seq.request.id,
-                    finish_reason=reason,  # type: ignore[arg-type]
-                    usage=Usage(
-                        prompt_tokens=len(seq.prompt),
-                        cached_tokens=seq.cached_tokens,
-                        completion_tokens=0 if seq.warm else seq.completion_tokens,
-                    ),
-                    timings=Timings(
-                        queue_s=seq.started_at - seq.received_at,
-                        ttft_s=first - seq.received_at,
-                        total_s=now - seq.received_at,
-                        tokens_per_s=(seq.completion_tokens - 1) / decode_s
-                        if seq.completion_tokens > 1 and decode_s > 0
-                        else 0.0,
-                    ),
-                    cache=seq.cache_use,
-                    fim=_fim_mode(seq.request, seq.model),  # type: ignore[arg-type]
-                ),
-            )
-        )
+        events.append((seq.sink, _done(seq, reason)))
 
     def _drop(
         self,

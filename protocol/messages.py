@@ -335,6 +335,9 @@ class ServerStats(Struct, kw_only=True):
     worker_alive: bool
     cache: CacheStats | None = None
     memory: MemoryStats | None = None
+    sequences_preempted: int = 0
+    """Times a running sequence left its batch, state kept, because its connection's
+    replies piled up unread; it resumed where it was once they were read."""
 
 
 class Done(_Message, tag="done"):
