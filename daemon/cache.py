@@ -43,6 +43,7 @@ from typing import Any
 
 import mlx.core as mx
 import structlog
+from mlx.utils import tree_map
 from mlx_lm.models.cache import (
     KVCache,
     PromptTrie,
@@ -77,6 +78,15 @@ def settle(state: KVState, tokens: list[int]) -> list[int] | None:
     of 256. Stored as it is, an entry would keep (and be billed for) that slack for as long
     as it is cached, so each layer is copied to its length, one layer at a time (the copy
     costs one layer's worth at once; the old arrays go with the sequence that grew them).
+
+    A state taken out of a batch (``BatchGenerator.remove(..., return_prompt_caches=True)``:
+    cancel, stop string, supersede, disconnect) is a lazy slice of the whole batch's
+    arrays: left so, it keeps all of them alive while being billed for its own share. So
+    every layer is also made to own exactly its bytes and evaluated: ``mx.contiguous``
+    copies an array whose buffer holds more than its elements (a row slice included) and
+    shares one that is already whole (checked in tests/test_cache.py), so a state that
+    already owns its arrays (one ``_step_all`` evaluated, one compacted here) is not
+    copied again.
     """
     length = cache_length(state)
     if length < len(tokens):
@@ -86,11 +96,19 @@ def settle(state: KVState, tokens: list[int]) -> list[int] | None:
             return None
         trim_prompt_cache(state, length - len(tokens))
     for c in state:
-        if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
+        if c.empty():
+            continue
+        if type(c) is KVCache and c.keys.shape[2] > c.offset:
             c.keys = mx.contiguous(c.keys[..., : c.offset, :])
             c.values = mx.contiguous(c.values[..., : c.offset, :])
-            mx.eval(c.keys, c.values)
+        else:
+            c.state = tree_map(_owned, c.state)
+        mx.eval(c.state)
     return tokens
+
+
+def _owned(x: Any) -> Any:
+    return mx.contiguous(x) if isinstance(x, mx.array) else x
 
 
 def fork(state: KVState, length: int) -> KVState:

@@ -117,6 +117,29 @@ def test_a_cached_state_holds_its_tokens_compactly() -> None:
     assert cache.fetch("m", [1, 2, 3, 4, 5]).reused == 4
 
 
+def test_a_state_taken_out_of_a_batch_owns_exactly_its_bytes_once_cached() -> None:
+    # What BatchGenerator.remove(..., return_prompt_caches=True) hands back: one row of the
+    # batch's arrays, as long as its offset (so no compaction), whether still lazy (as
+    # remove returns it) or already evaluated (a row slice is then a view of the batch).
+    for lazy in (True, False):
+        batch = mx.concatenate([positions(0, 256)] * 8)
+        mx.eval(batch)
+        state = []
+        for _ in range(LAYERS):
+            c = KVCache()
+            c.keys, c.values, c.offset = batch[3:4], batch[3:4], 256
+            if not lazy:
+                mx.eval(c.keys, c.values)
+            state.append(c)
+        cache = PromptCache(max_bytes=10**9)
+        assert cache.insert("m", list(range(256)), state)
+        before = mx.get_active_memory()
+        del batch, c
+        freed = before - mx.get_active_memory()
+        assert freed == 8 * HEADS * 256 * DIM * 4, (lazy, freed)  # the whole batch went
+        assert contents(cache.fetch("m", list(range(257))).state) == list(range(256))
+
+
 def test_lru_eviction_by_count_and_by_bytes() -> None:
     one = sum(c.nbytes for c in state_for(4)) * 4 // 256  # as cached: compact
     cache = PromptCache(max_bytes=10**9, max_entries=2)
