@@ -74,12 +74,15 @@ from mlxd.protocol import (
 from .cache import Lease, Lookup, PromptCache, cache_bytes, cache_length, settle
 from .config import Config
 from .faults import Faults, InjectedCrash
-from .memory import Footprint, MemoryBudget, generator_bytes
+from .memory import Footprint, MemoryBudget, generator_bytes, give_back_buffers
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
 
 log = structlog.get_logger("mlxd.worker")
+
+IDLE_TRIM_S = 1.0
+"""Idle seconds after which MLX's buffer cache is emptied."""
 
 WorkerRequest = Generate | Warm | Load | Unload | ListModels | ClearCache | GetStats
 Event = tuple[Any, Any]
@@ -424,9 +427,15 @@ class Worker:
         if not self._active and not self._waiting:
             # Idle: sleep until a command comes or a model's keep-alive expires.
             self._publish(idle=True)
+            timeout = self._models.next_expiry()
+            if mx.get_cache_memory():
+                # Give MLX's buffer cache back to the system once idle for a moment (not
+                # between the keystrokes of a burst, which reuse it).
+                timeout = IDLE_TRIM_S if timeout is None else min(timeout, IDLE_TRIM_S)
             try:
-                commands.append(self._inbox.get(timeout=self._models.next_expiry()))
+                commands.append(self._inbox.get(timeout=timeout))
             except queue.Empty:
+                give_back_buffers()
                 return commands
         with contextlib.suppress(queue.Empty):
             while True:
@@ -454,6 +463,7 @@ class Worker:
             self._cache.set_limits(command.config.cache_max_bytes, command.config.cache_max_entries)
             self._budget.limit = command.config.memory_budget_bytes
             self._budget.headroom = command.config.memory_headroom
+            self._budget.bound_buffer_cache()
             return
         if isinstance(command, _Preload):
             try:
@@ -517,6 +527,7 @@ class Worker:
             return Done(id=req.id, models=self._models.infos())
         if isinstance(req, ClearCache):
             dropped = self._cache.clear(req.model)
+            give_back_buffers()  # the entries' memory goes back to the system, not MLX's pool
             log.info("cache_cleared", model=req.model, entries=dropped)
             return Done(id=req.id)
         return self._stats(req.reset_peak)
