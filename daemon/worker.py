@@ -183,6 +183,9 @@ class _Sequence:
     started_at: float
     span: int = 0
     """Tokens of KV it may hold: prompt plus max_tokens, at most the context."""
+    max_tokens: int = 0
+    """Tokens it may generate: ``max_tokens``, capped so that prompt plus generated tokens
+    stay within the model's context (``span`` less the prompt)."""
     held: int = 0
     """Bytes of the cached state it took, until its prefill merges it into the batch."""
     warm: Warm | None = None
@@ -850,9 +853,11 @@ class Worker:
         sampler, processors = waiting.sampler, waiting.processors
         lookup = self._lookup(req, loaded, tokens)
         batch = self._batch_for(loaded)
+        # No decoding past the model's context: what the footprint's span was charged for.
+        max_tokens = waiting.footprint.span - len(tokens)
         (uid,) = batch.generator.insert(
             [tokens[lookup.reused :]],
-            max_tokens=[req.max_tokens],
+            max_tokens=[max_tokens],
             caches=[lookup.state],
             # The cached part of the prompt: context for the penalties, and the start of
             # the token list the generator returns with the final state (the cache key).
@@ -884,6 +889,7 @@ class Worker:
             received_at=received_at,
             started_at=time.perf_counter(),
             span=waiting.footprint.span,
+            max_tokens=max_tokens,
             # A solo sequence grows the state it took in place: its KV charge covers it.
             held=0 if batch.solo or lookup.state is None else cache_bytes(lookup.state),
             warm=waiting.warm,
@@ -940,7 +946,7 @@ class Worker:
         seq.completion_tokens += 1
         self._tokens_generated += 1
         seq.detokenizer.add_token(token)
-        if seq.completion_tokens >= seq.request.max_tokens:
+        if seq.completion_tokens >= seq.max_tokens:
             seq.detokenizer.finalize()
             text = seq.detokenizer.last_segment
             self._finish(seq, "length", events, text, [token], final=final)
