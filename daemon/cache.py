@@ -22,6 +22,16 @@ sequences can write into one KV state. When a second sequence wants a prefix tha
 sequence holds, it gets a *fork*: slices of the live arrays, which MLX's copy-on-write
 keeps independent (a buffer with two owners is copied before it is written, not shared).
 
+Take or fork. An entry is taken (and trimmed) only when the sequence keeps most of it: at
+least as many tokens as trimming would drop (``_worth_taking``). The next keystroke in a
+file, or the same prompt again, drops only the generated tail and takes the entry. A
+prompt that shares only a little of a longer entry (another file that starts with the
+same token or two) gets a fork of that little and leaves the entry in the trie: switching
+between files must not destroy their states. Its own state is stored beside the other
+(it is no prefix of it, so it does not make it redundant) and LRU eviction decides which
+goes. A fork's slices share the entry's buffers only until the sequence writes (it grows
+its arrays, or its batch merges them, by copying); what it gives back is copied compact.
+
 Built on mlx-lm: its ``PromptTrie`` (search, add, pop, pop of redundant prefixes), its
 cache classes and ``trim_prompt_cache``, ``save_prompt_cache``/``load_prompt_cache``. Not
 on its ``LRUPromptCache``, which deep-copies every entry it returns (doubling peak memory,
@@ -267,9 +277,14 @@ class PromptCache:
 
     def _take(self, entry: _Entry, length: int) -> KVState:
         """Hand ``entry`` over, trimmed to ``length`` tokens: out of the trie, no copy; a
-        pinned entry stays, and the sequence gets a fork of it."""
+        pinned entry, or one of which too little is reused, stays, and the sequence gets a
+        fork of it."""
         if entry.pinned:
             self._lru.move_to_end((entry.model, entry.tokens))
+            self.counters.forks += 1
+            return fork(entry.state, length)
+        if not _worth_taking(entry, length):
+            # Not a use of the entry's own content: its place in the LRU order stays.
             self.counters.forks += 1
             return fork(entry.state, length)
         self._remove(entry)
@@ -472,6 +487,12 @@ class PromptCache:
             if self.insert(model, tokens, state, pin_until=pin_until):
                 restored += 1
         return restored
+
+
+def _worth_taking(entry: _Entry, length: int) -> bool:
+    """Whether reusing ``length`` tokens of ``entry`` may consume it: trimming would drop
+    no more than it keeps (see the module's docstring, "Take or fork")."""
+    return len(entry.tokens) - length <= length
 
 
 def _partial_reason(kind: str, reused: int, prompt: int) -> str | None:

@@ -89,6 +89,27 @@ def test_a_taken_entry_is_gone_until_given_back() -> None:
     assert cache.fetch("m", [1, 2, 3, 4, 5, 6, 7]).reused == 6
 
 
+def test_a_longer_entry_is_taken_only_when_most_of_it_is_reused() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    stored = list(range(100, 120))
+    cache.insert("m", stored, state_for(20))
+    # Another "file" with the same first two tokens: a fork of them; the entry stays whole.
+    other = cache.fetch("m", [*stored[:2], 7, 8, 9])
+    assert (other.kind, other.reused) == ("longer", 2) and cache.counters.forks == 1
+    assert cache.entries() == [("m", tuple(stored))]
+    extend(other.state, 2, 3, marker=1000.0)
+    cache.insert("m", [*stored[:2], 7, 8, 9], other.state)
+    assert len(cache) == 2  # stored beside it, not instead of it
+    again = cache.fetch("m", stored)
+    assert (again.kind, again.reused) == ("exact", 19)
+    assert contents(again.state) == list(range(19))  # the fork wrote nothing into it
+    # Keeping at least as much as is trimmed away takes the entry (no copy).
+    cache.insert("m", stored, again.state)
+    taken = cache.fetch("m", [*stored[:10], 5])
+    assert (taken.kind, taken.reused) == ("longer", 10)
+    assert ("m", tuple(stored)) not in cache.entries()
+
+
 def test_two_live_sequences_on_one_prefix_get_independent_states() -> None:
     cache = PromptCache(max_bytes=10**9)
     prompt = list(range(10))
