@@ -55,6 +55,7 @@ import mlx.core as mx
 import structlog
 from mlx.utils import tree_map
 from mlx_lm.models.cache import (
+    CacheList,
     KVCache,
     PromptTrie,
     can_trim_prompt_cache,
@@ -112,13 +113,19 @@ def settle(state: KVState, tokens: list[int]) -> list[int] | None:
             c.keys = mx.contiguous(c.keys[..., : c.offset, :])
             c.values = mx.contiguous(c.values[..., : c.offset, :])
         else:
-            c.state = tree_map(_owned, c.state)
+            _own(c)
         mx.eval(c.state)
     return tokens
 
 
-def _owned(x: Any) -> Any:
-    return mx.contiguous(x) if isinstance(x, mx.array) else x
+def _own(layer: Any) -> None:
+    if isinstance(layer, CacheList):  # its setter would rebuild the sub-caches
+        for c in layer.caches:
+            _own(c)
+        return
+    layer.state = tree_map(
+        lambda x: mx.contiguous(x) if isinstance(x, mx.array) else x, layer.state
+    )
 
 
 def fork(state: KVState, length: int) -> KVState:
