@@ -45,6 +45,7 @@ import ctypes.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import structlog
@@ -60,27 +61,36 @@ KV_STEP = 256
 """mlx-lm's ``KVCache`` and ``BatchKVCache`` grow their arrays by this many tokens."""
 
 
-def _glibc_trim() -> Callable[[], None] | None:
+def _glibc() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):  # not glibc (musl has neither)
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    return lambda: trim(0)
+    return libc
 
 
-_MALLOC_TRIM = _glibc_trim()
+_GLIBC = _glibc()
+_M_MMAP_THRESHOLD = -3
 
 
 def give_back_buffers() -> None:
     """Empty MLX's buffer cache and return the memory to the system. On MLX's CPU backend
-    the buffers are malloc'd: glibc keeps freed memory in its arenas (the larger blocks
-    too, once its mmap threshold has risen past them), so it is trimmed as well."""
+    the buffers are malloc'd, and glibc keeps freed memory in its arenas: trim them too."""
     mx.clear_cache()
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM()
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)
+
+
+def _fix_mmap_threshold() -> None:
+    """Buffers of 128 KiB and more mapped and unmapped whole, so their memory leaves with
+    them: glibc's default raises its mmap threshold past every such block freed, and later
+    blocks of that size then come from (and fragment) the heap, which no trim gives back."""
+    if _GLIBC is not None:
+        _GLIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +150,7 @@ class MemoryBudget:
         mlx-lm's ``wired_limit`` does for one generation), so macOS does not page the model
         out between requests."""
         self.bound_buffer_cache()
+        _fix_mmap_threshold()
         metal = getattr(mx, "metal", None)
         if metal is not None and metal.is_available():
             recommended = metal.device_info().get("max_recommended_working_set_size", self.limit)
