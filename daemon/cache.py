@@ -22,6 +22,16 @@ sequences can write into one KV state. When a second sequence wants a prefix tha
 sequence holds, it gets a *fork*: slices of the live arrays, which MLX's copy-on-write
 keeps independent (a buffer with two owners is copied before it is written, not shared).
 
+Take or fork. An entry is taken (and trimmed) only when the sequence keeps most of it: at
+least as many tokens as trimming would drop (``_worth_taking``). The next keystroke in a
+file, or the same prompt again, drops only the generated tail and takes the entry. A
+prompt that shares only a little of a longer entry (another file that starts with the
+same token or two) gets a fork of that little and leaves the entry in the trie: switching
+between files must not destroy their states. Its own state is stored beside the other
+(it is no prefix of it, so it does not make it redundant) and LRU eviction decides which
+goes. A fork's slices share the entry's buffers only until the sequence writes (it grows
+its arrays, or its batch merges them, by copying); what it gives back is copied compact.
+
 Built on mlx-lm: its ``PromptTrie`` (search, add, pop, pop of redundant prefixes), its
 cache classes and ``trim_prompt_cache`` (saving and restoring: daemon/persist.py). Not
 on its ``LRUPromptCache``, which deep-copies every entry it returns (doubling peak memory,
@@ -40,7 +50,9 @@ from typing import Any
 
 import mlx.core as mx
 import structlog
+from mlx.utils import tree_map
 from mlx_lm.models.cache import (
+    CacheList,
     KVCache,
     PromptTrie,
     can_trim_prompt_cache,
@@ -72,6 +84,15 @@ def settle(state: KVState, tokens: list[int]) -> list[int] | None:
     of 256. Stored as it is, an entry would keep (and be billed for) that slack for as long
     as it is cached, so each layer is copied to its length, one layer at a time (the copy
     costs one layer's worth at once; the old arrays go with the sequence that grew them).
+
+    A state taken out of a batch (``BatchGenerator.remove(..., return_prompt_caches=True)``:
+    cancel, stop string, supersede, disconnect) is a lazy slice of the whole batch's
+    arrays: left so, it keeps all of them alive while being billed for its own share. So
+    every layer is also made to own exactly its bytes and evaluated: ``mx.contiguous``
+    copies an array whose buffer holds more than its elements (a row slice included) and
+    shares one that is already whole (checked in tests/test_cache.py), so a state that
+    already owns its arrays (one ``_step_all`` evaluated, one compacted here) is not
+    copied again.
     """
     length = cache_length(state)
     if length < len(tokens):
@@ -81,11 +102,25 @@ def settle(state: KVState, tokens: list[int]) -> list[int] | None:
             return None
         trim_prompt_cache(state, length - len(tokens))
     for c in state:
-        if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
+        if c.empty():
+            continue
+        if type(c) is KVCache and c.keys.shape[2] > c.offset:
             c.keys = mx.contiguous(c.keys[..., : c.offset, :])
             c.values = mx.contiguous(c.values[..., : c.offset, :])
-            mx.eval(c.keys, c.values)
+        else:
+            _own(c)
+        mx.eval(c.state)
     return tokens
+
+
+def _own(layer: Any) -> None:
+    if isinstance(layer, CacheList):  # its setter would rebuild the sub-caches
+        for c in layer.caches:
+            _own(c)
+        return
+    layer.state = tree_map(
+        lambda x: mx.contiguous(x) if isinstance(x, mx.array) else x, layer.state
+    )
 
 
 def fork(state: KVState, length: int) -> KVState:
@@ -244,9 +279,14 @@ class PromptCache:
 
     def _take(self, entry: _Entry, length: int) -> KVState:
         """Hand ``entry`` over, trimmed to ``length`` tokens: out of the trie, no copy; a
-        pinned entry stays, and the sequence gets a fork of it."""
+        pinned entry, or one of which too little is reused, stays, and the sequence gets a
+        fork of it."""
         if entry.pinned:
             self._lru.move_to_end((entry.model, entry.tokens))
+            self.counters.forks += 1
+            return fork(entry.state, length)
+        if not _worth_taking(entry, length):
+            # Not a use of the entry's own content: its place in the LRU order stays.
             self.counters.forks += 1
             return fork(entry.state, length)
         self._remove(entry)
@@ -399,6 +439,12 @@ class PromptCache:
     def stored(self) -> list[_Entry]:
         """The stored entries, most recently used first (for daemon/persist.py)."""
         return list(reversed(self._lru.values()))
+
+
+def _worth_taking(entry: _Entry, length: int) -> bool:
+    """Whether reusing ``length`` tokens of ``entry`` may consume it: trimming would drop
+    no more than it keeps (see the module's docstring, "Take or fork")."""
+    return len(entry.tokens) - length <= length
 
 
 def _partial_reason(kind: str, reused: int, prompt: int) -> str | None:

@@ -30,13 +30,22 @@ never a crash. One budget, enforced on every path that allocates (mlx-lm #1118, 
 On Apple silicon the budget also becomes MLX's wired limit, so the weights and KV stay
 resident in unified memory.
 
+MLX's buffer cache (the memory of freed arrays, kept for reuse) is outside the accounting:
+left alone it grows to MLX's memory limit and the process's RSS never comes back. It is
+bounded by the headroom (``mx.set_cache_limit``), which exists for what the accounting
+does not see, and the worker empties it when it goes idle (``Worker._take_commands``).
+
 Threading: worker thread only (it reads and changes the worker's models and cache).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import structlog
@@ -50,6 +59,38 @@ log = structlog.get_logger("mlxd.memory")
 
 KV_STEP = 256
 """mlx-lm's ``KVCache`` and ``BatchKVCache`` grow their arrays by this many tokens."""
+
+
+def _glibc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):  # not glibc (musl has neither)
+        return None
+    return libc
+
+
+_GLIBC = _glibc()
+_M_MMAP_THRESHOLD = -3
+
+
+def give_back_buffers() -> None:
+    """Empty MLX's buffer cache and return the memory to the system. On MLX's CPU backend
+    the buffers are malloc'd, and glibc keeps freed memory in its arenas: trim them too."""
+    mx.clear_cache()
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)
+
+
+def _fix_mmap_threshold() -> None:
+    """Buffers of 128 KiB and more mapped and unmapped whole, so their memory leaves with
+    them: glibc's default raises its mmap threshold past every such block freed, and later
+    blocks of that size then come from (and fragment) the heap, which no trim gives back."""
+    if _GLIBC is not None:
+        _GLIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +146,18 @@ class MemoryBudget:
     unloaded_models: int = 0
 
     def apply_platform_limits(self) -> None:
-        """On Metal, wire up to the budget (as mlx-lm's ``wired_limit`` does for one
-        generation), so macOS does not page the model out between requests."""
+        """Bound MLX's buffer cache by the headroom; on Metal, wire up to the budget (as
+        mlx-lm's ``wired_limit`` does for one generation), so macOS does not page the model
+        out between requests."""
+        self.bound_buffer_cache()
+        _fix_mmap_threshold()
         metal = getattr(mx, "metal", None)
         if metal is not None and metal.is_available():
             recommended = metal.device_info().get("max_recommended_working_set_size", self.limit)
             mx.set_wired_limit(min(self.limit, int(recommended)))
+
+    def bound_buffer_cache(self) -> None:
+        mx.set_cache_limit(max(0, self.limit - self.usable))
 
     # ------------------------------------------------------------------ accounting
 
@@ -195,6 +242,7 @@ class MemoryBudget:
             },
             mlx_active_bytes=mx.get_active_memory(),
             mlx_peak_bytes=max(mx.get_peak_memory(), self.models.mlx_peak_floor),
+            mlx_cache_bytes=mx.get_cache_memory(),
             evicted_entries=self.evicted_entries,
             unloaded_models=self.unloaded_models,
         )

@@ -79,7 +79,7 @@ from mlxd.protocol import (
 from .cache import Lease, Lookup, PromptCache, cache_bytes, cache_length, settle
 from .config import Config
 from .faults import Faults, InjectedCrash
-from .memory import Footprint, MemoryBudget, generator_bytes
+from .memory import Footprint, MemoryBudget, generator_bytes, give_back_buffers
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .pausing import Held, can_pause, put_back, take_out
 from .persist import PromptCacheStore
@@ -87,6 +87,9 @@ from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
 
 log = structlog.get_logger("mlxd.worker")
+
+IDLE_TRIM_S = 1.0
+"""Idle seconds after which MLX's buffer cache is emptied."""
 
 WorkerRequest = Generate | Warm | Load | Unload | ListModels | ClearCache | GetStats
 Event = tuple[Any, Any]
@@ -202,6 +205,9 @@ class _Sequence:
     started_at: float
     span: int = 0
     """Tokens of KV it may hold: prompt plus max_tokens, at most the context."""
+    max_tokens: int = 0
+    """Tokens it may generate: ``max_tokens``, capped so that prompt plus generated tokens
+    stay within the model's context (``span`` less the prompt)."""
     held: int = 0
     """Bytes of the cached state it took, until its prefill merges it into the batch."""
     warm: Warm | None = None
@@ -486,9 +492,15 @@ class Worker:
         if not self._active and not self._waiting:
             # Idle: sleep until a command comes or a model's keep-alive expires.
             self._publish(idle=True)
+            timeout = self._models.next_expiry()
+            if mx.get_cache_memory():
+                # Give MLX's buffer cache back to the system once idle for a moment (not
+                # between the keystrokes of a burst, which reuse it).
+                timeout = IDLE_TRIM_S if timeout is None else min(timeout, IDLE_TRIM_S)
             try:
-                commands.append(self._inbox.get(timeout=self._models.next_expiry()))
+                commands.append(self._inbox.get(timeout=timeout))
             except queue.Empty:
+                give_back_buffers()
                 return commands
         with contextlib.suppress(queue.Empty):
             while True:
@@ -522,6 +534,7 @@ class Worker:
             self._cache.set_limits(command.config.cache_max_bytes, command.config.cache_max_entries)
             self._budget.limit = command.config.memory_budget_bytes
             self._budget.headroom = command.config.memory_headroom
+            self._budget.bound_buffer_cache()
             return
         if isinstance(command, _Preload):
             try:
@@ -585,6 +598,7 @@ class Worker:
             return Done(id=req.id, models=self._models.infos())
         if isinstance(req, ClearCache):
             dropped = self._cache.clear(req.model)
+            give_back_buffers()  # the entries' memory goes back to the system, not MLX's pool
             log.info("cache_cleared", model=req.model, entries=dropped)
             return Done(id=req.id)
         return self._stats(req.reset_peak)
@@ -989,9 +1003,11 @@ class Worker:
         sampler, processors = waiting.sampler, waiting.processors
         lookup = self._lookup(req, loaded, tokens)
         batch = self._batch_for(loaded)
+        # No decoding past the model's context: what the footprint's span was charged for.
+        max_tokens = waiting.footprint.span - len(tokens)
         (uid,) = batch.generator.insert(
             [tokens[lookup.reused :]],
-            max_tokens=[req.max_tokens],
+            max_tokens=[max_tokens],
             caches=[lookup.state],
             # The cached part of the prompt: context for the penalties, and the start of
             # the token list the generator returns with the final state (the cache key).
@@ -1023,6 +1039,7 @@ class Worker:
             received_at=received_at,
             started_at=time.perf_counter(),
             span=waiting.footprint.span,
+            max_tokens=max_tokens,
             # A solo sequence grows the state it took in place: its KV charge covers it.
             held=0 if batch.solo or lookup.state is None else cache_bytes(lookup.state),
             warm=waiting.warm,
@@ -1079,7 +1096,7 @@ class Worker:
         seq.completion_tokens += 1
         self._tokens_generated += 1
         seq.detokenizer.add_token(token)
-        if seq.completion_tokens >= seq.request.max_tokens:
+        if seq.completion_tokens >= seq.max_tokens:
             seq.detokenizer.finalize()
             text = seq.detokenizer.last_segment
             self._finish(seq, "length", events, text, [token], final=final)

@@ -285,6 +285,9 @@ class MemoryStats(Struct, kw_only=True):
     """Prompt-cache entries dropped to make room under the budget (not by the cache's cap)."""
     unloaded_models: int
     """Models unloaded to make room under the budget."""
+    mlx_cache_bytes: int = 0
+    """MLX's buffer cache: freed arrays' memory MLX keeps for reuse (not in
+    ``mlx_active_bytes``), bounded by the budget's headroom and given back when idle."""
 
 
 class ModelInfo(Struct, kw_only=True, omit_defaults=True):

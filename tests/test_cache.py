@@ -87,6 +87,27 @@ def test_a_taken_entry_is_gone_until_given_back() -> None:
     assert cache.fetch("m", [1, 2, 3, 4, 5, 6, 7]).reused == 6
 
 
+def test_a_longer_entry_is_taken_only_when_most_of_it_is_reused() -> None:
+    cache = PromptCache(max_bytes=10**9)
+    stored = list(range(100, 120))
+    cache.insert("m", stored, state_for(20))
+    # Another "file" with the same first two tokens: a fork of them; the entry stays whole.
+    other = cache.fetch("m", [*stored[:2], 7, 8, 9])
+    assert (other.kind, other.reused) == ("longer", 2) and cache.counters.forks == 1
+    assert cache.entries() == [("m", tuple(stored))]
+    extend(other.state, 2, 3, marker=1000.0)
+    cache.insert("m", [*stored[:2], 7, 8, 9], other.state)
+    assert len(cache) == 2  # stored beside it, not instead of it
+    again = cache.fetch("m", stored)
+    assert (again.kind, again.reused) == ("exact", 19)
+    assert contents(again.state) == list(range(19))  # the fork wrote nothing into it
+    # Keeping at least as much as is trimmed away takes the entry (no copy).
+    cache.insert("m", stored, again.state)
+    taken = cache.fetch("m", [*stored[:10], 5])
+    assert (taken.kind, taken.reused) == ("longer", 10)
+    assert ("m", tuple(stored)) not in cache.entries()
+
+
 def test_two_live_sequences_on_one_prefix_get_independent_states() -> None:
     cache = PromptCache(max_bytes=10**9)
     prompt = list(range(10))
@@ -113,6 +134,29 @@ def test_a_cached_state_holds_its_tokens_compactly() -> None:
     assert cache.nbytes == grown * 4 // 256
     assert [c.keys.shape[2] for c in state] == [4] * len(state)
     assert cache.fetch("m", [1, 2, 3, 4, 5]).reused == 4
+
+
+def test_a_state_taken_out_of_a_batch_owns_exactly_its_bytes_once_cached() -> None:
+    # What BatchGenerator.remove(..., return_prompt_caches=True) hands back: one row of the
+    # batch's arrays, as long as its offset (so no compaction), whether still lazy (as
+    # remove returns it) or already evaluated (a row slice is then a view of the batch).
+    for lazy in (True, False):
+        batch = mx.concatenate([positions(0, 256)] * 8)
+        mx.eval(batch)
+        state = []
+        for _ in range(LAYERS):
+            c = KVCache()
+            c.keys, c.values, c.offset = batch[3:4], batch[3:4], 256
+            if not lazy:
+                mx.eval(c.keys, c.values)
+            state.append(c)
+        cache = PromptCache(max_bytes=10**9)
+        assert cache.insert("m", list(range(256)), state)
+        before = mx.get_active_memory()
+        del batch, c
+        freed = before - mx.get_active_memory()
+        assert freed == 8 * HEADS * 256 * DIM * 4, (lazy, freed)  # the whole batch went
+        assert contents(cache.fetch("m", list(range(257))).state) == list(range(256))
 
 
 def test_lru_eviction_by_count_and_by_bytes() -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
-from conftest import Daemon
+from conftest import Daemon, short_tmpdir, start_daemon
 from helpers import chat_tokens, reference
 
 from mlxd.client import AsyncClient, Chunk, InvalidRequestError
@@ -178,3 +182,51 @@ def test_invalid_sampling_values_name_the_field(
         assert info.value.code == "invalid_request"
         assert info.value.field == field
         assert client.ping() > 0  # the connection is still good
+
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a context of 64 tokens (where the daemon reads it from)."""
+    folder = tmp_path_factory.mktemp("short-context")
+    for f in tiny_model.iterdir():
+        shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = CONTEXT
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_generation_stops_at_the_models_context(short_context_model: Path) -> None:
+    prompts = ["count:", "def fibonacci(n):", "import os\n"]
+    base = short_tmpdir()
+    d = start_daemon(base / "mlxd.sock", "--model", f"short={short_context_model}")
+    try:
+
+        def run(prompt: str) -> Any:
+            with d.client() as c:
+                return c.generate(prompt, max_tokens=4000, cache=False)
+
+        alone = run(prompts[0])
+        with d.client() as c:
+            before = c.stats()
+        with ThreadPoolExecutor(len(prompts)) as pool:  # together: the batched path
+            batched = list(pool.map(run, prompts))
+        with d.client() as c:
+            after = c.stats()
+        steps = after.decode_steps - before.decode_steps
+        assert steps < after.tokens_generated - before.tokens_generated  # some were batched
+        for prompt, done in [(prompts[0], alone), *zip(prompts, batched, strict=True)]:
+            usage = done.done.usage
+            assert usage is not None
+            room = CONTEXT - usage.prompt_tokens
+            assert done.done.finish_reason == "length", (prompt, done.done)
+            assert usage.completion_tokens == room == len(done.tokens)
+            assert done.tokens == reference(short_context_model, prompt, room)[1]
+        assert d.stop() == 0, d.log()
+    finally:
+        if d.proc.poll() is None:
+            d.stop(9)
+        shutil.rmtree(base, ignore_errors=True)

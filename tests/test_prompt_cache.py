@@ -175,3 +175,22 @@ def test_the_cache_survives_a_restart_and_corrupt_files_are_skipped(
     assert again.done.cache.kind == "miss" and again.tokens == cold.tokens
     assert "cache_file_skipped" in d.log()
     shutil.rmtree(base)
+
+
+def test_switching_between_files_that_share_their_first_tokens_keeps_each_files_state(
+    cache_daemon: Daemon, tiny_model: Path
+) -> None:
+    # Three "files" that share only their first two tokens, then ~200 tokens of their own.
+    lead = [11, 12]
+    files = [lead + [20 + (i * 37 + n * 13) % 900 for n in range(200 + i)] for i in range(3)]
+    cold = {i: reference(tiny_model, f, 24)[1] for i, f in enumerate(files)}
+    with cache_daemon.client() as client:
+        for round_ in range(4):
+            for i, prompt in enumerate(files):
+                out, done = run(client, prompt)
+                assert out == cold[i], (round_, i)
+                if round_ == 0:
+                    continue
+                # Its own state, stored by its last round: all of it reused.
+                assert done.usage.cached_tokens == len(prompt) - 1, (round_, i, done)
+        assert client.stats().cache.entries == 3
