@@ -962,7 +962,7 @@ class Worker:
         seq, held = waiting.paused, waiting.held
         assert seq is not None and held is not None
         batch = self._batch_for(waiting.model)
-        remaining = seq.request.max_tokens - seq.completion_tokens
+        remaining = seq.max_tokens - seq.completion_tokens  # capped at the context
         uid = put_back(batch.generator, held, remaining, waiting.sampler, waiting.processors)
         waiting.model.active += 1
         waiting.paused = waiting.held = None
