@@ -104,7 +104,20 @@ class Connection:
 
     async def run(self) -> None:
         try:
-            await self._handshake()
+            timeout = self.server.config.handshake_timeout_s
+            try:
+                await asyncio.wait_for(self._handshake(), timeout)
+            except asyncio.TimeoutError:
+                # A silent connection holds a place others need (max_connections).
+                log.info("handshake_timeout", timeout_s=timeout)
+                self.send(
+                    Error(
+                        code=errors.HANDSHAKE_REQUIRED,
+                        message=f"no hello within {timeout:g} s",
+                    )
+                )
+                raise _CloseConnection from None
+            self.server.greeted(self)
             while True:
                 payload = await self._read_frame()
                 received_at = time.perf_counter()
@@ -301,6 +314,8 @@ class Server:
         self.config = config
         self._reload = reload  # builds the configuration anew for SIGHUP; may raise
         self.connections: set[Connection] = set()
+        # Those of them that have not said hello yet, oldest first.
+        self._handshaking: dict[Connection, None] = {}
         self.accepting = True
         self.started_at = time.monotonic()
         self.requests_total = 0
@@ -385,15 +400,42 @@ class Server:
             )
             await conn.close()
             return
+        if (
+            self.accepting
+            and len(self.connections) >= self.config.max_connections
+            and self._handshaking
+        ):
+            self._make_room()
         if len(self.connections) >= self.config.max_connections or not self.accepting:
             conn.send(Error(code=errors.OVERLOADED, message="too many connections"))
             await conn.close()
             return
         self.connections.add(conn)
+        self._handshaking[conn] = None
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            self._handshaking.pop(conn, None)
+
+    def greeted(self, conn: Connection) -> None:
+        """``conn`` completed its hello: it now holds its place until it closes."""
+        self._handshaking.pop(conn, None)
+
+    def _make_room(self) -> None:
+        """Full: close the oldest connection still in its handshake, so connections that
+        never say hello cannot keep a new client out for as long as they stay open."""
+        victim = next(iter(self._handshaking))
+        del self._handshaking[victim]
+        self.connections.discard(victim)
+        log.info("connection_evicted", reason="handshake_pending")
+        victim.send(
+            Error(
+                code=errors.HANDSHAKE_REQUIRED,
+                message="no hello yet, and the connection limit is reached",
+            )
+        )
+        victim.writer.close()  # its pending read ends at once; run() cleans up
 
     def _deliver(self, sink: _Pending, message: Any) -> None:
         if isinstance(message, WorkerStats):
