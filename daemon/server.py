@@ -502,11 +502,12 @@ class Server:
         snap = self.worker.snapshot
         return 0.0 if snap.idle else max(0.0, time.monotonic() - snap.round_started)
 
-    def _worker_quiet_s(self) -> float:
+    def _worker_quiet_s(self, stopped_s: float = 0.0) -> float:
         """Seconds since the worker last showed life: a round starting, a model load
-        reading another part of its weights. A load that goes on is not a stall."""
+        reading another part of its weights. A load that goes on is not a stall.
+        ``stopped_s``: time since then that the whole process was stopped, not counted."""
         snap = self.worker.snapshot
-        return 0.0 if snap.idle else max(0.0, time.monotonic() - snap.progress_at)
+        return 0.0 if snap.idle else max(0.0, time.monotonic() - snap.progress_at - stopped_s)
 
     def health(self) -> Health:
         snap = self.worker.snapshot
@@ -569,9 +570,21 @@ class Server:
         """Turn a stuck worker into an exit, as a dead one is (mlx-lm #1834): a hung MLX call
         cannot be interrupted, so only a restart by the service manager frees the socket."""
         limit = self.config.stall_timeout_s
+        interval = min(1.0, limit / 4)
+        stops: list[tuple[float, float]] = []  # (when, seconds) the process was stopped
         while True:
-            await asyncio.sleep(min(1.0, limit / 4))
-            busy = self._worker_quiet_s()
+            before = time.monotonic()
+            await asyncio.sleep(interval)
+            overran = time.monotonic() - before - interval
+            if overran > interval:
+                # This thread slept far past its time: the whole process was stopped
+                # (SIGSTOP, Ctrl-Z, a suspended machine), the worker with it. Not its stall.
+                log.info("process_was_stopped", stopped_s=round(overran, 1))
+                stops.append((before + interval, overran))
+            # Only stops since the worker's last sign of life are not its own time.
+            progress_at = self.worker.snapshot.progress_at
+            stops = [(at, s) for at, s in stops if at >= progress_at]
+            busy = self._worker_quiet_s(sum(s for _, s in stops))
             if busy > limit:
                 log.critical("worker_stalled", busy_s=round(busy, 1), limit_s=limit)
                 self.stalled = True
