@@ -3,11 +3,15 @@ real daemon (issue 13, items 13 and 15)."""
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
 import socket
+import time
 from pathlib import Path
+from typing import Any
 
-from conftest import short_tmpdir, start_daemon
+from conftest import Daemon, short_tmpdir, start_daemon
 from helpers import RawConn, reference
 
 
@@ -53,3 +57,93 @@ def test_silent_connections_neither_lock_others_out_nor_stay(tiny_model: Path) -
         code = d.stop()
         shutil.rmtree(base, ignore_errors=True)
     assert code == 0, d.log()
+
+
+def test_the_byte_bound_never_exceeds_the_real_token_count(tiny_model: Path) -> None:
+    from mlx_lm.tokenizer_utils import _byte_decoder, load
+
+    from mlxd.daemon.prompts import least_tokens, max_token_bytes
+    from mlxd.protocol import Generate
+
+    tokenizer = load(tiny_model)
+    longest = max_token_bytes(tokenizer)
+    assert longest is not None
+    # L is at least the bytes of every token: each one's vocabulary string, byte-decoded.
+    decoder = _byte_decoder()
+    added = set(tokenizer._tokenizer.get_added_vocab())
+    for token in tokenizer._tokenizer.get_vocab():
+        size = len(token.encode()) if token in added else len(bytes(decoder[c] for c in token))
+        assert size <= longest, token
+    # The tightest text: the longest token over and over, and ordinary text.
+    vocab = tokenizer._tokenizer.get_vocab()
+    top = max((t for t in vocab if t not in added), key=len)
+    tight = tokenizer.decode([vocab[top]] * 200)
+    for text in (tight, "def f(x):\n    return x * 2\n" * 300, "ünïcødé ✓ " * 200):
+        req = Generate(id=1, prompt=text)
+        assert 0 < least_tokens(req, longest) <= len(tokenizer.encode(text))
+
+
+def test_a_prompt_over_the_limit_by_its_size_alone_is_refused_untokenized(
+    daemon: Daemon, tiny_model: Path
+) -> None:
+    from mlx_lm.tokenizer_utils import load
+
+    from mlxd.daemon.prompts import max_token_bytes
+
+    longest = max_token_bytes(load(tiny_model))
+    assert longest is not None
+    conn = RawConn(daemon.socket)
+    # Just over the tiny model's 4096-token context by its bytes alone.
+    text = "x" * (4096 * longest)
+    conn.send({"type": "generate", "id": 1, "prompt": text, "max_tokens": 1})
+    _, end = conn.recv_until_end(1)
+    assert end["code"] == "prompt_too_long", end
+    assert "at least 4096 tokens" in end["message"]  # the bound, not a token count
+    conn.send({"type": "generate", "id": 2, "tokens": [5] * 4096, "max_tokens": 1})
+    _, end = conn.recv_until_end(2)
+    assert end["code"] == "prompt_too_long", end
+    conn.close()
+
+
+def test_a_client_that_leaves_takes_its_queued_big_prompts_with_it(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    # The tiny model with a context long enough that 4 MiB prompts pass the size bound.
+    model = base / "long"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1 << 24}))
+    d = start_daemon(
+        base / "mlxd.sock",
+        "--model", f"long={model}",
+        "--max-frame-bytes", "8M",
+        "--max-prompt-tokens", "200000",  # over the bound of 4 MiB (~150k), under its tokens
+    )  # fmt: skip
+    try:
+        table = bytes(b"abcdefghijklmnopqrstuvwxyz ()=\n"[i % 31] for i in range(256))
+        rng = random.Random(0)
+        hog = RawConn(d.socket)
+        ids = range(100, 106)
+        for rid in ids:  # seconds of tokenizing each, then prompt_too_long
+            text = rng.randbytes(4 << 20).translate(table).decode()
+            hog.send({"type": "generate", "id": rid, "prompt": text, "max_tokens": 1})
+        hog.close()  # gone: what it left queued goes with it
+        with d.client() as client:
+            assert client.generate("def f():", max_tokens=8).done.finish_reason == "length"
+        deadline = time.monotonic() + 300
+        while len(ends := _request_lines(d, ids)) < len(ids):
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.2)
+        # At most the one being tokenized when the client left (or the next, had it been
+        # taken before the disconnect was seen) was tokenized; the others never were.
+        tokenized = [e for e in ends if e.get("error") or e.get("prompt_tokens")]
+        assert len(tokenized) <= 2, ends
+        assert all(e.get("finish_reason") == "cancelled" for e in ends if e not in tokenized)
+    finally:
+        code = d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    assert code == 0, d.log()
+
+
+def _request_lines(d: Daemon, ids: range) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
+    return [e for e in lines if e.get("event") == "request" and e.get("id") in ids]
