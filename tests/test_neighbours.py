@@ -107,7 +107,7 @@ def test_a_prompt_over_the_limit_by_its_size_alone_is_refused_untokenized(
 
 def test_a_client_that_leaves_takes_its_queued_big_prompts_with_it(tiny_model: Path) -> None:
     base = short_tmpdir()
-    # The tiny model with a context long enough that 4 MiB prompts pass the size bound.
+    # The tiny model with a context long enough that 2 MiB prompts pass the size bound.
     model = base / "long"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "config.json").read_text())
@@ -115,29 +115,45 @@ def test_a_client_that_leaves_takes_its_queued_big_prompts_with_it(tiny_model: P
     d = start_daemon(
         base / "mlxd.sock",
         "--model", f"long={model}",
-        "--max-frame-bytes", "8M",
-        "--max-prompt-tokens", "200000",  # over the bound of 4 MiB (~150k), under its tokens
+        # Past the bound, a 2 MiB prompt's ~1.8M tokens are refused for their KV state.
+        "--memory-budget", "256M",
     )  # fmt: skip
     try:
         table = bytes(b"abcdefghijklmnopqrstuvwxyz ()=\n"[i % 31] for i in range(256))
         rng = random.Random(0)
-        hog = RawConn(d.socket)
+        # A cancel reaches a request being tokenized, or waiting to be, as it does others.
+        editor = RawConn(d.socket, timeout=300)
+        for rid in (1, 2):
+            text = rng.randbytes(2 << 20).translate(table).decode()
+            editor.send({"type": "generate", "id": rid, "prompt": text, "max_tokens": 1})
+        for rid in (1, 2):
+            editor.send({"type": "cancel", "id": 10 + rid, "target": rid})
+        ends: dict[int, dict[str, Any]] = {}
+        while len(ends) < 2:  # in either order: the second may end first, never tokenized
+            m = editor.recv()
+            if m.get("id") in (1, 2) and m["type"] in ("done", "error"):
+                ends[m["id"]] = m
+        for end in ends.values():
+            assert (end["type"], end.get("finish_reason")) == ("done", "cancelled"), end
+        editor.close()
+        hog = RawConn(d.socket, timeout=300)
         ids = range(100, 106)
-        for rid in ids:  # seconds of tokenizing each, then prompt_too_long
-            text = rng.randbytes(4 << 20).translate(table).decode()
+        for rid in ids:  # seconds of tokenizing each, then insufficient_memory
+            text = rng.randbytes(2 << 20).translate(table).decode()
             hog.send({"type": "generate", "id": rid, "prompt": text, "max_tokens": 1})
         hog.close()  # gone: what it left queued goes with it
         with d.client() as client:
             assert client.generate("def f():", max_tokens=8).done.finish_reason == "length"
         deadline = time.monotonic() + 300
-        while len(ends := _request_lines(d, ids)) < len(ids):
+        while len(lines := _request_lines(d, ids)) < len(ids):
             assert time.monotonic() < deadline, d.log()
             time.sleep(0.2)
         # At most the one being tokenized when the client left (or the next, had it been
-        # taken before the disconnect was seen) was tokenized; the others never were.
-        tokenized = [e for e in ends if e.get("error") or e.get("prompt_tokens")]
-        assert len(tokenized) <= 2, ends
-        assert all(e.get("finish_reason") == "cancelled" for e in ends if e not in tokenized)
+        # taken before the disconnect was seen) was tokenized (cancelled with its prompt
+        # tokens counted, or refused); the others never were (cancelled, 0 tokens).
+        tokenized = [e for e in lines if e.get("error") or e.get("prompt_tokens")]
+        assert len(tokenized) <= 2, lines
+        assert all(e.get("finish_reason") == "cancelled" for e in lines if e not in tokenized)
     finally:
         code = d.stop()
         shutil.rmtree(base, ignore_errors=True)
