@@ -25,9 +25,15 @@ for the same conversation (history plus this reply, rendered by the chat templat
 under the tokens it generated, so the next turn hits even where the template renders the
 reply differently (a stop string, reasoning removed, an end-of-turn marker).
 
+Big prompts are tokenized on a tokenizer thread (daemon/prompts.py) and come back through
+the inbox as ``_Tokenized`` commands; a cancel marks its sink at once (``_cancelled``), so
+requests still queued, in the inbox or for the tokenizer, are skipped.
+
 Threading: ``submit``, ``cancel``, ``stop``, ``start`` and ``alive`` are for the event loop
-thread; every other method runs on the worker thread. No locks: the inbox and outbox are
-the only shared state, and both are thread-safe queues.
+thread; ``_prompt`` runs on the worker or the tokenizer thread (HF tokenizer work only,
+never MLX); every other method runs on the worker thread. No locks: the inbox and outbox
+are thread-safe queues, and ``_cancelled`` a set only added to (loop), read (tokenizer)
+and removed from (worker), each one atomic operation.
 """
 
 from __future__ import annotations
