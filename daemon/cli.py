@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cache-persist-max-bytes", type=_bytes, help="bytes saved at most")
     serve.add_argument("--max-connections", type=int)
+    serve.add_argument(
+        "--handshake-timeout", type=float, help="seconds a connection has to say hello (5)"
+    )
     serve.add_argument("--max-requests-per-connection", type=int)
     serve.add_argument("--state-dir", help="where the prompt cache is saved")
     serve.add_argument(

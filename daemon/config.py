@@ -79,7 +79,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_requests_per_connection: int = 64
     """Requests in flight on one connection; more get ``too_many_requests``."""
     max_connections: int = 256
-    """Connections at once; one more gets ``overloaded`` and is closed."""
+    """Connections at once; one more gets ``overloaded`` and is closed, unless one of them
+    has not said ``hello`` yet: the oldest such is closed to make room."""
+    handshake_timeout_s: float = 5.0
+    """Seconds a new connection has to send ``hello``; then it gets ``handshake_required``
+    and is closed, so silent connections cannot hold the places others need."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM/SIGINT, seconds in-flight requests may take to finish before they are
     ended with ``shutting_down`` (launchd's own ExitTimeOut is 20 s)."""

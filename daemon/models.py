@@ -40,6 +40,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from mlxd.protocol import ModelInfo, errors
 
 from .config import Config
+from .prompts import max_token_bytes
 
 log = structlog.get_logger("mlxd.models")
 
@@ -81,6 +82,9 @@ class LoadedModel:
     """MLX's transient bytes in a forward pass, per token processed and per (token, context
     token) pair (measured at load; see ``_scratch_per_token``)."""
     num_layers: int = 1
+    max_token_bytes: int | None = None
+    """The most bytes of text one token stands for (``prompts.max_token_bytes``): a text
+    of B bytes is at least B / this many tokens. None: no such bound for this tokenizer."""
     pinned_by_config: bool = False
     last_used: float = field(default_factory=time.time)
     active: int = 0
@@ -370,6 +374,7 @@ class ModelRegistry:
             kv_bytes_per_token=kv_per_token,
             scratch=scratch,
             num_layers=max(1, len(make_prompt_cache(model))),
+            max_token_bytes=max_token_bytes(tokenizer),
             pinned_by_config=pinned,
         )
         self._resident[name] = loaded

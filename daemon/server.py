@@ -112,7 +112,20 @@ class Connection:
 
     async def run(self) -> None:
         try:
-            await self._handshake()
+            timeout = self.server.config.handshake_timeout_s
+            try:
+                await asyncio.wait_for(self._handshake(), timeout)
+            except asyncio.TimeoutError:
+                # A silent connection holds a place others need (max_connections).
+                log.info("handshake_timeout", timeout_s=timeout)
+                self.send(
+                    Error(
+                        code=errors.HANDSHAKE_REQUIRED,
+                        message=f"no hello within {timeout:g} s",
+                    )
+                )
+                raise _CloseConnection from None
+            self.server.greeted(self)
             while True:
                 payload = await self._read_frame()
                 received_at = time.perf_counter()
@@ -321,6 +334,8 @@ class Server:
         self.config = config
         self._reload = reload  # builds the configuration anew for SIGHUP; may raise
         self.connections: set[Connection] = set()
+        # Those of them that have not said hello yet, oldest first.
+        self._handshaking: dict[Connection, None] = {}
         self.accepting = True
         self.started_at = time.monotonic()
         self.requests_total = 0
@@ -406,15 +421,42 @@ class Server:
             )
             await conn.close()
             return
+        if (
+            self.accepting
+            and len(self.connections) >= self.config.max_connections
+            and self._handshaking
+        ):
+            self._make_room()
         if len(self.connections) >= self.config.max_connections or not self.accepting:
             conn.send(Error(code=errors.OVERLOADED, message="too many connections"))
             await conn.close()
             return
         self.connections.add(conn)
+        self._handshaking[conn] = None
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            self._handshaking.pop(conn, None)
+
+    def greeted(self, conn: Connection) -> None:
+        """``conn`` completed its hello: it now holds its place until it closes."""
+        self._handshaking.pop(conn, None)
+
+    def _make_room(self) -> None:
+        """Full: close the oldest connection still in its handshake, so connections that
+        never say hello cannot keep a new client out for as long as they stay open."""
+        victim = next(iter(self._handshaking))
+        del self._handshaking[victim]
+        self.connections.discard(victim)
+        log.info("connection_evicted", reason="handshake_pending")
+        victim.send(
+            Error(
+                code=errors.HANDSHAKE_REQUIRED,
+                message="no hello yet, and the connection limit is reached",
+            )
+        )
+        victim.writer.close()  # its pending read ends at once; run() cleans up
 
     def _deliver(self, sink: _Pending, message: Any) -> None:
         if isinstance(message, WorkerStats):
@@ -482,11 +524,12 @@ class Server:
         snap = self.worker.snapshot
         return 0.0 if snap.idle else max(0.0, time.monotonic() - snap.round_started)
 
-    def _worker_quiet_s(self) -> float:
+    def _worker_quiet_s(self, stopped_s: float = 0.0) -> float:
         """Seconds since the worker last showed life: a round starting, a model load
-        reading another part of its weights. A load that goes on is not a stall."""
+        reading another part of its weights. A load that goes on is not a stall.
+        ``stopped_s``: time since then that the whole process was stopped, not counted."""
         snap = self.worker.snapshot
-        return 0.0 if snap.idle else max(0.0, time.monotonic() - snap.progress_at)
+        return 0.0 if snap.idle else max(0.0, time.monotonic() - snap.progress_at - stopped_s)
 
     def health(self) -> Health:
         snap = self.worker.snapshot
@@ -549,9 +592,21 @@ class Server:
         """Turn a stuck worker into an exit, as a dead one is (mlx-lm #1834): a hung MLX call
         cannot be interrupted, so only a restart by the service manager frees the socket."""
         limit = self.config.stall_timeout_s
+        interval = min(1.0, limit / 4)
+        stops: list[tuple[float, float]] = []  # (when, seconds) the process was stopped
         while True:
-            await asyncio.sleep(min(1.0, limit / 4))
-            busy = self._worker_quiet_s()
+            before = time.monotonic()
+            await asyncio.sleep(interval)
+            overran = time.monotonic() - before - interval
+            if overran > interval:
+                # This thread slept far past its time: the whole process was stopped
+                # (SIGSTOP, Ctrl-Z, a suspended machine), the worker with it. Not its stall.
+                log.info("process_was_stopped", stopped_s=round(overran, 1))
+                stops.append((before + interval, overran))
+            # Only stops since the worker's last sign of life are not its own time.
+            progress_at = self.worker.snapshot.progress_at
+            stops = [(at, s) for at, s in stops if at >= progress_at]
+            busy = self._worker_quiet_s(sum(s for _, s in stops))
             if busy > limit:
                 log.critical("worker_stalled", busy_s=round(busy, 1), limit_s=limit)
                 self.stalled = True

@@ -86,6 +86,8 @@ class LimitsSection(_Strict):
     prefill_batch_size: Positive | None = None
     prefill_step_size: Positive | None = None
     max_connections: Positive | None = None
+    handshake_timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    """Seconds a new connection has to send ``hello`` before it is closed."""
     max_requests_per_connection: Positive | None = None
 
 
@@ -172,6 +174,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.prefill_batch_size", "prefill_batch_size", "--prefill-batch-size"),
     Setting("limits.prefill_step_size", "prefill_step_size", "--prefill-step-size"),
     Setting("limits.max_connections", "max_connections", "--max-connections"),
+    Setting("limits.handshake_timeout", "handshake_timeout_s", "--handshake-timeout"),
     Setting(
         "limits.max_requests_per_connection",
         "max_requests_per_connection",

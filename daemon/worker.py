@@ -30,9 +30,15 @@ Paused owners: a connection whose replies pile up unread is paused by the loop
 on token-exact once it reads (daemon/pausing.py), and its waiting requests neither start
 nor count toward ``max_queued``.
 
+Big prompts are tokenized on a tokenizer thread (daemon/prompts.py) and come back through
+the inbox as ``_Tokenized`` commands; a cancel marks its sink at once (``_cancelled``), so
+requests still queued, in the inbox or for the tokenizer, are skipped.
+
 Threading: ``submit``, ``cancel``, ``pause``, ``resume``, ``stop``, ``start`` and ``alive``
-are for the event loop thread; every other method runs on the worker thread. No locks: the
-inbox and outbox are the only shared state, and both are thread-safe queues.
+are for the event loop thread; ``_prompt`` runs on the worker or the tokenizer thread (HF
+tokenizer work only, never MLX); every other method runs on the worker thread. No locks:
+the inbox and outbox are thread-safe queues, and ``_cancelled`` a set only added to
+(loop), read (tokenizer) and removed from (worker), each one atomic operation.
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ from .memory import Footprint, MemoryBudget, generator_bytes, give_back_buffers
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .pausing import Held, can_pause, put_back, take_out
 from .persist import PromptCacheStore
+from .prompts import INLINE_CHARS, TokenizerThread, least_tokens, text_chars
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
 
@@ -145,7 +152,20 @@ class _Stop:
     pass
 
 
-_Command = _Submit | _Cancel | _Preload | _Reconfigure | _Pause | _Stop
+@dataclass(frozen=True, slots=True)
+class _Tokenized:
+    """A prompt tokenized on the tokenizer thread: its ``tokens``, or the ``error`` that
+    refused it; neither when it was cancelled before its turn came."""
+
+    request: Generate
+    sink: Any
+    received_at: float
+    warm: Warm | None
+    tokens: list[int] | None
+    error: Exception | None
+
+
+_Command = _Submit | _Cancel | _Preload | _Reconfigure | _Pause | _Stop | _Tokenized
 
 
 def _owner(sink: Any) -> Any:
@@ -273,6 +293,17 @@ def _fim_mode(req: Generate, loaded: LoadedModel) -> str | None:
     if req.suffix is None:
         return None
     return "tokens" if _fim_ids(loaded.tokenizer) is not None else "prefix_only"
+
+
+def _cancelled_unstarted(req: Generate | Warm, received_at: float, prompt_tokens: int) -> Done:
+    """The end of a request cancelled before it was tokenized or queued."""
+    waited = time.perf_counter() - received_at
+    return Done(
+        id=req.id,
+        finish_reason="cancelled",
+        usage=Usage(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=0),
+        timings=Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0),
+    )
 
 
 def _pin_until(warm: Warm) -> float:
@@ -406,6 +437,12 @@ class Worker:
         self._store = PromptCacheStore(config.cache_dir(), config.socket_path, self._faults)
         self.snapshot = WorkerSnapshot(time.monotonic(), True, 0, 0, ())
         self._swept_at = 0.0
+        self._tokenizer = TokenizerThread()
+        # Sinks the loop cancelled (added on its thread, at once): the tokenizer thread and
+        # the worker skip their requests still in a queue, not only when the cancel's turn
+        # in the inbox comes. The worker removes each once nothing more can see it.
+        self._cancelled: set[Any] = set()
+        self._tokenizing: dict[Any, Generate] = {}  # sinks on the tokenizer thread
 
     # ------------------------------------------------------------------ event loop thread
 
@@ -420,6 +457,7 @@ class Worker:
         self._inbox.put(_Preload(model))
 
     def cancel(self, sink: Any) -> None:
+        self._cancelled.add(sink)
         self._inbox.put(_Cancel(sink))
 
     def pause(self, owner: Any) -> None:
@@ -512,6 +550,8 @@ class Worker:
             self._stopping = True
             return
         if isinstance(command, _Cancel):
+            if command.sink not in self._tokenizing:
+                self._cancelled.discard(command.sink)  # else its _Tokenized still has to see it
             seq = self._active.get(command.sink)
             if seq is not None:
                 self._finish(seq, "cancelled", events)
@@ -544,6 +584,18 @@ class Worker:
                 log.error("preload_failed", model=command.model, code=exc.code, error=exc.message)
             return
         req = command.request
+        if isinstance(command, _Tokenized):
+            self._tokenizing.pop(command.sink, None)
+        if isinstance(req, Generate | Warm) and command.sink in self._cancelled:
+            # Cancelled (or its connection gone) while it waited in the inbox or to be
+            # tokenized: no model load, no tokenizing, no place in the queue.
+            tokens = command.tokens if isinstance(command, _Tokenized) else None
+            if isinstance(command, _Tokenized):
+                self._cancelled.discard(command.sink)
+            events.append(
+                (command.sink, _cancelled_unstarted(req, command.received_at, len(tokens or ())))
+            )
+            return
         try:
             reply = self._serve(command, events)
             if reply is not None:
@@ -559,8 +611,20 @@ class Worker:
                 (command.sink, Error(id=req.id, code=errors.INTERNAL_ERROR, message=repr(exc)))
             )
 
-    def _serve(self, command: _Submit, events: list[Event]) -> Any:
+    def _serve(self, command: _Submit | _Tokenized, events: list[Event]) -> Any:
         """Serve one request; returns its reply, or None for a generation now running."""
+        if isinstance(command, _Tokenized):
+            if command.error is not None:
+                raise command.error
+            self._start(
+                command.request,
+                command.sink,
+                command.received_at,
+                events,
+                warm=command.warm,
+                tokens=command.tokens,
+            )
+            return None
         req = command.request
         if isinstance(req, Generate):
             self._start(req, command.sink, command.received_at, events)
@@ -827,6 +891,7 @@ class Worker:
         received_at: float,
         events: list[Event],
         warm: Warm | None = None,
+        tokens: list[int] | None = None,
     ) -> None:
         if req.max_tokens > self._config.max_tokens_limit:
             raise InvalidField(
@@ -834,7 +899,10 @@ class Worker:
                 f"max_tokens is over this daemon's limit of {self._config.max_tokens_limit}",
             )
         loaded = self._models.get(req.model, req.keep_alive, self._load_progress(sink, req.id))
-        tokens = self._prompt(req, loaded, warm=warm is not None)
+        if tokens is None:
+            if self._tokenize_elsewhere(req, sink, received_at, loaded, warm):
+                return  # back as a _Tokenized command, which calls this again with them
+            tokens = self._prompt(req, loaded, warm=warm is not None)
         footprint = self._footprint(loaded, tokens, req.max_tokens)
         kv, scratch = generator_bytes(loaded, [footprint], 1, batched=False)
         if loaded.nbytes + kv + scratch > self._budget.usable:
@@ -860,6 +928,41 @@ class Worker:
         self._waiting.append(
             _Waiting(req, sink, received_at, loaded, tokens, sampler, processors, footprint, warm)
         )
+
+    def _tokenize_elsewhere(
+        self, req: Generate, sink: Any, received_at: float, loaded: LoadedModel, warm: Warm | None
+    ) -> bool:
+        """Refuse a prompt that its size alone puts over the limits; hand a big one to the
+        tokenizer thread (True), whose result comes back through the inbox."""
+        least = least_tokens(req, loaded.max_token_bytes)
+        cap, context = self._config.max_prompt_tokens, loaded.context_length
+        if cap is not None and least > cap:
+            raise RequestError(
+                errors.PROMPT_TOO_LONG,
+                f"the prompt has at least {least} tokens; this daemon takes at most {cap}",
+            )
+        if context is not None and least >= context:
+            raise RequestError(
+                errors.PROMPT_TOO_LONG,
+                f"the prompt has at least {least} tokens; "
+                f"model {loaded.name!r} takes fewer than {context}",
+            )
+        if req.tokens is not None or text_chars(req) <= INLINE_CHARS:
+            return False
+        self._tokenizing[sink] = req
+
+        def job() -> None:  # on the tokenizer thread: HF tokenizer work only, no MLX
+            tokens: list[int] | None = None
+            error: Exception | None = None
+            if sink not in self._cancelled:
+                try:
+                    tokens = self._prompt(req, loaded, warm=warm is not None)
+                except Exception as exc:  # the worker replies with it, as if it were its own
+                    error = exc
+            self._inbox.put(_Tokenized(req, sink, received_at, warm, tokens, error))
+
+        self._tokenizer.submit(job)
+        return True
 
     def _batch_full(self, loaded: LoadedModel) -> bool:
         return self._running(loaded) >= self._config.max_batch_size
@@ -1229,4 +1332,8 @@ class Worker:
             waiting = self._waiting.popleft()
             waiting.model.active -= 1
             events.append((waiting.sink, Error(id=waiting.request.id, code=code, message=message)))
+        for sink, req in self._tokenizing.items():
+            events.append((sink, Error(id=req.id, code=code, message=message)))
+        self._tokenizing.clear()
+        self._tokenizer.stop()
         self._outbox.post(events)

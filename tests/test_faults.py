@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import select
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -86,5 +87,33 @@ def test_health_answers_from_the_loop_while_the_worker_is_busy(tiny_model: Path)
             assert stats["type"] == "done"
             assert client.health().worker_busy_s < 1.0  # idle again
     finally:
+        assert d.stop() == 0, d.log()
+        shutil.rmtree(base)
+
+
+def test_a_stopped_process_is_not_a_stalled_worker(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    d = start_daemon(base / "mlxd.sock", "--model", f"tiny={tiny_model}", "--stall-timeout", "2")
+    try:
+        conns = [RawConn(d.socket) for _ in range(3)]
+        for i, conn in enumerate(conns):
+            conn.send({"type": "generate", "id": 1, "prompt": f"def s{i}():", "max_tokens": 3000})
+        for conn in conns:
+            while conn.recv()["type"] != "chunk":  # streaming: the worker is mid-round
+                pass
+        # Ctrl-Z for three times the stall timeout: the worker was stopped, not stuck.
+        d.proc.send_signal(signal.SIGSTOP)
+        time.sleep(6)
+        d.proc.send_signal(signal.SIGCONT)
+        for conn in conns:
+            _, end = conn.recv_until_end(1)
+            assert end["type"] == "done" and end["finish_reason"] in ("length", "stop"), end
+            conn.close()
+        with d.client() as client:
+            assert client.health().status == "ok"
+        assert "worker_stalled" not in d.log()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGCONT)
         assert d.stop() == 0, d.log()
         shutil.rmtree(base)
