@@ -361,16 +361,20 @@ class Server:
         # Not for an inherited socket: its folder is the service manager's (the lock beside
         # it is still opened without following links).
         prepare_dir(path.parent)
+        # The lock is never released by hand: the kernel frees it as the process exits, so
+        # `mlxd stop` (which waits for the lock) returns once the daemon is really gone,
+        # not while the interpreter is still tearing down.
         lock = SocketLock(path)
         try:
             sock = bind_unix_socket(path)
-            try:
-                return await self._serve_on(sock, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-        finally:
+        except BaseException:
             lock.release()
+            raise
+        try:
+            return await self._serve_on(sock, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def _serve_inherited(self, inherited: InheritedSocket, path: Path) -> int:
         # Socket activation: the file is the service manager's. No bind, chmod or unlink;
@@ -379,11 +383,8 @@ class Server:
         if served != path:
             log.warning("inherited_socket_elsewhere", socket=str(served), configured=str(path))
         log.info("socket_inherited", socket=str(served), manager=inherited.manager)
-        lock = SocketLock(served)
-        try:
-            return await self._serve_on(inherited.sock, served)
-        finally:
-            lock.release()
+        SocketLock(served)  # held until the process exits, as above
+        return await self._serve_on(inherited.sock, served)
 
     async def _serve_on(self, sock: Any, path: Path) -> int:
         loop = asyncio.get_running_loop()
