@@ -92,6 +92,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     the daemon reports unhealthy, fails what is in flight and exits non-zero."""
     allow_root: bool = False
     """Also accept connections from root when the daemon runs as another user."""
+    http: str | None = None
+    """Where the OpenAI- and Ollama-compatible HTTP API listens: ``HOST:PORT`` or
+    ``unix:PATH``; None (the default): no HTTP listener."""
+    api_key_file: str | None = None
+    """A file (mode 0600) holding the bearer key HTTP clients must present; required for a
+    bind other than loopback."""
     cache_max_bytes: int = msgspec.field(default_factory=default_cache_budget)
     """Bytes of KV state the prompt cache may hold, across all models (within the memory
     budget, which may hold it to less); 0 disables it."""

@@ -347,6 +347,8 @@ class Server:
         self._stop = asyncio.Event()
         self._signals = 0
         self.worker: Worker
+        self._http: Any = None
+        """The HTTP listener's ``aiohttp.web.AppRunner``, when ``http`` is configured."""
 
     async def serve(self, socket_path: Path | None = None) -> int:
         path = Path(socket_path or self.config.socket_path).expanduser()
@@ -404,6 +406,11 @@ class Server:
             kwargs["cleanup_socket"] = False
         server = await asyncio.start_unix_server(self._on_connect, sock=sock, **kwargs)
         log.info("serving", socket=str(path), pid=os.getpid())
+        if self.config.http:
+            from .http_server import start_http  # aiohttp is loaded only when HTTP is on
+
+            self._http = await start_http(self, self.config.http)
+            log.info("http_serving", listen=self.config.http)
         watchdog = loop.create_task(self._watch_worker())
         await self._stop.wait()
         watchdog.cancel()
@@ -477,7 +484,8 @@ class Server:
             self.requests_completed += 1
         if isinstance(sink.request, Generate):
             model = sink.request.model or self.config.default_model_name()
-            fields: dict[str, Any] = {"id": sink.request.id, "model": model}
+            api = getattr(sink.conn, "api", "native")
+            fields: dict[str, Any] = {"id": sink.request.id, "model": model, "api": api}
             if isinstance(message, Error):
                 fields["error"] = message.code
             elif message.usage is not None and message.timings is not None:
@@ -648,4 +656,6 @@ class Server:
         await asyncio.sleep(0)  # let the worker's last events reach their connections
         for conn in list(self.connections):
             await conn.close()
+        if self._http is not None:
+            await self._http.cleanup()
         log.info("stopped", exit_code=self.exit_code)

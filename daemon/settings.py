@@ -114,6 +114,9 @@ class FileSchema(_Strict):
     stall_timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
     """Seconds one worker round may take before the daemon exits 1 to be restarted."""
     allow_root: bool | None = None
+    http: str | None = None
+    """``HOST:PORT`` or ``unix:PATH``: the HTTP API's listener."""
+    api_key_file: str | None = None
     models: dict[str, str] = msgspec.field(default_factory=dict)
     """Model name -> mlx-lm model directory."""
     cache: CacheSection = CacheSection()
@@ -160,6 +163,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_grace", "shutdown_grace_s", "--shutdown-grace"),
     Setting("stall_timeout", "stall_timeout_s", "--stall-timeout"),
     Setting("allow_root", "allow_root", "--allow-root"),
+    Setting("http", "http", "--http"),
+    Setting("api_key_file", "api_key_file", "--api-key-file", path=True),
     Setting("cache.max_bytes", "cache_max_bytes", "--cache-max-bytes", size=True),
     Setting("cache.max_entries", "cache_max_entries", "--cache-max-entries"),
     Setting("cache.persist", "cache_persist", "--no-cache-persist"),
@@ -185,7 +190,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 
-RESTART_KEYS = ("socket", "state_dir")
+RESTART_KEYS = ("socket", "state_dir", "http")
 """Settings a running daemon cannot change: SIGHUP logs them as needing a restart."""
 
 

@@ -138,3 +138,37 @@ def wait_idle(client: Client, timeout: float = 10) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"daemon not idle: {client.stats()}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class HttpDaemon(Daemon):
+    base_url: str = ""
+    """``http://127.0.0.1:PORT``: the HTTP API's root."""
+
+
+def start_http_daemon(*args: str, env: dict[str, str] | None = None) -> HttpDaemon:
+    """A real daemon with its HTTP API on a free loopback port, and its native socket."""
+    port = free_port()
+    d = start_daemon(short_tmpdir() / "mlxd.sock", "--http", f"127.0.0.1:{port}", *args, env=env)
+    return HttpDaemon(d.socket, d.proc, d.log_path, d.args, base_url=f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="session")
+def http_daemon(tiny_model: Path, tiny_model_b: Path) -> Iterator[HttpDaemon]:
+    """One HTTP-serving daemon for the read-mostly HTTP tests, both tiny models."""
+    d = start_http_daemon(
+        "--model", f"tiny={tiny_model}", "--model", f"tiny-b={tiny_model_b}",
+        "--default-model", "tiny",
+    )  # fmt: skip
+    yield d
+    code = d.stop()
+    shutil.rmtree(d.socket.parent, ignore_errors=True)
+    assert code == 0, d.log()
