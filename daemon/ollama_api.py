@@ -150,11 +150,15 @@ def _refuse_unsupported(body: _Common) -> None:
         raise BadRequest("think is not supported by mlxd")
 
 
-def build_generate(rid: int, model: str, body: _Common, **prompt: Any) -> Generate:
+def build_generate(
+    rid: int, model: str, body: _Common, most_tokens: int, **prompt: Any
+) -> Generate:
     """The native request for ``body``'s model, options and keep-alive, with the prompt
-    fields given; validated by the native constraints (a bad value: 400 naming it)."""
+    fields given; validated by the native constraints (a bad value: 400 naming it).
+    ``num_predict`` absent or under 1 is Ollama's "until the context is full": the
+    daemon's ``most_tokens`` (max_tokens_limit), which the worker caps at the context."""
     o = body.options or Options()
-    fields: dict[str, Any] = {"id": rid, "model": model, **prompt}
+    fields: dict[str, Any] = {"id": rid, "model": model, **prompt, "max_tokens": most_tokens}
     for name, value in (
         ("temperature", o.temperature),
         ("top_p", o.top_p),
@@ -207,7 +211,8 @@ async def _generate(
     """Run the native generate for the first of ``prompts`` (the next one if the model
     has no chat template), answering in Ollama's shape, streamed or not."""
     call = HttpCall(server_of(request), "ollama")
-    reqs = [build_generate(call.next_id(), model, body, **p) for p in prompts]
+    most = call.server.config.max_tokens_limit
+    reqs = [build_generate(call.next_id(), model, body, most, **p) for p in prompts]
     stream: web.StreamResponse | None = None
     texts: list[str] = []
     load_started: float | None = None

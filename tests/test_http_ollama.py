@@ -125,9 +125,16 @@ def test_chat_streamed_and_not_equal_mlx_lm(http_daemon: HttpDaemon, tiny_model:
 
 
 def test_keep_alive_loads_and_unloads(tiny_model: Path) -> None:
-    d = start_http_daemon("--model", f"tiny={tiny_model}", "--default-model", "tiny")
+    d = start_http_daemon(
+        "--model", f"tiny={tiny_model}", "--default-model", "tiny", "--max-tokens-limit", "40"
+    )  # fmt: skip
     try:
         client = sdk(d)
+        # No num_predict (or -1): until the context is full, at most the daemon's limit.
+        for options in ({"temperature": 0}, {"temperature": 0, "num_predict": -1}):
+            out = client.generate(model="tiny", prompt="Once", raw=True, options=options)
+            assert out.response == reference(tiny_model, "Once", 40)[0]
+            assert out.eval_count == 40 and out.done_reason == "length"
         # An empty prompt loads the model (the daemon preloads its default: reloaded
         # here, it keeps the new keep-alive); with keep_alive 0 it unloads it.
         loaded = client.generate(model="tiny", prompt="", keep_alive="1h")
