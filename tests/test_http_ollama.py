@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ollama
 import pytest
-from conftest import HttpDaemon, start_http_daemon
+from conftest import HttpDaemon, short_tmpdir, start_http_daemon
 from helpers import chat_tokens, reference
 
 from mlxd.daemon.ollama_api import parse_keep_alive
@@ -125,11 +125,25 @@ def test_chat_streamed_and_not_equal_mlx_lm(http_daemon: HttpDaemon, tiny_model:
 
 
 def test_keep_alive_loads_and_unloads(tiny_model: Path) -> None:
+    # A copy of the tiny model without a chat template: generate gives it the plain prompt.
+    plain = short_tmpdir() / "plain"
+    shutil.copytree(tiny_model, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
     d = start_http_daemon(
-        "--model", f"tiny={tiny_model}", "--default-model", "tiny", "--max-tokens-limit", "40"
+        "--model", f"tiny={tiny_model}", "--model", f"plain={plain}", "--default-model", "tiny",
+        "--max-tokens-limit", "40",
     )  # fmt: skip
     try:
         client = sdk(d)
+        untemplated = client.generate(model="plain", prompt="Once", options=GREEDY)
+        assert untemplated.response == reference(tiny_model, "Once", 24)[0]
+        assert client.show("plain").template == ""
+        with pytest.raises(ollama.ResponseError) as info:
+            client.chat(model="plain", messages=[{"role": "user", "content": "hi"}])
+        assert info.value.status_code == 400 and "chat template" in info.value.error
+        client.generate(model="plain", keep_alive=0)
         # No num_predict (or -1): until the context is full, at most the daemon's limit.
         for options in ({"temperature": 0}, {"temperature": 0, "num_predict": -1}):
             out = client.generate(model="tiny", prompt="Once", raw=True, options=options)
@@ -161,6 +175,7 @@ def test_keep_alive_loads_and_unloads(tiny_model: Path) -> None:
     finally:
         assert d.stop() == 0, d.log()
         shutil.rmtree(d.socket.parent, ignore_errors=True)
+        shutil.rmtree(plain.parent, ignore_errors=True)
 
 
 def test_errors_have_ollamas_shape_and_status(http_daemon: HttpDaemon) -> None:
