@@ -3,14 +3,15 @@ equals mlx-lm in-process, usage equals the native path's, bad input gets OpenAI'
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import HttpDaemon
-from helpers import chat_tokens, fim_tokens, reference
+from conftest import HttpDaemon, start_http_daemon, wait_idle
+from helpers import RawConn, chat_tokens, fim_tokens, reference
 
 PROMPT = "The quick brown fox"
 CHAT = [{"role": "user", "content": "Write a haiku about sockets."}]
@@ -213,3 +214,57 @@ def test_bad_input_gets_openai_errors(sdk: openai.OpenAI, http_daemon: HttpDaemo
     # Unknown fields are ignored; the daemon still serves.
     ok = httpx.post(url, json={"messages": CHAT, "max_tokens": 2, "frobnicate": 1}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_overloaded_is_503_with_retry_after_and_too_long_is_400(
+    tiny_model: Path,
+) -> None:
+    d = start_http_daemon(
+        "--model", f"tiny={tiny_model}", "--max-batch-size", "1", "--max-queued", "1",
+        "--max-prompt-tokens", "64",
+    )  # fmt: skip
+    try:
+        sdk = openai.OpenAI(base_url=f"{d.base_url}/v1", api_key="unused", max_retries=0)
+        long: Any = [{"role": "user", "content": "sockets " * 200}]
+        body = _refused(lambda: sdk.chat.completions.create(model="tiny", messages=long), 400, None)
+        assert body["code"] == "prompt_too_long"
+        conn = RawConn(d.socket)
+        for i in range(2):  # one running, one queued: the queue is full
+            conn.send({"type": "generate", "id": i, "prompt": "x", "max_tokens": 3000})
+        seen = set()
+        while seen != {"chunk", "queued"}:
+            seen.add(conn.recv()["type"])
+        with pytest.raises(openai.APIStatusError) as info:
+            sdk.completions.create(model="tiny", prompt="y", max_tokens=2, stream=True)
+        assert info.value.status_code == 503
+        assert info.value.response.headers["retry-after"].isdigit()
+        assert isinstance(info.value.body, dict) and info.value.body["code"] == "overloaded"
+        conn.close()
+        # Served again once there is room.
+        got = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+        assert got.choices[0].text == reference(tiny_model, PROMPT, 8)[0]
+    finally:
+        assert d.stop() == 0, d.log()
+        shutil.rmtree(d.socket.parent, ignore_errors=True)
+
+
+def test_a_client_leaving_mid_stream_cancels_its_request(
+    sdk: openai.OpenAI, http_daemon: HttpDaemon, tiny_model: Path
+) -> None:
+    with http_daemon.client() as native:
+        before = native.stats().requests_cancelled
+        stream = sdk.chat.completions.create(
+            model="tiny",
+            messages=CHAT,  # type: ignore[arg-type]
+            max_tokens=3000,
+            stream=True,
+            extra_body={"cache": False},
+        )
+        first = next(iter(stream))
+        assert first.choices[0].delta.role == "assistant"
+        stream.close()
+        wait_idle(native)
+        assert native.stats().requests_cancelled == before + 1
+    # The daemon keeps serving, token for token.
+    got = sdk.completions.create(model="tiny", prompt=PROMPT, max_tokens=8)
+    assert got.choices[0].text == reference(tiny_model, PROMPT, 8)[0]
