@@ -168,6 +168,8 @@ async def _next(events: AsyncIterator[Any]) -> Any:
 async def create(request: web.Request) -> web.StreamResponse:
     try:
         req = msgspec.json.decode(await request.read(), type=MessagesRequest)
+    except web.HTTPRequestEntityTooLarge as e:
+        return _error(413, e.text or "request body too large")
     except msgspec.ValidationError as e:
         param = _param_of(str(e))
         return _error(400, f"{param}: {e}" if param else str(e))

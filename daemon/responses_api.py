@@ -239,6 +239,8 @@ async def _first(events: AsyncIterator[Any]) -> Any:
 async def create(request: web.Request) -> web.StreamResponse:
     try:
         req = msgspec.json.decode(await request.read(), type=ResponsesRequest)
+    except web.HTTPRequestEntityTooLarge as e:
+        return _error(413, e.text or "request body too large", "invalid_request_error", None, None)
     except msgspec.ValidationError as e:
         return _error(400, str(e), "invalid_request_error", _param_of(str(e)), "invalid_value")
     except msgspec.DecodeError as e:

@@ -273,3 +273,19 @@ def test_dropping_a_stream_cancels_it(http_daemon: HttpDaemon, path: str) -> Non
         wait_idle(native)
         assert native.stats().requests_cancelled == before + 1
         assert native.generate("ok", max_tokens=4).done.finish_reason == "length"
+
+
+def test_malformed_and_oversized_bodies(http_daemon: HttpDaemon) -> None:
+    with http_daemon.client() as native:
+        limit = native.welcome.max_frame_bytes
+    for path in ("/v1/messages", "/v1/responses"):
+        url = f"{http_daemon.base_url}{path}"
+        bad = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
+        big = httpx.post(url, json={"model": "tiny", "input": "x" * limit, "max_tokens": 1})
+        assert bad.status_code == 400 and big.status_code == 413
+        if path == "/v1/messages":
+            assert bad.json()["error"]["type"] == "invalid_request_error"
+            assert big.json()["error"]["type"] == "request_too_large"
+        else:
+            assert bad.json()["error"]["code"] == "invalid_json"
+            assert big.json()["error"]["type"] == "invalid_request_error"
