@@ -19,7 +19,7 @@ from msgspec import Meta, Struct
 from mlxd.protocol import MAX_STOPS, ChatMessage, Chunk, Done, Error, Generate, errors
 
 from .http_server import HttpCall, server_of, status_for
-from .responses_api import _param_of
+from .responses_api import param_of
 
 _KINDS = {
     400: "invalid_request_error",
@@ -171,7 +171,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     except web.HTTPRequestEntityTooLarge as e:
         return _error(413, e.text or "request body too large")
     except msgspec.ValidationError as e:
-        param = _param_of(str(e))
+        param = param_of(str(e))
         return _error(400, f"{param}: {e}" if param else str(e))
     except msgspec.DecodeError as e:
         return _error(400, f"malformed JSON: {e}")

@@ -96,7 +96,8 @@ _AT = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
-def _param_of(message: str) -> str | None:
+def param_of(message: str) -> str | None:
+    """The parameter a msgspec validation error names, as a dotted path (`a.b[0].c`)."""
     missing, at = _MISSING.search(message), _AT.search(message)
     where = at.group(1) if at else ""
     if missing:
@@ -242,7 +243,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     except web.HTTPRequestEntityTooLarge as e:
         return _error(413, e.text or "request body too large", "invalid_request_error", None, None)
     except msgspec.ValidationError as e:
-        return _error(400, str(e), "invalid_request_error", _param_of(str(e)), "invalid_value")
+        return _error(400, str(e), "invalid_request_error", param_of(str(e)), "invalid_value")
     except msgspec.DecodeError as e:
         return _error(400, f"malformed JSON: {e}", "invalid_request_error", None, "invalid_json")
     try:
