@@ -127,11 +127,15 @@ def parse_listen(spec: str) -> tuple[str, int] | Path:
 async def start_http(server: Server, spec: str) -> web.AppRunner:
     """Listen for HTTP at ``spec`` on the running loop; returns the runner to clean up."""
     from . import ollama_api, openai_api
+    from .anthropic_api import add_routes as add_anthropic_routes
+    from .responses_api import add_routes as add_responses_routes
 
     app = web.Application(client_max_size=server.config.max_frame_bytes)
     app[SERVER_KEY] = server
     openai_api.add_routes(app)
     ollama_api.add_routes(app)
+    add_responses_routes(app)
+    add_anthropic_routes(app)
     # handler_cancellation: a client that disconnects cancels its handler, whose
     # ``events`` then cancels the request in the worker.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
