@@ -415,10 +415,7 @@ async def start_http(server: Server, spec: str) -> web.AppRunner:
     app[TCP_KEY] = not isinstance(where, Path)
     openai_api.add_routes(app)
     ollama_api.add_routes(app)
-    # handler_cancellation: a client that disconnects cancels its handler, whose
-    # ``events`` (and ``_guard``) then cancel the request in the worker.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
+    sock = None
     if isinstance(where, Path):
         # As the native socket: 0600, in a folder of ours closed to others.
         prepare_dir(where.parent)
@@ -429,8 +426,14 @@ async def start_http(server: Server, spec: str) -> web.AppRunner:
                 where.unlink()
 
         app.on_cleanup.append(unlink)
+    # handler_cancellation: a client that disconnects cancels its handler, whose
+    # ``events`` (and ``_guard``) then cancel the request in the worker.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    if sock is not None:
         site: web.BaseSite = web.SockSite(runner, sock)
     else:
+        assert isinstance(where, tuple)
         site = web.TCPSite(runner, where[0], where[1])
     await site.start()
     return runner
