@@ -86,8 +86,8 @@ RETRY_AFTER_S = 1
 
 def retry_after_headers(code: str) -> dict[str, str]:
     """``Retry-After`` for a native error that passes (overloaded, too many requests,
-    insufficient memory, a restarting worker); no headers for the others."""
-    if status_for(code) in (429, 503) and code != errors.SHUTTING_DOWN:
+    insufficient memory, a restarting worker or daemon); no headers for the others."""
+    if status_for(code) in (429, 503):
         return {"Retry-After": str(RETRY_AFTER_S)}
     return {}
 
