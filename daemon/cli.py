@@ -225,7 +225,7 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
     except ImportError:  # e.g. a platform without uvloop wheels: plain asyncio serves too
         uvloop = None
     if config.http:  # refused before anything binds: one line, exit 1
-        from .http_server import HttpRefused, check_http
+        from .http_auth import HttpRefused, check_http
 
         try:
             check_http(config)
