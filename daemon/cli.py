@@ -224,6 +224,14 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
         import uvloop
     except ImportError:  # e.g. a platform without uvloop wheels: plain asyncio serves too
         uvloop = None
+    if config.http:  # refused before anything binds: one line, exit 1
+        from .http_auth import HttpRefused, check_http
+
+        try:
+            check_http(config)
+        except HttpRefused as exc:
+            print(f"mlxd: error: http_refused: {exc}", file=sys.stderr)
+            return 1
     server = Server(config, reload)
     try:
         if uvloop is not None:

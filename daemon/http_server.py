@@ -9,7 +9,15 @@ same batches, the same prompt cache.
 
 ``HttpCall`` stands in for a native ``Connection`` for one HTTP request: it is the sink's
 ``conn``, so ``Server._deliver`` routes, counts and logs its events like any other; it is
-in ``Server.connections`` while it runs, so a dying worker fails it and shutdown drains it.
+in ``Server.connections`` while it runs, so a dying worker fails it and shutdown drains it
+(and an HTTP request in flight counts against ``max_connections``, as a native connection).
+
+Who may connect (``_guard``, a middleware in front of every route): a loopback bind or
+``unix:PATH`` (a 0600 socket in a private folder) unless an API key is configured
+(``check_http``, before anything binds); with a key, every request presents it
+(``Authorization: Bearer`` or ``x-api-key``) or gets 401; on Linux, a loopback TCP peer of
+another user id (the kernel's socket table, ``/proc/net/tcp{,6}``) gets 403 unless it
+presents the key. HTTP-level errors (404, 405, 413) get a JSON body in the path's API shape.
 
 Threading: event loop only; never calls MLX.
 """
@@ -17,8 +25,13 @@ Threading: event loop only; never calls MLX.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import hmac
+import os
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +39,24 @@ from aiohttp import web
 
 from mlxd.protocol import Done, Error, errors
 
+from .http_auth import check_http, parse_listen, tcp_peer_uid
+from .transport import bind_unix_socket, prepare_dir
+
 if TYPE_CHECKING:
     from .server import Server
 
 SERVER_KEY = web.AppKey("mlxd_server", object)
+API_KEY = web.AppKey("mlxd_api_key", object)
+"""The API key (str) clients must present, or None: none configured."""
+PEERS_KEY = web.AppKey("mlxd_peers", object)
+"""aiohttp's per-connection ``RequestHandler`` -> the peer's uid (None: unknown)."""
+TCP_KEY = web.AppKey("mlxd_tcp", object)
+"""Whether the listener is TCP (a peer uid to check on Linux) rather than ``unix:PATH``."""
+_CALLS: contextvars.ContextVar[list[HttpCall] | None] = contextvars.ContextVar(
+    "mlxd_http_calls", default=None
+)
+"""The ``HttpCall``s made while handling the current request: ``_guard`` cancels what they
+left in flight once the handler returns, raises or is cancelled."""
 
 STATUS = {
     errors.INVALID_REQUEST: 400,
@@ -52,6 +79,43 @@ def status_for(code: str) -> int:
     return STATUS.get(code, 500)
 
 
+RETRY_AFTER_S = 1
+"""What ``Retry-After`` says for a 429 or 503: the queue moves in about that long."""
+
+
+def retry_after_headers(code: str) -> dict[str, str]:
+    """``Retry-After`` for a native error that passes (overloaded, too many requests,
+    insufficient memory, a restarting worker or daemon); no headers for the others."""
+    if status_for(code) in (429, 503):
+        return {"Retry-After": str(RETRY_AFTER_S)}
+    return {}
+
+
+_ANTHROPIC_KINDS = {
+    401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+}  # fmt: skip
+
+
+def error_response(
+    request: web.Request, status: int, code: str, message: str, headers: Any = None
+) -> web.Response:
+    """An error in the shape of the API ``request`` is for (its path): Ollama's
+    ``{"error": "..."}`` under ``/api/``, Anthropic's under ``/v1/messages``, else OpenAI's
+    ``{"error": {"message", "type", "param", "code"}}``."""
+    path = request.path
+    body: dict[str, Any]
+    if path.startswith("/api/"):
+        body = {"error": message}
+    elif path.startswith("/v1/messages"):
+        default = "invalid_request_error" if status < 500 else "api_error"
+        kind = _ANTHROPIC_KINDS.get(status, default)
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = {"error": {"message": message, "type": code, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
 class HttpCall:
     """One HTTP request's stand-in for a native connection: what the worker's events for
     it are delivered to (``send``), and the requests it has in flight (``pending``)."""
@@ -63,10 +127,29 @@ class HttpCall:
         self.closed = False
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._ids = 0
+        self._left: set[int] = set()
+        """Requests cancelled by leaving ``events``: their last event still comes."""
+        calls = _CALLS.get()
+        if calls is not None:
+            calls.append(self)
 
     def send(self, message: Any) -> None:
+        if isinstance(message, Done | Error) and message.id in self._left:
+            self._left.discard(message.id)  # its handler is gone: nobody reads it
+            if not (self.pending.keys() - {message.id}):
+                self.server.connections.discard(self)  # type: ignore[arg-type]
+            return
         if not self.closed:
             self._events.put_nowait(message)
+
+    def cancel_all(self) -> None:
+        """Cancel what is still in flight (the handler is done with this call)."""
+        for rid, pending in list(self.pending.items()):
+            if rid not in self._left:
+                self._left.add(rid)
+                self.server.worker.cancel(pending)
+        if not self.pending:
+            self.server.connections.discard(self)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         self.closed = True
@@ -89,6 +172,10 @@ class HttpCall:
                 id=request.id, code=errors.SHUTTING_DOWN, message="the daemon is shutting down"
             )
             return
+        conns = server.connections
+        if self not in conns and len(conns) >= server.config.max_connections:
+            yield Error(id=request.id, code=errors.OVERLOADED, message="too many connections")
+            return
         pending = _Pending(self, request, time.perf_counter())
         self.pending[request.id] = pending
         server.connections.add(self)  # type: ignore[arg-type]
@@ -101,7 +188,8 @@ class HttpCall:
                 if isinstance(message, Done | Error):
                     return
         finally:
-            if request.id in self.pending:
+            if request.id in self.pending and request.id not in self._left:
+                self._left.add(request.id)
                 server.worker.cancel(pending)
             if not self.pending:
                 server.connections.discard(self)  # type: ignore[arg-type]
@@ -114,14 +202,96 @@ class HttpCall:
         return last
 
 
-def parse_listen(spec: str) -> tuple[str, int] | Path:
-    """``HOST:PORT`` (an IPv6 host in brackets) or ``unix:PATH``."""
-    if spec.startswith("unix:"):
-        return Path(spec[5:]).expanduser()
-    host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"--http {spec!r}: expected HOST:PORT or unix:PATH")
-    return host.strip("[]"), int(port)
+def _peer_uid(request: web.Request) -> int | None:
+    """The peer's uid, looked up once per connection (cached on aiohttp's handler for
+    it); None where the kernel does not say (not Linux, not TCP, not found)."""
+    proto = request.protocol
+    peers: dict[Any, int | None] = request.app[PEERS_KEY]  # type: ignore[assignment]
+    if proto in peers:
+        return peers[proto]
+    for gone in [h for h in peers if h.transport is None]:  # closed connections
+        del peers[gone]
+    transport = request.transport
+    uid = None
+    if transport is not None:
+        peer, ours = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        if isinstance(peer, tuple) and isinstance(ours, tuple):
+            uid = tcp_peer_uid(peer, ours)
+    peers[proto] = uid
+    return uid
+
+
+def _presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key: str | None = request.app[API_KEY]  # type: ignore[assignment]
+    presented = _presented_key(request)
+    authorized = (
+        key is not None
+        and presented is not None
+        and hmac.compare_digest(presented.encode(), key.encode())
+    )
+    if not authorized:
+        if presented is not None and key is not None:
+            return error_response(request, 401, "invalid_api_key", "the API key is wrong")
+        if request.app[TCP_KEY] and sys.platform.startswith("linux"):
+            server = server_of(request)
+            uid = _peer_uid(request)
+            if uid != os.getuid() and not (uid == 0 and server.config.allow_root):
+                who = "an unknown user" if uid is None else f"uid {uid}"
+                return error_response(
+                    request, 403, "permission_denied",
+                    f"this daemon serves its own user, not {who}; present the API key",
+                )  # fmt: skip
+        if key is not None:
+            return error_response(
+                request, 401, "invalid_api_key",
+                "an API key is required: Authorization: Bearer <key> (or x-api-key)",
+            )  # fmt: skip
+    if (request.content_length or 0) > request.client_max_size:  # before reading it
+        return _http_error(request, web.HTTPRequestEntityTooLarge(
+            max_size=request.client_max_size, actual_size=request.content_length or 0
+        ))  # fmt: skip
+    calls: list[HttpCall] = []
+    token = _CALLS.set(calls)
+    try:
+        response = await handler(request)
+        if response.status in (429, 503) and not response.prepared:
+            for name, value in retry_after_headers(errors.OVERLOADED).items():
+                response.headers.setdefault(name, value)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(request, exc)
+    finally:
+        _CALLS.reset(token)
+        for call in calls:  # a handler that returned, raised or was cancelled mid-stream
+            call.cancel_all()
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own error (no route, wrong method, a body over the limit) as JSON."""
+    messages = {
+        404: f"no such endpoint: {request.path}",
+        405: f"{request.method} is not allowed on {request.path}",
+        413: f"the request body is over the limit of {request.client_max_size} bytes",
+    }
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+    message = messages.get(exc.status, exc.reason)
+    code = codes.get(exc.status, "invalid_request")
+    return error_response(request, exc.status, code, message, headers)
 
 
 async def start_http(server: Server, spec: str) -> web.AppRunner:
@@ -130,20 +300,36 @@ async def start_http(server: Server, spec: str) -> web.AppRunner:
     from .anthropic_api import add_routes as add_anthropic_routes
     from .responses_api import add_routes as add_responses_routes
 
-    app = web.Application(client_max_size=server.config.max_frame_bytes)
+    key = check_http(server.config)
+    app = web.Application(client_max_size=server.config.max_frame_bytes, middlewares=[_guard])
     app[SERVER_KEY] = server
+    app[API_KEY] = key
+    app[PEERS_KEY] = {}
+    where = parse_listen(spec)
+    app[TCP_KEY] = not isinstance(where, Path)
     openai_api.add_routes(app)
     ollama_api.add_routes(app)
     add_responses_routes(app)
     add_anthropic_routes(app)
+    sock = None
+    if isinstance(where, Path):
+        # As the native socket: 0600, in a folder of ours closed to others.
+        prepare_dir(where.parent)
+        sock = bind_unix_socket(where)
+
+        async def unlink(_: web.Application) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                where.unlink()
+
+        app.on_cleanup.append(unlink)
     # handler_cancellation: a client that disconnects cancels its handler, whose
-    # ``events`` then cancels the request in the worker.
+    # ``events`` (and ``_guard``) then cancel the request in the worker.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    where = parse_listen(spec)
-    if isinstance(where, Path):
-        site: web.BaseSite = web.UnixSite(runner, str(where))
+    if sock is not None:
+        site: web.BaseSite = web.SockSite(runner, sock)
     else:
+        assert isinstance(where, tuple)
         site = web.TCPSite(runner, where[0], where[1])
     await site.start()
     return runner

@@ -234,15 +234,38 @@ def _absolute(text: str, home: Path, what: str) -> str:
     return str(path)
 
 
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}")
+
+
+def http_args(http: str | None, api_key_file: str | None, home: Path) -> list[str]:
+    """``--http`` (``HOST:PORT``, or ``unix:PATH`` made absolute) and ``--api-key-file``
+    (absolute) for ``mlxd serve``; whether a bind needs a key, the daemon says at start."""
+    args: list[str] = []
+    if http:
+        if http.startswith("unix:"):
+            http = "unix:" + _absolute(http[5:], home, "the HTTP socket")
+        elif not _HOST_PORT.fullmatch(http):
+            raise ServiceError(
+                "invalid_argument", f"--http {http!r}: expected HOST:PORT or unix:PATH"
+            )
+        args += ["--http", http]
+    if api_key_file:
+        args += ["--api-key-file", _absolute(api_key_file, home, "the API key file")]
+    return args
+
+
 def build_target(
     platform: str | None = None,
     home: str | Path | None = None,
     socket: str | None = None,
     program: Sequence[str] | None = None,
     serve_args: Sequence[str] = (),
+    http: str | None = None,
+    api_key_file: str | None = None,
 ) -> Target:
     platform = platform or current_platform()
     home_path = Path(home).expanduser().absolute() if home else Path.home().absolute()
+    serve_args = [*serve_args, *http_args(http, api_key_file, home_path)]
     if socket:
         sock = _absolute(socket, home_path, "the socket")
         if len(sock.encode()) > _MAX_SOCKET_PATH:
@@ -485,6 +508,14 @@ def add_parser(commands: Any) -> None:
         help='extra `mlxd serve` arguments, one string: --serve-args="--keep-alive -1"',
     )
     sub.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="install: serve the HTTP APIs there too (127.0.0.1:8642, or unix:PATH)",
+    )
+    sub.add_argument(
+        "--api-key-file", metavar="PATH", help="install: the HTTP API's key file (mode 0600)"
+    )
+    sub.add_argument(
         "--files-only", action="store_true", help="install: write the files, load nothing"
     )
     sub.add_argument("-n", "--lines", type=int, default=100, help="logs: lines to show")
@@ -499,6 +530,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             args.socket or os.environ.get("MLXD_SOCKET"),
             [args.executable] if args.executable else None,
             shlex.split(args.serve_args),
+            args.http,
+            args.api_key_file,
         )
         runner = Runner(args.dry_run, out)
         manager = (_Launchd if target.platform == "macos" else _Systemd)(target, runner)

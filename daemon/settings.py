@@ -190,7 +190,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 
-RESTART_KEYS = ("socket", "state_dir", "http")
+RESTART_KEYS = ("socket", "state_dir", "http", "api_key_file")
 """Settings a running daemon cannot change: SIGHUP logs them as needing a restart."""
 
 

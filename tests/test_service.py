@@ -370,3 +370,50 @@ def test_listen_fds_meant_for_another_process_are_ignored_and_unset(
     assert inherited_socket() is None
     for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         assert name not in os.environ  # no child of ours may take them for its own
+
+
+# ---------------------------------------------------------------------------- --http
+
+
+def test_install_http_writes_it_into_the_plist_serve_arguments(tmp_path: Path) -> None:
+    out = mlxd(
+        "service", "install", "--platform", "macos", "--files-only", "--home", str(tmp_path),
+        "--http", "127.0.0.1:8642", "--api-key-file", "~/.config/mlxd/api-key",
+        "--serve-args", "--keep-alive -1",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    with (tmp_path / "Library" / "LaunchAgents" / "dev.mlxd.plist").open("rb") as f:
+        program = plistlib.load(f)["ProgramArguments"]
+    key = str(tmp_path / ".config" / "mlxd" / "api-key")  # launchd expands no ~
+    assert program[1:] == [
+        "serve", "--keep-alive", "-1", "--http", "127.0.0.1:8642", "--api-key-file", key,
+    ]  # fmt: skip
+
+
+def test_install_http_writes_it_into_the_systemd_unit(tmp_path: Path) -> None:
+    out = mlxd(
+        "service", "install", "--platform", "linux", "--dry-run", "--home", str(tmp_path),
+        "--http", "unix:~/mlxd http/h.sock",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert not files_under(tmp_path)  # a dry run writes nothing
+    exec_start = next(x for x in out.stdout.splitlines() if x.startswith("ExecStart="))
+    assert exec_start.endswith(f' serve --http "unix:{tmp_path}/mlxd http/h.sock"')
+
+    out = mlxd(
+        "service", "install", "--platform", "linux", "--files-only", "--home", str(tmp_path),
+        "--http", "[::1]:8642",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    unit = (tmp_path / ".config" / "systemd" / "user" / "mlxd.service").read_text()
+    assert dict(parse_unit(unit)["Service"])["ExecStart"].split()[1:] == [
+        "serve", "--http", '"[::1]:8642"',  # quoted: systemd reads it back unquoted
+    ]  # fmt: skip
+
+
+def test_install_http_refuses_what_is_no_address(tmp_path: Path) -> None:
+    for bad in ("8642", "localhost", "unix:relative.sock"):
+        out = mlxd("service", "install", "--platform", "linux", "--dry-run",
+                   "--home", str(tmp_path), "--http", bad)  # fmt: skip
+        assert out.returncode == 1, bad
+        assert out.stderr.startswith("mlxd: error: invalid_argument:"), out.stderr
