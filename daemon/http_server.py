@@ -91,6 +91,13 @@ def retry_after_headers(code: str) -> dict[str, str]:
     return {}
 
 
+OPENAI_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    429: "rate_limit_error",
+}  # fmt: skip
+"""OpenAI's error ``type`` by status; any other status is a ``server_error``."""
+
 _ANTHROPIC_KINDS = {
     401: "authentication_error", 403: "permission_error", 404: "not_found_error",
     413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
@@ -112,7 +119,8 @@ def error_response(
         kind = _ANTHROPIC_KINDS.get(status, default)
         body = {"type": "error", "error": {"type": kind, "message": message}}
     else:
-        body = {"error": {"message": message, "type": code, "param": None, "code": code}}
+        kind = OPENAI_TYPES.get(status, "server_error")
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status, headers=headers)
 
 

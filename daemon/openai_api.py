@@ -23,7 +23,7 @@ from aiohttp import web
 from mlxd.protocol import Chunk, Done, Error, Generate, ListModels, errors
 
 from . import openai_schema as s
-from .http_server import HttpCall, server_of, status_for
+from .http_server import OPENAI_TYPES, HttpCall, server_of, status_for
 
 JSON = "application/json"
 
@@ -40,18 +40,11 @@ class _ModelList(msgspec.Struct):
     object: str = "list"
 
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    429: "rate_limit_error",
-}
 _CODES = {errors.UNKNOWN_MODEL: "model_not_found"}
 
 
 def _error_body(status: int, message: str, param: str | None, code: str | None) -> bytes:
-    kind = _TYPES.get(status, "server_error")
+    kind = OPENAI_TYPES.get(status, "server_error")
     return msgspec.json.encode(s.ErrorBody(s.ErrorDetail(message, kind, param, code)))
 
 
