@@ -124,6 +124,12 @@ def error_response(
     return web.json_response(body, status=status, headers=headers)
 
 
+PAUSE_BACKLOG = 64
+"""Events queued for an HTTP call, unread because its client does not read (the handler
+waits on the transport's drain), past which its sequences give up their batch places
+(``Worker.pause``) until the handler has caught up, as a native connection's do."""
+
+
 class HttpCall:
     """One HTTP request's stand-in for a native connection: what the worker's events for
     it are delivered to (``send``), and the requests it has in flight (``pending``)."""
@@ -137,6 +143,7 @@ class HttpCall:
         self._ids = 0
         self._left: set[int] = set()
         """Requests cancelled by leaving ``events``: their last event still comes."""
+        self._paused = False
         calls = _CALLS.get()
         if calls is not None:
             calls.append(self)
@@ -149,6 +156,14 @@ class HttpCall:
             return
         if not self.closed:
             self._events.put_nowait(message)
+            if not self._paused and self._events.qsize() >= PAUSE_BACKLOG:
+                self._paused = True
+                self.server.worker.pause(self)
+
+    def _unpause(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.server.worker.resume(self)
 
     def cancel_all(self) -> None:
         """Cancel what is still in flight (the handler is done with this call)."""
@@ -192,6 +207,8 @@ class HttpCall:
         try:
             while True:
                 message = await self._events.get()
+                if self._events.empty():
+                    self._unpause()  # the client reads again: caught up
                 yield message
                 if isinstance(message, Done | Error):
                     return
@@ -199,6 +216,7 @@ class HttpCall:
             if request.id in self.pending and request.id not in self._left:
                 self._left.add(request.id)
                 server.worker.cancel(pending)
+            self._unpause()  # after the cancel: nothing of this call resumes
             if not self.pending:
                 server.connections.discard(self)  # type: ignore[arg-type]
 

@@ -1,0 +1,87 @@
+"""An HTTP client that stops reading its stream gives up its batch place, as a native
+connection does (issue 13 item 14 on the HTTP front end), and still gets all of its text.
+
+Over ``--http unix:PATH``, where the socket's buffers are small and fixed, so a client that
+reads nothing soon makes the daemon's writes wait.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import h11
+from conftest import short_tmpdir, start_daemon
+from helpers import reference
+
+from mlxd.client import Client
+
+PROMPT = "greedy 0:"
+MAX_TOKENS = 3000  # this prompt runs to the end on the tiny model: ~540 KB of SSE
+
+
+def wait_for(client: Client, check: Any, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = client.stats()
+        if check(stats):
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"not reached in {timeout} s: {client.stats()}")
+
+
+def test_an_http_stream_nobody_reads_gives_up_its_batch_place(tiny_model: Path) -> None:
+    base = short_tmpdir()
+    http = base / "http" / "mlxd-http.sock"
+    d = start_daemon(
+        base / "mlxd.sock", "--model", f"tiny={tiny_model}", "--default-model", "tiny",
+        "--max-batch-size", "1", "--http", f"unix:{http}",
+    )  # fmt: skip
+    try:
+        expected = reference(tiny_model, PROMPT, MAX_TOKENS)[0]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(120)
+        sock.connect(str(http))
+        body = json.dumps(
+            {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True, "temperature": 0}
+        ).encode()
+        conn = h11.Connection(h11.CLIENT)
+        headers = [("Host", "mlxd"), ("Content-Type", "application/json"),
+                   ("Content-Length", str(len(body))), ("Connection", "close")]  # fmt: skip
+        sock.sendall(
+            conn.send(h11.Request(method="POST", target="/v1/completions", headers=headers))
+        )
+        sock.sendall(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        with d.client() as c:
+            # Unread, its one place in the batch goes to others...
+            wait_for(c, lambda s: s.sequences_preempted >= 1)
+            done = c.generate("ok", max_tokens=4).done
+            assert done.finish_reason == "length"
+            # ...while it still has its own work in flight.
+            assert c.stats().requests_in_flight >= 2
+        text, raw = [], b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+        sock.close()
+        conn.receive_data(raw)
+        conn.receive_data(b"")
+        data = b""
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage | h11.PAUSED):
+            if isinstance(event, h11.Response):
+                assert event.status_code == 200
+            elif isinstance(event, h11.Data):
+                data += event.data
+        for line in data.decode().splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text.append(json.loads(line[6:])["choices"][0]["text"])
+        assert "".join(text) == expected
+        assert d.stop() == 0, d.log()
+    finally:
+        if d.proc.poll() is None:
+            d.stop(9)
+        shutil.rmtree(base, ignore_errors=True)
