@@ -123,8 +123,9 @@ def _generate(req: MessagesRequest, rid: int) -> Generate:
 
 
 def _stop_reason(done: Done) -> str:
-    # The native done does not say whether a stop string or the end of turn stopped it.
-    return "max_tokens" if done.finish_reason == "length" else "end_turn"
+    if done.finish_reason == "length":
+        return "max_tokens"
+    return "stop_sequence" if done.stop_sequence is not None else "end_turn"
 
 
 def _usage(done: Done | None) -> dict[str, int]:
@@ -147,7 +148,7 @@ def _message(mid: str, model: str, text: str | None, done: Done | None) -> dict[
         "model": model,
         "content": [] if text is None else [{"type": "text", "text": text}],
         "stop_reason": _stop_reason(done) if done is not None else None,
-        "stop_sequence": None,
+        "stop_sequence": done.stop_sequence if done is not None else None,
         "usage": _usage(done),
     }
 
@@ -222,7 +223,7 @@ async def _stream(
         await resp.write_eof()
         return resp
     await resp.write(_event("content_block_stop", index=0))
-    delta = {"stop_reason": _stop_reason(message), "stop_sequence": None}
+    delta = {"stop_reason": _stop_reason(message), "stop_sequence": message.stop_sequence}
     await resp.write(_event("message_delta", delta=delta, usage=_usage(message)))
     await resp.write(_event("message_stop"))
     await resp.write_eof()

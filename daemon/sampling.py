@@ -164,16 +164,19 @@ class StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self._stops = stops
         self._held = ""
+        self.matched: str | None = None
+        """The stop string that ended the output (the earliest in the text), once found."""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Text now safe to release, and whether a stop string was found (output ends there)."""
         if not self._stops:
             return text, False
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for s in self._stops if (i := buffer.find(s)) >= 0]
         if hits:
             self._held = ""
-            return buffer[: min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return buffer[:at], True
         keep = max((self._partial_suffix(buffer, s) for s in self._stops), default=0)
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], False

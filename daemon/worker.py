@@ -332,6 +332,7 @@ def _done(seq: _Sequence, reason: str) -> Done:
     return Done(
         id=seq.request.id,
         finish_reason=reason,  # type: ignore[arg-type]
+        stop_sequence=seq.stop.matched if reason == "stop" else None,
         usage=Usage(
             prompt_tokens=len(seq.prompt),
             cached_tokens=seq.cached_tokens,

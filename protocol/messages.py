@@ -348,6 +348,8 @@ class Done(_Message, tag="done"):
 
     id: int
     finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None
+    """``finish_reason`` ``stop`` by a stop string: that string (not set for end-of-sequence)."""
     usage: Usage | None = None
     timings: Timings | None = None
     cache: CacheUse | None = None

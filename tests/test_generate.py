@@ -119,6 +119,7 @@ def test_stop_string_spanning_chunks_is_never_streamed(daemon: Daemon, tiny_mode
     assert text == expected
     assert stop not in text
     assert streamed[-1].finish_reason == "stop"
+    assert streamed[-1].stop_sequence == stop  # the done names the stop string that ended it
 
 
 def test_seeded_sampling_is_reproducible_even_when_interleaved(daemon: Daemon) -> None:

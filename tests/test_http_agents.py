@@ -235,7 +235,12 @@ def test_messages_stop_sequences_and_second_turn_cache(
     sdk = _anthropic(http_daemon)
     cut = sdk.messages.create(model="tiny", messages=first, max_tokens=24, stop_sequences=[stop])  # type: ignore[arg-type]
     assert cut.content[0].text == text[: text.index(stop)]  # type: ignore[union-attr]
-    assert cut.stop_reason == "end_turn"  # the native done does not say which stop matched
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    with sdk.messages.stream(
+        model="tiny", messages=first, max_tokens=24, stop_sequences=[stop]
+    ) as s:  # type: ignore[arg-type]
+        final = s.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
     whole = sdk.messages.create(model="tiny", messages=first, max_tokens=24)  # type: ignore[arg-type]
     turn = [*first, {"role": "assistant", "content": text}, {"role": "user", "content": "More."}]
     second = sdk.messages.create(model="tiny", messages=turn, max_tokens=8)  # type: ignore[arg-type]
