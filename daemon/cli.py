@@ -217,6 +217,7 @@ def serve(args: argparse.Namespace) -> int:
 def run_server(config: Config, reload: Callable[[], Config] | None = None) -> int:
     import asyncio
 
+    from .http_auth import HttpRefused, check_http
     from .server import Server
     from .transport import ActivationError, AlreadyRunning, UnsafePath
 
@@ -225,8 +226,6 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
     except ImportError:  # e.g. a platform without uvloop wheels: plain asyncio serves too
         uvloop = None
     if config.http:  # refused before anything binds: one line, exit 1
-        from .http_auth import HttpRefused, check_http
-
         try:
             check_http(config)
         except HttpRefused as exc:
@@ -245,6 +244,9 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
         return 1
     except UnsafePath as exc:
         print(f"mlxd: error: unsafe_socket_path: {exc}", file=sys.stderr)
+        return 1
+    except HttpRefused as exc:  # e.g. its port taken, found only when it binds
+        print(f"mlxd: error: http_refused: {exc}", file=sys.stderr)
         return 1
 
 

@@ -409,7 +409,13 @@ class Server:
         if self.config.http:
             from .http_server import start_http  # aiohttp is loaded only when HTTP is on
 
-            self._http = await start_http(self, self.config.http)
+            try:
+                self._http = await start_http(self, self.config.http)
+            except OSError as exc:  # the port taken, say: one line and exit 1, as before binding
+                from .http_auth import HttpRefused
+
+                reason = exc.strerror or str(exc)
+                raise HttpRefused(f"cannot listen on {self.config.http}: {reason}") from None
             log.info("http_serving", listen=self.config.http)
         watchdog = loop.create_task(self._watch_worker())
         await self._stop.wait()

@@ -58,6 +58,15 @@ def test_a_bind_beyond_loopback_without_a_key_is_refused_before_binding() -> Non
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def test_a_port_already_taken_is_one_line_and_exit_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = refusal(serve("--http", f"127.0.0.1:{port}"))
+    assert line.startswith("mlxd: error: http_refused:") and f"127.0.0.1:{port}" in line
+
+
 def test_a_key_file_others_can_read_or_not_ours_is_refused() -> None:
     port = free_port()
     loose = key_file(0o644)
