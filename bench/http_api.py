@@ -15,8 +15,9 @@ Contestants, each asked for greedy (temperature 0) streamed completions:
   simulated client, so one kept-alive connection each);
 - mlx_lm: ``python -m mlx_lm server`` (defaults but ``--log-level WARNING``), its
   ``POST /v1/chat/completions`` streamed, read by the same client code as http (it answers
-  in HTTP/1.0 and closes after each reply, so each of its requests opens a connection:
-  well under a millisecond on loopback).
+  in HTTP/1.0 and closes after each reply, so each of its requests opens a connection).
+  Each mlxd HTTP client opens its connection (``GET /v1/models``) before the clock starts,
+  as each native client does (``--cold``: on its first timed request instead).
 
 mlxd requests pass ``cache=False`` (native field; an extra body field over HTTP) and no two
 prompts share more than the chat template's opening and BOS (bench/concurrency.Prompts),
@@ -26,17 +27,18 @@ so no server gains from a prompt cache. Tokens: the server's ``usage.completion_
    to the last. Each trial runs the three back to back on one prompt (the order rotating);
    ratios are medians of the trials' own ratios (this machine drifts between trials).
 2. Closed loop: N = 1, 4, 16 clients, each sending its ``--rounds`` requests back to back
-   (its own prompts), 128 tokens each. Aggregate tokens/s = all completion tokens / wall
-   time from the first send to the last done; TTFT = send to first non-empty content, per
+   (its own prompts), 128 tokens each, ``--repeats`` times (the order rotating). Aggregate
+   tokens/s = all completion tokens / wall time from the first send to the last done
+   (summed over repeats); TTFT = send to first non-empty content, per
    request; p99 nearest rank (below 100 samples: the maximum).
 
 Issue 14's targets, printed PASS or MISS: http single-stream decode >= 0.97x native; http
 aggregate tokens/s at 16 clients >= 1.3x mlx_lm's, with p99 TTFT <= 0.5x mlx_lm's.
 
-    python bench/http_api.py [--trials 9] [--rounds 4] [--clients 1 4 16] [--tokens 128]
+    python bench/http_api.py [--trials 9] [--rounds 4] [--repeats 2] [--tokens 128] [--cold]
 
 Prints a table and writes bench/results/http.json. Traffic stays on a Unix socket and on
-127.0.0.1. Takes about 70 s on 2 x86 cores (more when they are shared).
+127.0.0.1. Takes about 2 minutes on 2 x86 cores (more when they are shared).
 """
 
 from __future__ import annotations
@@ -130,11 +132,14 @@ class Native:
 
 
 class Sse:
-    """An OpenAI chat completions endpoint, streamed; one aiohttp session per client."""
+    """An OpenAI chat completions endpoint, streamed; one aiohttp session per client.
+    ``keep``: a GET that opens the session's connection before it is timed (as a native
+    client connects before it asks), for a server that keeps connections alive."""
 
-    def __init__(self, url: str, extra: dict[str, Any]) -> None:
+    def __init__(self, url: str, extra: dict[str, Any], keep: str | None = None) -> None:
         self.url = url
         self.extra = extra
+        self.keep = keep
 
     @contextlib.asynccontextmanager
     async def client(self) -> AsyncIterator[Any]:
@@ -143,6 +148,9 @@ class Sse:
         connector = aiohttp.TCPConnector(limit=1)
         timeout = aiohttp.ClientTimeout(total=300)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            if self.keep:
+                async with session.get(self.keep) as response:
+                    await response.read()
             yield session
 
     async def request(self, session: Any, prompt: str, tokens: int) -> Reply:
@@ -183,12 +191,17 @@ class Loop:
     replies: list[Reply]
     wall_s: float
 
-    def summary(self) -> dict[str, Any]:
-        ttfts = [r.ttft_s for r in self.replies]
-        tokens = sum(r.tokens for r in self.replies)
-        return {"requests": len(self.replies), "tokens": tokens, "wall_s": self.wall_s,
-                "aggregate_tps": tokens / self.wall_s, "ttft_p50_s": statistics.median(ttfts),
-                "ttft_p99_s": percentile(ttfts, 0.99), "ttft_s": ttfts}  # fmt: skip
+
+def pooled(loops: list[Loop]) -> dict[str, Any]:
+    """Repeats together: all tokens over all wall time; TTFTs of every request."""
+    replies = [r for loop in loops for r in loop.replies]
+    ttfts = [r.ttft_s for r in replies]
+    tokens, wall = sum(r.tokens for r in replies), sum(loop.wall_s for loop in loops)
+    return {"requests": len(replies), "tokens": tokens, "wall_s": wall,
+            "aggregate_tps": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p99_s": percentile(ttfts, 0.99), "ttft_s": ttfts,
+            "aggregate_tps_repeats": [sum(r.tokens for r in lp.replies) / lp.wall_s
+                                      for lp in loops]}  # fmt: skip
 
 
 async def closed_loop(backend: Any, per_client: list[list[str]], tokens: int) -> Loop:
@@ -216,11 +229,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=9, help="single-stream trials")
     parser.add_argument("--rounds", type=int, default=4, help="requests per client")
+    parser.add_argument("--repeats", type=int, default=2, help="closed loops per N per server")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument(
         "--tokens", type=int, default=128, help="max_tokens per closed-loop request"
     )
     parser.add_argument("--single-tokens", type=int, default=SINGLE_TOKENS)
+    parser.add_argument(
+        "--cold", action="store_true", help="HTTP clients connect on their first timed request"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "http.json"))
     args = parser.parse_args()
     began = time.perf_counter()
@@ -241,12 +258,15 @@ def main() -> None:
     prompts = Prompts(tokenizer)
     warm = [prompts.short() for _ in range(max(args.clients))]
     single_prompts = [prompts.short() for _ in range(args.trials)]
-    loop_prompts = {
-        n: [[prompts.short() for _ in range(args.rounds)] for _ in range(n)] for n in args.clients
-    }
+    loop_prompts = [
+        {n: [[prompts.short() for _ in range(args.rounds)] for _ in range(n)] for n in args.clients}
+        for _ in range(args.repeats)
+    ]
 
     singles: dict[str, list[Reply]] = {name: [] for name in NAMES}
-    loops: dict[str, dict[int, Loop]] = {name: {} for name in NAMES}
+    loops: dict[str, dict[int, list[Loop]]] = {
+        name: {n: [] for n in args.clients} for name in NAMES
+    }
     mlxd = mlx_lm = None
     http_port, lm_port = free_port(), free_port()
     try:
@@ -254,10 +274,13 @@ def main() -> None:
         mlx_lm = start_mlx_lm(work, model_dir, lm_port)
         wait_mlxd(sock, mlxd)
         wait_http(lm_port, mlx_lm)
-        chat = "/v1/chat/completions"
+        chat, mlxd_url = "/v1/chat/completions", f"http://127.0.0.1:{http_port}"
+        fields = {"model": MODEL, "cache": False}
         backends: dict[str, Any] = {
             "native": Native(sock),
-            "http": Sse(f"http://127.0.0.1:{http_port}{chat}", {"model": MODEL, "cache": False}),
+            "http": Sse(
+                mlxd_url + chat, fields, keep=None if args.cold else mlxd_url + "/v1/models"
+            ),
             "mlx_lm": Sse(f"http://127.0.0.1:{lm_port}{chat}", {}),  # its one model
         }
         # Warm up: a single stream and a full-size burst each, so first-use costs (model
@@ -272,9 +295,11 @@ def main() -> None:
                 singles[name].append(run(single(backends[name], prompt, args.single_tokens)))
 
         print("2. closed loop ...", flush=True)
-        for i, n in enumerate(args.clients):
-            for name in rotate(i):
-                loops[name][n] = run(closed_loop(backends[name], loop_prompts[n], args.tokens))
+        for rep, per_n in enumerate(loop_prompts):
+            for i, n in enumerate(args.clients):
+                for name in rotate(rep + i):
+                    loop = run(closed_loop(backends[name], per_n[n], args.tokens))
+                    loops[name][n].append(loop)
     finally:
         stop(mlxd)
         stop(mlx_lm)
@@ -326,13 +351,14 @@ def summarise(
 
     conc: dict[str, Any] = {}
     for n in args.clients:
-        row: dict[str, Any] = {name: loops[name][n].summary() for name in NAMES}
+        row: dict[str, Any] = {name: pooled(loops[name][n]) for name in NAMES}
         for a, b in (("http", "native"), ("http", "mlx_lm"), ("native", "mlx_lm")):
             row[f"{a}/{b}"] = {
                 "aggregate": row[a]["aggregate_tps"] / row[b]["aggregate_tps"],
                 "ttft_p99": row[a]["ttft_p99_s"] / row[b]["ttft_p99_s"],
             }
-        texts = zip(*(loops[name][n].replies for name in NAMES), strict=True)
+        each = [[r for lp in loops[name][n] for r in lp.replies] for name in NAMES]
+        texts = zip(*each, strict=True)
         row["same_text"] = sum(len({r.text for r in rs}) == 1 for rs in texts)
         conc[str(n)] = row
 
@@ -345,8 +371,8 @@ def summarise(
         "benchmark": "http",
         "endpoint": "/v1/chat/completions (streamed) vs native stream(messages=...)",
         "prompt_tokens": {"min": min(prompts.lengths), "max": max(prompts.lengths)},
-        "single_tokens": args.single_tokens, "loop_tokens": args.tokens,
-        "trials": args.trials, "rounds": args.rounds,
+        "single_tokens": args.single_tokens, "loop_tokens": args.tokens, "cold": args.cold,
+        "trials": args.trials, "rounds": args.rounds, "repeats": args.repeats,
         "single_stream": single_out, "closed_loop": conc, "targets": TARGETS,
         "verdicts": {k: "PASS" if v else "MISS" for k, v in verdicts.items()},
     }  # fmt: skip
@@ -382,7 +408,7 @@ def print_table(res: dict[str, Any]) -> None:
         f"{k} {v:.3f}x" for k, v in ss["ratios"].items()))  # fmt: skip
 
     print(
-        f"\n2. closed loop: each client {res['rounds']} requests back to back, "
+        f"\n2. closed loop: each client {res['rounds']} requests back to back, x{res['repeats']}, "
         f"{res['loop_tokens']} tokens each, distinct prompts, no prompt cache"
     )
     print(
