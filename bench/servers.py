@@ -11,11 +11,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
-def start_mlxd(work: Path, model_dir: Path, name: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_mlxd(
+    work: Path, model_dir: Path, name: str, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``extra``: more ``serve`` flags (``--http 127.0.0.1:PORT``, say)."""
     sock = work / "mlxd.sock"
     cmd = [
         sys.executable, "-m", "mlxd.daemon", "serve",
@@ -24,6 +28,7 @@ def start_mlxd(work: Path, model_dir: Path, name: str) -> tuple[subprocess.Popen
         "--state-dir", str(work / "state"),
         "--no-cache-persist",
         "--log-level", "warning",
+        *extra,
     ]  # fmt: skip
     return subprocess.Popen(cmd), sock
 

@@ -228,9 +228,11 @@ class HttpCall:
         return last
 
 
-def _peer_uid(request: web.Request) -> int | None:
+async def _peer_uid(request: web.Request) -> int | None:
     """The peer's uid, looked up once per connection (cached on aiohttp's handler for
-    it); None where the kernel does not say (not Linux, not TCP, not found)."""
+    it); None where the kernel does not say (not Linux, not TCP, not found). The lookup
+    reads the kernel's whole socket table, which takes milliseconds (about 8 on a small
+    VM, more with many sockets): in a thread, so that no other stream waits for it."""
     proto = request.protocol
     peers: dict[Any, int | None] = request.app[PEERS_KEY]  # type: ignore[assignment]
     if proto in peers:
@@ -242,7 +244,8 @@ def _peer_uid(request: web.Request) -> int | None:
     if transport is not None:
         peer, ours = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         if isinstance(peer, tuple) and isinstance(ours, tuple):
-            uid = tcp_peer_uid(peer, ours)
+            loop = asyncio.get_running_loop()
+            uid = await loop.run_in_executor(None, tcp_peer_uid, peer, ours)
     peers[proto] = uid
     return uid
 
@@ -272,7 +275,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             return error_response(request, 401, "invalid_api_key", "the API key is wrong")
         if request.app[TCP_KEY] and sys.platform.startswith("linux"):
             server = server_of(request)
-            uid = _peer_uid(request)
+            uid = await _peer_uid(request)
             if uid != os.getuid() and not (uid == 0 and server.config.allow_root):
                 who = "an unknown user" if uid is None else f"uid {uid}"
                 return error_response(
