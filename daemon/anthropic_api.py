@@ -18,7 +18,7 @@ from msgspec import Meta, Struct
 
 from mlxd.protocol import MAX_STOPS, ChatMessage, Chunk, Done, Error, Generate, errors
 
-from .http_server import HttpCall, server_of, status_for
+from .http_server import HttpCall, next_reply, server_of, status_for
 from .responses_api import param_of
 
 _KINDS = {
@@ -158,14 +158,6 @@ def _event(kind: str, **fields: Any) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
 
-async def _next(events: AsyncIterator[Any]) -> Any:
-    """The next event that is not a ``Queued`` or ``Progress``: a chunk, done or error."""
-    async for message in events:
-        if isinstance(message, Chunk | Done | Error):
-            return message
-    return Error(code=errors.INTERNAL_ERROR, message="no reply")
-
-
 async def create(request: web.Request) -> web.StreamResponse:
     try:
         req = msgspec.json.decode(await request.read(), type=MessagesRequest)
@@ -184,14 +176,14 @@ async def create(request: web.Request) -> web.StreamResponse:
     mid = f"msg_{uuid.uuid4().hex}"
     events = call.events(native)
     try:
-        message = await _next(events)
+        message = await next_reply(events)
         if isinstance(message, Error):
             return _native_error(message)
         if not req.stream:
             text = ""
             while isinstance(message, Chunk):
                 text += message.text
-                message = await _next(events)
+                message = await next_reply(events)
             if isinstance(message, Error):
                 return _native_error(message)
             body = msgspec.json.encode(_message(mid, req.model, text, message))
@@ -216,7 +208,7 @@ async def _stream(
         if message.text:
             delta = {"type": "text_delta", "text": message.text}
             await resp.write(_event("content_block_delta", index=0, delta=delta))
-        message = await _next(events)
+        message = await next_reply(events)
     if isinstance(message, Error):
         kind = _KINDS.get(_status(message), "api_error")
         await resp.write(_event("error", error={"type": kind, "message": message.message}))

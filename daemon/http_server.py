@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from mlxd.protocol import Done, Error, errors
+from mlxd.protocol import Chunk, Done, Error, errors
 
 from .http_auth import check_http, parse_listen, tcp_peer_uid
 from .transport import bind_unix_socket, prepare_dir
@@ -226,6 +226,15 @@ class HttpCall:
         async for message in self.events(request):
             last = message
         return last
+
+
+async def next_reply(events: AsyncIterator[Any]) -> Any:
+    """The next of ``HttpCall.events`` that is not a ``Queued`` or ``Progress``: a chunk,
+    the done or the error (for handlers that hold their headers until the first token)."""
+    async for message in events:
+        if isinstance(message, Chunk | Done | Error):
+            return message
+    return Error(code=errors.INTERNAL_ERROR, message="no reply")
 
 
 async def _peer_uid(request: web.Request) -> int | None:

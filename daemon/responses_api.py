@@ -18,9 +18,9 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta, Struct
 
-from mlxd.protocol import ChatMessage, Chunk, Done, Error, Generate, errors
+from mlxd.protocol import ChatMessage, Chunk, Done, Error, Generate
 
-from .http_server import HttpCall, server_of, status_for
+from .http_server import HttpCall, next_reply, server_of, status_for
 
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _TEXT_PARTS = ("input_text", "output_text")
@@ -229,14 +229,6 @@ class _Builder:
         return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
 
-async def _first(events: AsyncIterator[Any]) -> Any:
-    """The first event that is not a ``Queued`` or ``Progress``: a chunk, done or error."""
-    async for message in events:
-        if isinstance(message, Chunk | Done | Error):
-            return message
-    return Error(code=errors.INTERNAL_ERROR, message="no reply")
-
-
 async def create(request: web.Request) -> web.StreamResponse:
     try:
         req = msgspec.json.decode(await request.read(), type=ResponsesRequest)
@@ -259,14 +251,14 @@ async def create(request: web.Request) -> web.StreamResponse:
     build = _Builder(req, model)
     events = call.events(native)
     try:
-        first = await _first(events)
+        first = await next_reply(events)
         if isinstance(first, Error):
             return _native_error(first)
         if not req.stream:
             final = first
             while isinstance(final, Chunk):
                 build.text += final.text
-                final = await _first(events)
+                final = await next_reply(events)
             if isinstance(final, Error):
                 return _native_error(final)
             body = msgspec.json.encode(build.response(final))
@@ -298,7 +290,7 @@ async def _stream(
                 "response.output_text.delta", delta=message.text, logprobs=[], **ids
             )
             await resp.write(delta)
-        message = await _first(events)
+        message = await next_reply(events)
     if isinstance(message, Error):
         await resp.write(build.event("response.failed", response=build.response(error=message)))
         await resp.write_eof()
