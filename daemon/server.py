@@ -259,6 +259,9 @@ class Connection:
             # The client reads slower than it is written to: its sequences stop taking
             # batch places from others until what is queued here is written.
             self._paused = True
+            log.info(
+                "connection_paused", unread_bytes=self.writer.transport.get_write_buffer_size()
+            )
             self.server.worker.pause(self)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())

@@ -41,6 +41,13 @@ def wait_file(path: Path, nvim: subprocess.Popen[bytes], errors: Path, timeout: 
         time.sleep(0.02)
 
 
+def trace(path: Path, suggestion: str) -> str:
+    """What the plugin's client dispatched, for a failure's message: each chunk's request
+    id, text and token, and the size of each read."""
+    rows = json.loads(path.read_text()) if path.exists() else []
+    return f"suggestion {suggestion!r}; client trace: {rows}"
+
+
 def test_nvim_plugin_completes_cancels_chats_and_survives_a_restart(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -88,7 +95,7 @@ def test_nvim_plugin_completes_cancels_chats_and_survives_a_restart(
         text, _ = reference(tiny_model, one["prefix"], MAX_TOKENS)
         assert one["suffix"] == ""  # typed at the end: a plain prompt
         assert one["prefix"].endswith("    " + config["text"])
-        assert one["suggestion"] == text
+        assert one["suggestion"] == text, trace(results / "trace1.json", one["suggestion"])
         assert one["shown"] == text and one["extmarks"] == 1
         assert one["after_accept"] == one["prefix"] + text  # <Tab> inserted it
 
@@ -147,7 +154,7 @@ def test_nvim_plugin_completes_cancels_chats_and_survives_a_restart(
     text, _ = reference(
         tiny_model, fim_tokens(tiny_model, two["prefix"], two["suffix"]), MAX_TOKENS
     )
-    assert two["suggestion"] == text
+    assert two["suggestion"] == text, trace(results / "trace2.json", two["suggestion"])
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to make a socket another user owns")

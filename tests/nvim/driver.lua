@@ -25,6 +25,24 @@ local mlxd = require("mlxd").setup({
   chat = { max_tokens = 48 },
 })
 
+-- Every chunk the client dispatched, and the size of every read: when a suggestion does
+-- not equal mlx-lm's output, the test shows this trace (was a token delivered twice?).
+local TRACE = {}
+do
+  local c = mlxd.client
+  local orig_d, orig_r = c._dispatch, c._receive
+  c._dispatch = function(self, m)
+    if m.type == "chunk" then
+      table.insert(TRACE, { "d", m.id, m.text, m.tokens and m.tokens[1] or -1 })
+    end
+    return orig_d(self, m)
+  end
+  c._receive = function(self, data)
+    table.insert(TRACE, { "r", #data, #self.inbuf })
+    return orig_r(self, data)
+  end
+end
+
 local function write_json(name, value)
   vim.fn.writefile({ vim.fn.json_encode(value) }, cfg.results .. "/" .. name)
 end
@@ -175,6 +193,8 @@ local function script()
   local messages = vim.fn.execute("messages")
   vim.api.nvim_set_current_win(code_win)
 
+  write_json("trace1.json", TRACE)
+  TRACE = {}
   write_json("phase1.json", {
     prefix = prefix,
     suffix = suffix,
@@ -232,6 +252,7 @@ local function script()
   end
   local s2 = finished_suggestion(20000)
   local prefix2, suffix2 = around_cursor()
+  write_json("trace2.json", TRACE)
   write_json("phase2.json", {
     down = down,
     keys_to_recover = keys,
