@@ -192,3 +192,42 @@ def test_nvim_client_sends_nothing_to_a_socket_another_user_owns(tmp_path: Path)
     finally:
         server.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+REENTRANT = r"""
+vim.opt.runtimepath:prepend(vim.env.MLXD_PLUGIN)
+local client = require("mlxd.client")
+local c = client.new({ path = "/nonexistent/mlxd.sock" })
+c.state, c.pipe = "ready", {} -- as if connected: only _receive and _dispatch run here
+local seen, reentered = {}, false
+local function chunk(text)
+  return client.frame({ type = "chunk", id = 1, text = text, tokens = { #seen } })
+end
+c.pending[1] = {
+  on_message = function(m)
+    table.insert(seen, m.text)
+    if not reentered then
+      -- A handler that lets Neovim's event queue run brings the next read in here.
+      reentered = true
+      c:_receive(chunk("c"))
+    end
+  end,
+}
+c:_receive(chunk("a") .. chunk("b"))
+vim.fn.writefile({ vim.fn.json_encode(seen) }, vim.env.MLXD_OUT)
+vim.cmd("qa!")
+"""
+
+
+def test_nvim_client_dispatches_each_frame_once_even_when_a_read_comes_in_reentrantly(
+    tmp_path: Path,
+) -> None:
+    script, out = tmp_path / "reentrant.lua", tmp_path / "seen.json"
+    script.write_text(REENTRANT)
+    env = {**os.environ, "MLXD_PLUGIN": str(ROOT / "clients" / "nvim"), "MLXD_OUT": str(out)}
+    assert NVIM is not None
+    subprocess.run(
+        [NVIM, "--headless", "-u", "NONE", "-i", "NONE", "-n", "-c", f"luafile {script}"],
+        env=env, stdin=subprocess.DEVNULL, timeout=60, check=True,
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == ["a", "b", "c"]

@@ -189,15 +189,18 @@ end
 
 function Client:_receive(data)
   self.inbuf = self.inbuf .. data
-  local buf, pos = self.inbuf, 1
-  while #buf - pos + 1 >= 4 do
-    local b1, b2, b3, b4 = buf:byte(pos, pos + 3)
+  -- Each frame leaves inbuf before it is dispatched: a handler that lets Neovim run its
+  -- event queue can bring the next read here re-entrantly, and it must find only what
+  -- no one has dispatched yet (else a chunk would be shown twice).
+  while #self.inbuf >= 4 do
+    local buf = self.inbuf
+    local b1, b2, b3, b4 = buf:byte(1, 4)
     local length = ((b1 * 256 + b2) * 256 + b3) * 256 + b4
-    if #buf - pos + 1 < 4 + length then
+    if #buf < 4 + length then
       break
     end
-    local ok, message = pcall(vim.mpack.decode, buf:sub(pos + 4, pos + 3 + length))
-    pos = pos + 4 + length
+    self.inbuf = buf:sub(5 + length)
+    local ok, message = pcall(vim.mpack.decode, buf:sub(5, 4 + length))
     if not ok or type(message) ~= "table" then
       self:_close("undecodable frame from the daemon")
       return
@@ -207,7 +210,6 @@ function Client:_receive(data)
       return -- a handler closed the connection
     end
   end
-  self.inbuf = buf:sub(pos)
 end
 
 function Client:_dispatch(message)
