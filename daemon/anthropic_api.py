@@ -18,7 +18,7 @@ from msgspec import Meta, Struct
 
 from mlxd.protocol import MAX_STOPS, ChatMessage, Chunk, Done, Error, Generate, errors
 
-from .http_server import HttpCall, next_reply, server_of, status_for
+from .http_server import HttpCall, next_reply, retry_after_headers, server_of, status_for
 from .responses_api import param_of
 
 _KINDS = {
@@ -71,7 +71,8 @@ class _Bad(Exception):
 def _error(status: int, message: str) -> web.Response:
     kind = _KINDS.get(status, "api_error")
     body = {"type": "error", "error": {"type": kind, "message": message}}
-    headers = {"Retry-After": "1"} if status in (503, 529) else None
+    # The middleware gives a 503 its Retry-After; 529 is Anthropic's own overloaded.
+    headers = retry_after_headers(errors.OVERLOADED) if status == 529 else None
     return web.json_response(body, status=status, headers=headers)
 
 

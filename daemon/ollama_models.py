@@ -33,18 +33,17 @@ class BadRequest(Exception):
     """A request mlxd refuses before it reaches the worker: 400 with this message."""
 
 
-def error_response(message: str, status: int, retry: bool = False) -> web.Response:
-    headers = {"Retry-After": "1"} if retry else None
+def error_response(message: str, status: int) -> web.Response:
+    # Retry-After on a 429 or 503 is added by http_server's middleware, for every API.
     return web.Response(
         body=msgspec.json.encode({"error": message}),
         status=status,
         content_type="application/json",
-        headers=headers,
     )
 
 
 def native_error(err: Error) -> web.Response:
-    return error_response(err.message, status_for(err.code), err.code == errors.OVERLOADED)
+    return error_response(err.message, status_for(err.code))
 
 
 def json_response(obj: Any) -> web.Response:

@@ -51,9 +51,9 @@ def _error_body(status: int, message: str, param: str | None, code: str | None) 
 def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> web.Response:
-    headers = {"Retry-After": "1"} if code == errors.OVERLOADED else None
+    # Retry-After on a 429 or 503 is added by http_server's middleware, for every API.
     body = _error_body(status, message, param, code)
-    return web.Response(status=status, body=body, content_type=JSON, headers=headers)
+    return web.Response(status=status, body=body, content_type=JSON)
 
 
 def _native_error(err: Error) -> web.Response:

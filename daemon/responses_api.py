@@ -82,8 +82,7 @@ def _error(
     status: int, message: str, kind: str, param: str | None, code: str | None
 ) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(body, status=status)  # Retry-After on 503: the middleware
 
 
 def _native_error(err: Error) -> web.Response:
