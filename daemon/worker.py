@@ -43,7 +43,6 @@ the inbox and outbox are thread-safe queues, and ``_cancelled`` a set only added
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import dataclasses
@@ -87,11 +86,23 @@ from .config import Config
 from .faults import Faults, InjectedCrash
 from .memory import Footprint, MemoryBudget, generator_bytes, give_back_buffers
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
+from .outbox import Event, LoopOutbox
 from .pausing import Held, can_pause, put_back, take_out
 from .persist import PromptCacheStore
 from .prompts import INLINE_CHARS, TokenizerThread, least_tokens, text_chars
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
+
+__all__ = [
+    "FIM_TOKENS",
+    "IDLE_TRIM_S",
+    "Event",
+    "LoopOutbox",
+    "Worker",
+    "WorkerRequest",
+    "WorkerSnapshot",
+    "WorkerStats",
+]
 
 log = structlog.get_logger("mlxd.worker")
 
@@ -99,8 +110,6 @@ IDLE_TRIM_S = 1.0
 """Idle seconds after which MLX's buffer cache is emptied."""
 
 WorkerRequest = Generate | Warm | Load | Unload | ListModels | ClearCache | GetStats
-Event = tuple[Any, Any]
-"""(sink, message): the sink is the loop's handle for one request, opaque to the worker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,36 +373,6 @@ class WorkerSnapshot:
     progress_at: float = 0.0
     """The worker's last sign of life in this round: its start, or a step of a model load.
     The stall watchdog measures from here; ``health``'s busy time from ``round_started``."""
-
-
-class LoopOutbox:
-    """Carries events from the worker to the event loop, with one wake-up per batch.
-
-    The worker appends, then schedules a drain only if none is pending; the loop clears the
-    flag before draining, so an event appended during a drain is either drained by it or
-    triggers the next one. ``deque`` appends and pops are atomic, so no lock is needed.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[Any, Any], None]):
-        self._loop = loop
-        self._deliver = deliver
-        self._events: collections.deque[Event] = collections.deque()
-        self._scheduled = False
-
-    def post(self, events: list[Event]) -> None:
-        if not events:
-            return
-        self._events.extend(events)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        self._scheduled = False
-        events = self._events
-        while events:
-            sink, message = events.popleft()
-            self._deliver(sink, message)
 
 
 class Worker:
