@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .worker import FIM_TOKENS
+from .rendering import FIM_TOKENS
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ the inbox as ``_Tokenized`` commands; a cancel marks its sink at once (``_cancel
 requests still queued, in the inbox or for the tokenizer, are skipped.
 
 Threading: ``submit``, ``cancel``, ``pause``, ``resume``, ``stop``, ``start`` and ``alive``
-are for the event loop thread; ``_prompt`` runs on the worker or the tokenizer thread (HF
-tokenizer work only, never MLX); every other method runs on the worker thread. No locks:
+are for the event loop thread; the tokenizing job (daemon/rendering.py's ``prompt_tokens``)
+runs on the tokenizer thread; every other method runs on the worker thread. No locks:
 the inbox and outbox are thread-safe queues, and ``_cancelled`` a set only added to
 (loop), read (tokenizer) and removed from (worker), each one atomic operation.
 """
@@ -89,7 +89,8 @@ from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .outbox import Event, LoopOutbox
 from .pausing import Held, can_pause, put_back, take_out
 from .persist import PromptCacheStore
-from .prompts import INLINE_CHARS, TokenizerThread, least_tokens, text_chars
+from .prompts import INLINE_CHARS, TokenizerThread, text_chars
+from .rendering import FIM_TOKENS, fim_mode, next_turn_tokens, prompt_tokens, refuse_oversized
 from .sampling import InvalidField, StopMatcher, make_sampling
 from .solo import SoloGenerator
 
@@ -260,50 +261,6 @@ class _Sequence:
         )
 
 
-# Fill-in-the-middle token names, each in prefix-suffix-middle (PSM) order: Qwen2.5-Coder
-# and the demo models; StarCoder; DeepSeek-Coder (its "hole" marks the suffix's place).
-FIM_TOKENS = (
-    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
-    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-    ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>", "<\uff5cfim\u2581end\uff5c>"),
-)
-
-
-def _fim_ids(tokenizer: Any) -> tuple[int, int, int] | None:
-    """The ids of the model's FIM tokens, or None when its vocabulary has none."""
-    for names in FIM_TOKENS:
-        ids = tokenizer.convert_tokens_to_ids(list(names))
-        # An unknown name maps to None or to the unk token, which converts back to another name.
-        if all(isinstance(i, int) for i in ids) and tokenizer.convert_ids_to_tokens(ids) == list(
-            names
-        ):
-            return ids[0], ids[1], ids[2]
-    return None
-
-
-def _fim_prompt(tokenizer: Any, fim: tuple[int, int, int], prefix: str, suffix: str) -> list[int]:
-    """``[BOS] <prefix-token> prefix <suffix-token> suffix <middle-token>``: BOS only if the
-    tokenizer adds one to plain prompts; each text part encoded without special tokens."""
-    specials = tokenizer.encode("", add_special_tokens=True)
-    bos = tokenizer.bos_token_id
-    lead = specials[:1] if specials and bos is not None and specials[0] == bos else []
-    pre, suf, mid = fim
-    return [
-        *lead,
-        pre,
-        *tokenizer.encode(prefix, add_special_tokens=False),
-        suf,
-        *tokenizer.encode(suffix, add_special_tokens=False),
-        mid,
-    ]
-
-
-def _fim_mode(req: Generate, loaded: LoadedModel) -> str | None:
-    if req.suffix is None:
-        return None
-    return "tokens" if _fim_ids(loaded.tokenizer) is not None else "prefix_only"
-
-
 def _cancelled_unstarted(req: Generate | Warm, received_at: float, prompt_tokens: int) -> Done:
     """The end of a request cancelled before it was tokenized or queued."""
     waited = time.perf_counter() - received_at
@@ -328,7 +285,7 @@ def _cancelled_before_start(waiting: _Waiting) -> Done:
     return Done(
         id=waiting.request.id,
         finish_reason="cancelled",
-        fim=_fim_mode(waiting.request, waiting.model),  # type: ignore[arg-type]
+        fim=fim_mode(waiting.request, waiting.model),  # type: ignore[arg-type]
         usage=Usage(prompt_tokens=len(waiting.prompt), cached_tokens=0, completion_tokens=0),
         timings=Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0),
     )
@@ -356,7 +313,7 @@ def _done(seq: _Sequence, reason: str) -> Done:
             else 0.0,
         ),
         cache=seq.cache_use,
-        fim=_fim_mode(seq.request, seq.model),  # type: ignore[arg-type]
+        fim=fim_mode(seq.request, seq.model),  # type: ignore[arg-type]
     )
 
 
@@ -814,56 +771,6 @@ class Worker:
             return sum(generator_bytes(loaded, [footprint], 1, batched=batched))
         return sum(self._generator_bytes(batch, footprint)) - sum(self._generator_bytes(batch))
 
-    def _prompt(self, req: Generate, loaded: LoadedModel, warm: bool = False) -> list[int]:
-        tokenizer = loaded.tokenizer
-        given = [x is not None for x in (req.prompt, req.messages, req.tokens)]
-        if sum(given) != 1:
-            raise InvalidField("$.prompt", "give exactly one of prompt, messages or tokens")
-        if req.suffix is not None and req.prompt is None:
-            raise InvalidField("$.suffix", "suffix goes with prompt (the text before the cursor)")
-        if req.tokens is not None:
-            bad = [t for t in req.tokens if t >= loaded.vocab_size]
-            if bad:
-                raise InvalidField("$.tokens", f"token id {bad[0]} is outside the vocabulary")
-            tokens = list(req.tokens)
-        elif req.messages is not None:
-            if not tokenizer.chat_template:
-                raise InvalidField("$.messages", f"model {loaded.name!r} has no chat template")
-            messages = [{"role": m.role, "content": m.content} for m in req.messages]
-            try:
-                # A warmed conversation is a prefix of later turns: no generation prompt.
-                tokens = list(
-                    tokenizer.apply_chat_template(messages, add_generation_prompt=not warm)
-                )
-            except Exception as exc:  # a template may refuse roles or orders (raise_exception)
-                raise InvalidField("$.messages", f"the chat template refused them: {exc}") from exc
-        elif req.suffix is not None and (fim := _fim_ids(tokenizer)) is not None:
-            tokens = _fim_prompt(tokenizer, fim, req.prompt or "", req.suffix)
-        else:
-            # Without FIM tokens a suffix is dropped: the prefix alone (done.fim says so).
-            prompt = req.prompt or ""
-            # As mlx-lm's stream_generate does: add BOS unless the text already starts with it.
-            bos = tokenizer.bos_token
-            tokens = tokenizer.encode(
-                prompt, add_special_tokens=bos is None or not prompt.startswith(bos)
-            )
-        if not tokens:
-            raise InvalidField("$.prompt", "the prompt is empty")
-        cap = self._config.max_prompt_tokens
-        if cap is not None and len(tokens) > cap:
-            raise RequestError(
-                errors.PROMPT_TOO_LONG,
-                f"the prompt has {len(tokens)} tokens; this daemon takes at most {cap}",
-            )
-        limit = loaded.context_length
-        if limit is not None and len(tokens) >= limit:
-            raise ModelError(
-                errors.PROMPT_TOO_LONG,
-                f"the prompt has {len(tokens)} tokens; "
-                f"model {loaded.name!r} takes fewer than {limit}",
-            )
-        return tokens
-
     def _start(
         self,
         req: Generate,
@@ -882,7 +789,7 @@ class Worker:
         if tokens is None:
             if self._tokenize_elsewhere(req, sink, received_at, loaded, warm):
                 return  # back as a _Tokenized command, which calls this again with them
-            tokens = self._prompt(req, loaded, warm=warm is not None)
+            tokens = prompt_tokens(req, loaded, self._config.max_prompt_tokens, warm is not None)
         footprint = self._footprint(loaded, tokens, req.max_tokens)
         kv, scratch = generator_bytes(loaded, [footprint], 1, batched=False)
         if loaded.nbytes + kv + scratch > self._budget.usable:
@@ -914,19 +821,7 @@ class Worker:
     ) -> bool:
         """Refuse a prompt that its size alone puts over the limits; hand a big one to the
         tokenizer thread (True), whose result comes back through the inbox."""
-        least = least_tokens(req, loaded.max_token_bytes)
-        cap, context = self._config.max_prompt_tokens, loaded.context_length
-        if cap is not None and least > cap:
-            raise RequestError(
-                errors.PROMPT_TOO_LONG,
-                f"the prompt has at least {least} tokens; this daemon takes at most {cap}",
-            )
-        if context is not None and least >= context:
-            raise RequestError(
-                errors.PROMPT_TOO_LONG,
-                f"the prompt has at least {least} tokens; "
-                f"model {loaded.name!r} takes fewer than {context}",
-            )
+        refuse_oversized(req, loaded, self._config.max_prompt_tokens)
         if req.tokens is not None or text_chars(req) <= INLINE_CHARS:
             return False
         self._tokenizing[sink] = req
@@ -936,7 +831,8 @@ class Worker:
             error: Exception | None = None
             if sink not in self._cancelled:
                 try:
-                    tokens = self._prompt(req, loaded, warm=warm is not None)
+                    cap = self._config.max_prompt_tokens
+                    tokens = prompt_tokens(req, loaded, cap, warm is not None)
                 except Exception as exc:  # the worker replies with it, as if it were its own
                     error = exc
             self._inbox.put(_Tokenized(req, sink, received_at, warm, tokens, error))
@@ -1276,13 +1172,9 @@ class Worker:
         generated (the end-of-turn marker, a stop string, reasoning the template drops), trim
         the state back to where they agree and prefill the rendered rest, a few tokens."""
         assert seq.request.messages is not None
-        history = [{"role": m.role, "content": m.content} for m in seq.request.messages]
-        history.append({"role": "assistant", "content": "".join(seq.text)})
-        try:
-            rendered = list(
-                seq.model.tokenizer.apply_chat_template(history, add_generation_prompt=False)
-            )
-        except Exception:  # a template may refuse; the generated tokens still make a key
+        reply = "".join(seq.text)
+        rendered = next_turn_tokens(seq.request.messages, reply, seq.model.tokenizer)
+        if rendered is None:
             return tokens, state
         held = min(len(tokens), cache_length(state))
         common = 0
