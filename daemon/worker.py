@@ -46,24 +46,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import math
 import queue
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import structlog
-from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxd.protocol import (
     CacheStats,
-    CacheUse,
-    Chunk,
     ClearCache,
     Done,
     Error,
@@ -74,25 +69,24 @@ from mlxd.protocol import (
     MemoryStats,
     Progress,
     Queued,
-    Timings,
     Unload,
-    Usage,
     Warm,
     errors,
 )
 
-from .cache import Lease, Lookup, PromptCache, cache_bytes, cache_length, settle
+from .cache import PromptCache
 from .config import Config
+from .endings import cancelled_before_start, cancelled_unstarted
 from .faults import Faults, InjectedCrash
 from .memory import Footprint, MemoryBudget, generator_bytes, give_back_buffers
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .outbox import Event, LoopOutbox
-from .pausing import Held, can_pause, put_back, take_out
+from .pausing import Held, can_pause
 from .persist import PromptCacheStore
 from .prompts import INLINE_CHARS, TokenizerThread, text_chars
-from .rendering import FIM_TOKENS, fim_mode, next_turn_tokens, prompt_tokens, refuse_oversized
-from .sampling import InvalidField, StopMatcher, make_sampling
-from .solo import SoloGenerator
+from .rendering import FIM_TOKENS, prompt_tokens, refuse_oversized
+from .sampling import InvalidField, make_sampling
+from .sequences import Sequence, Sequences
 
 __all__ = [
     "FIM_TOKENS",
@@ -197,7 +191,7 @@ class _Waiting:
     footprint: Footprint
     warm: Warm | None = None
     position: int = -1
-    paused: _Sequence | None = None
+    paused: Sequence | None = None
     """A sequence that left its batch while its owner was paused, to resume as it was."""
     held: Held | None = None
 
@@ -205,116 +199,6 @@ class _Waiting:
         """0 goes first: interactive, or background that has waited long enough."""
         waited = now - self.received_at
         return 0 if self.request.priority == "interactive" or waited >= aging_s else 1
-
-
-@dataclass(eq=False)
-class _Batch:
-    """One model's continuous batch: its ``BatchGenerator`` and the sequences in it."""
-
-    model: LoadedModel
-    generator: BatchGenerator | SoloGenerator
-    sequences: dict[int, _Sequence] = field(default_factory=dict)  # by the generator's uid
-    solo: bool = False
-    config: Config | None = None
-    """The configuration its sizes came from: rebuilt, once empty, after a reload."""
-
-
-@dataclass(eq=False)
-class _Sequence:
-    request: Generate
-    sink: Any
-    model: LoadedModel
-    batch: _Batch
-    uid: int
-    prompt: list[int]
-    cache_use: CacheUse
-    cached_tokens: int
-    lease: Lease | None
-    stop: StopMatcher
-    received_at: float
-    started_at: float
-    span: int = 0
-    """Tokens of KV it may hold: prompt plus max_tokens, at most the context."""
-    max_tokens: int = 0
-    """Tokens it may generate: ``max_tokens``, capped so that prompt plus generated tokens
-    stay within the model's context (``span`` less the prompt)."""
-    held: int = 0
-    """Bytes of the cached state it took, until its prefill merges it into the batch."""
-    warm: Warm | None = None
-    detokenizer: Any = None
-    first_token_at: float | None = None
-    completion_tokens: int = 0
-    text: list[str] = field(default_factory=list)
-    """What was streamed, for the next turn's key."""
-    eos: frozenset[int] = field(default_factory=frozenset)
-    origin: _Waiting | None = None
-    """Its queue entry: where it goes back to (with its sampler) if its owner is paused."""
-
-    def footprint(self, prefill_step: int) -> Footprint:
-        prefilling = self.first_token_at is None
-        rest = len(self.prompt) - self.cached_tokens
-        return Footprint(
-            span=self.span,
-            prefill=min(prefill_step, rest) if prefilling else 0,
-            context=len(self.prompt),
-            held=self.held if prefilling else 0,
-        )
-
-
-def _cancelled_unstarted(req: Generate | Warm, received_at: float, prompt_tokens: int) -> Done:
-    """The end of a request cancelled before it was tokenized or queued."""
-    waited = time.perf_counter() - received_at
-    return Done(
-        id=req.id,
-        finish_reason="cancelled",
-        usage=Usage(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=0),
-        timings=Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0),
-    )
-
-
-def _pin_until(warm: Warm) -> float:
-    if not warm.pin:
-        return 0.0
-    return math.inf if warm.ttl_s is None else time.time() + warm.ttl_s
-
-
-def _cancelled_before_start(waiting: _Waiting) -> Done:
-    if waiting.paused is not None:
-        return _done(waiting.paused, "cancelled")
-    waited = time.perf_counter() - waiting.received_at
-    return Done(
-        id=waiting.request.id,
-        finish_reason="cancelled",
-        fim=fim_mode(waiting.request, waiting.model),  # type: ignore[arg-type]
-        usage=Usage(prompt_tokens=len(waiting.prompt), cached_tokens=0, completion_tokens=0),
-        timings=Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0),
-    )
-
-
-def _done(seq: _Sequence, reason: str) -> Done:
-    now = time.perf_counter()
-    first = seq.first_token_at or now
-    decode_s = now - first
-    return Done(
-        id=seq.request.id,
-        finish_reason=reason,  # type: ignore[arg-type]
-        stop_sequence=seq.stop.matched if reason == "stop" else None,
-        usage=Usage(
-            prompt_tokens=len(seq.prompt),
-            cached_tokens=seq.cached_tokens,
-            completion_tokens=0 if seq.warm else seq.completion_tokens,
-        ),
-        timings=Timings(
-            queue_s=seq.started_at - seq.received_at,
-            ttft_s=first - seq.received_at,
-            total_s=now - seq.received_at,
-            tokens_per_s=(seq.completion_tokens - 1) / decode_s
-            if seq.completion_tokens > 1 and decode_s > 0
-            else 0.0,
-        ),
-        cache=seq.cache_use,
-        fim=fim_mode(seq.request, seq.model),  # type: ignore[arg-type]
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +236,6 @@ class Worker:
             on_unload=self._model_unloaded,
             make_room=lambda needed: self._budget.make_room(needed),
         )
-        self._active: dict[Any, _Sequence] = {}  # by sink
         self._budget = MemoryBudget(
             config.memory_budget_bytes,
             config.memory_headroom,
@@ -360,17 +243,12 @@ class Worker:
             self._models,
             self._live,
         )
-        # By (model name, solo?), in turn order: each model has at most one BatchGenerator
-        # and one SoloGenerator running at a time.
-        self._batches: dict[tuple[str, bool], _Batch] = {}
+        self._faults = Faults()
+        self._sequences = Sequences(config, self._cache, self._budget, self._models, self._faults)
         self._waiting: collections.deque[_Waiting] = collections.deque()
-        self._tokens_generated = 0
-        self._decode_steps = 0
-        self._prompt_tokens_processed = 0
         self._paused: set[Any] = set()  # owners whose replies pile up unread
         self._preempted = 0
         self._stopping = False
-        self._faults = Faults()
         self._store = PromptCacheStore(config.cache_dir(), config.socket_path, self._faults)
         self.snapshot = WorkerSnapshot(time.monotonic(), True, 0, 0, ())
         self._swept_at = 0.0
@@ -436,10 +314,10 @@ class Worker:
                 self._admit(events)
                 self._budget.note()
                 self._outbox.post(events)
-                if self._active:
-                    self._step_all()
+                if self._sequences.active:
+                    self._outbox.post(self._sequences.step_all())
                 now = time.monotonic()
-                if not self._active or now - self._swept_at >= 1.0:
+                if not self._sequences.active or now - self._swept_at >= 1.0:
                     # Busy rounds check keep-alives once a second: an idle model is
                     # unloaded on time even while another model is generating.
                     self._models.sweep()
@@ -458,13 +336,13 @@ class Worker:
             progress_at=now,
             idle=idle,
             queued=len(self._waiting),
-            active_sequences=len(self._active),
+            active_sequences=len(self._sequences.active),
             models_resident=tuple(m.name for m in self._models.resident()),
         )
 
     def _take_commands(self) -> list[_Command]:
         commands = []
-        if not self._active and not self._waiting:
+        if not self._sequences.active and not self._waiting:
             # Idle: sleep until a command comes or a model's keep-alive expires.
             self._publish(idle=True)
             timeout = self._models.next_expiry()
@@ -489,13 +367,11 @@ class Worker:
         if isinstance(command, _Cancel):
             if command.sink not in self._tokenizing:
                 self._cancelled.discard(command.sink)  # else its _Tokenized still has to see it
-            seq = self._active.get(command.sink)
-            if seq is not None:
-                self._finish(seq, "cancelled", events)
+            self._sequences.cancel(command.sink, events)
             for waiting in [w for w in self._waiting if w.sink is command.sink]:
                 self._waiting.remove(waiting)
                 waiting.model.active -= 1
-                events.append((waiting.sink, _cancelled_before_start(waiting)))
+                events.append((waiting.sink, cancelled_before_start(waiting)))
             return
         if isinstance(command, _Pause):
             if command.paused:
@@ -506,7 +382,7 @@ class Worker:
         if isinstance(command, _Reconfigure):
             # Between rounds: running sequences go on as they were; the new aliases, limits
             # and budgets apply from the next request on.
-            self._config = command.config
+            self._config = self._sequences.config = command.config
             self._models.reconfigure(command.config)
             self._cache.set_limits(command.config.cache_max_bytes, command.config.cache_max_entries)
             self._budget.limit = command.config.memory_budget_bytes
@@ -530,7 +406,7 @@ class Worker:
             if isinstance(command, _Tokenized):
                 self._cancelled.discard(command.sink)
             events.append(
-                (command.sink, _cancelled_unstarted(req, command.received_at, len(tokens or ())))
+                (command.sink, cancelled_unstarted(req, command.received_at, len(tokens or ())))
             )
             return
         try:
@@ -587,12 +463,11 @@ class Worker:
             loaded = self._models.get(req.model, req.keep_alive, progress)
             return Done(id=req.id, model=loaded.info())
         if isinstance(req, Unload):
-            for seq in [s for s in self._active.values() if s.model.name == req.model]:
-                self._finish(seq, "cancelled", events)
+            self._sequences.cancel_model(req.model, events)
             for waiting in [w for w in self._waiting if w.model.name == req.model]:
                 self._waiting.remove(waiting)
                 waiting.model.active -= 1
-                events.append((waiting.sink, _cancelled_before_start(waiting)))
+                events.append((waiting.sink, cancelled_before_start(waiting)))
             self._models.unload(req.model)  # closes its batch (_model_unloaded)
             return Done(id=req.id)
         if isinstance(req, ListModels):
@@ -625,11 +500,11 @@ class Worker:
 
     def _stats(self, reset_peak: bool = False) -> WorkerStats:
         return WorkerStats(
-            active_sequences=len(self._active),
+            active_sequences=len(self._sequences.active),
             queued=len(self._waiting),
-            decode_steps=self._decode_steps,
-            tokens_generated=self._tokens_generated,
-            prompt_tokens_processed=self._prompt_tokens_processed,
+            decode_steps=self._sequences.decode_steps,
+            tokens_generated=self._sequences.tokens_generated,
+            prompt_tokens_processed=self._sequences.prompt_tokens_processed,
             sequences_preempted=self._preempted,
             models_resident=len(self._models.resident()),
             memory_active_bytes=mx.get_active_memory(),
@@ -668,10 +543,7 @@ class Worker:
 
     def _model_unloaded(self, loaded: LoadedModel) -> None:
         self._cache.drop_model(loaded.name)
-        for solo in (False, True):
-            batch = self._batches.pop((loaded.name, solo), None)
-            if batch is not None:
-                batch.generator.close()
+        self._sequences.close_model(loaded.name)
 
     def _runs_solo(self, loaded: LoadedModel, waiting: _Waiting | None = None) -> bool:
         """Whether a new sequence of ``loaded`` (``waiting``, if it is still in the queue)
@@ -680,37 +552,7 @@ class Worker:
             w.model is loaded and w is not waiting and _owner(w.sink) not in self._paused
             for w in self._waiting
         )
-        return self._running(loaded) == 0 and not others
-
-    def _batch_for(self, loaded: LoadedModel) -> _Batch:
-        """Where a new sequence of ``loaded`` runs: alone on ``generate_step`` when the model
-        has nothing else running (no batching overhead), else in the model's batch."""
-        if self._runs_solo(loaded):
-            eos = frozenset(loaded.tokenizer.eos_token_ids)
-            solo = SoloGenerator(loaded.model, eos, self._config.prefill_step_size)
-            batch = _Batch(loaded, solo, solo=True)
-            self._batches[loaded.name, True] = batch
-            return batch
-        batch = self._batches.get((loaded.name, False))
-        if batch is not None and not batch.sequences and batch.config is not self._config:
-            batch.generator.close()  # built before a reload: take the new sizes
-            batch = None
-        if batch is None or batch.model is not loaded:
-            config = self._config
-            generator = BatchGenerator(
-                loaded.model,
-                stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
-                completion_batch_size=config.max_batch_size,
-                prefill_batch_size=min(config.prefill_batch_size, config.max_batch_size),
-                prefill_step_size=config.prefill_step_size,
-            )
-            batch = self._batches[loaded.name, False] = _Batch(loaded, generator, config=config)
-        return batch
-
-    def _running(self, loaded: LoadedModel) -> int:
-        return sum(
-            len(b.sequences) for (name, _), b in self._batches.items() if name == loaded.name
-        )
+        return self._sequences.running(loaded) == 0 and not others
 
     def _persist_cache(self) -> None:
         if not self._config.cache_persist or not len(self._cache) or not self._store.usable():
@@ -722,36 +564,15 @@ class Worker:
         except Exception as exc:  # a full disk is a RuntimeError from mlx: never fail shutdown
             log.error("cache_save_failed", dir=str(self._store.folder), error=repr(exc))
 
-    def _lookup(self, req: Generate, loaded: LoadedModel, tokens: list[int]) -> Lookup:
-        if not req.cache or self._cache.max_bytes <= 0:
-            return Lookup(None, 0, "bypass")
-        return self._cache.fetch(loaded.name, tokens)
-
     def _live(self) -> dict[str, tuple[int, int]]:
-        """(KV, scratch) bytes set aside for the running sequences, by model."""
-        live: dict[str, tuple[int, int]] = {}
-        for batch in self._batches.values():
-            if batch.sequences:
-                kv, scratch = self._generator_bytes(batch)
-                had = live.get(batch.model.name, (0, 0))
-                live[batch.model.name] = (had[0] + kv, had[1] + scratch)
+        """(KV, scratch) bytes set aside for the running sequences, by model, and the
+        states paused ones hold out of any batch."""
+        live = self._sequences.live()
         for waiting in self._waiting:
             if waiting.held is not None:  # a paused sequence's state, out of any batch
                 had = live.get(waiting.model.name, (0, 0))
                 live[waiting.model.name] = (had[0] + waiting.held.nbytes, had[1])
         return live
-
-    def _prefill_group(self) -> int:
-        return min(self._config.prefill_batch_size, self._config.max_batch_size)
-
-    def _generator_bytes(self, batch: _Batch, extra: Footprint | None = None) -> tuple[int, int]:
-        step = self._config.prefill_step_size
-        sequences = [s.footprint(step) for s in batch.sequences.values()]
-        if extra is not None:
-            sequences.append(extra)
-        return generator_bytes(
-            batch.model, sequences, self._prefill_group(), batched=not batch.solo
-        )
 
     def _footprint(self, loaded: LoadedModel, prompt: list[int], max_tokens: int) -> Footprint:
         span = len(prompt) + max_tokens
@@ -765,11 +586,12 @@ class Worker:
         """Bytes that starting ``waiting`` adds: its own KV and scratch, and the padding it
         gives the batch it joins (or all of a generator's, when it starts one)."""
         loaded, footprint = waiting.model, waiting.footprint
-        batch = self._batches.get((loaded.name, False))
-        if batch is None or not batch.sequences or batch.model is not loaded:
+        batch = self._sequences.joinable(loaded)
+        if batch is None:
             batched = not self._runs_solo(loaded, waiting)
             return sum(generator_bytes(loaded, [footprint], 1, batched=batched))
-        return sum(self._generator_bytes(batch, footprint)) - sum(self._generator_bytes(batch))
+        added = self._sequences.generator_bytes(batch, footprint)
+        return sum(added) - sum(self._sequences.generator_bytes(batch))
 
     def _start(
         self,
@@ -802,7 +624,7 @@ class Worker:
                 "model's weights, even alone",
             )
         sampler, processors = make_sampling(req, loaded.vocab_size)
-        free = max(0, self._config.max_batch_size - self._running(loaded))
+        free = max(0, self._config.max_batch_size - self._sequences.running(loaded))
         waiting = self._queued()
         if waiting >= self._config.max_queued + free:
             raise RequestError(
@@ -841,7 +663,7 @@ class Worker:
         return True
 
     def _batch_full(self, loaded: LoadedModel) -> bool:
-        return self._running(loaded) >= self._config.max_batch_size
+        return self._sequences.running(loaded) >= self._config.max_batch_size
 
     def _admit(self, events: list[Event]) -> None:
         """Start waiting requests, in lane order, where their model's batch has room and
@@ -870,8 +692,7 @@ class Worker:
                     if waiting.held is not None:
                         self._resume(waiting)
                     else:
-                        self._begin(waiting)
-                        self._active[waiting.sink].origin = waiting
+                        self._sequences.begin(waiting, self._runs_solo(waiting.model))
                 except Exception as exc:
                     log.exception("request_failed", request_id=waiting.request.id)
                     error = Error(
@@ -900,20 +721,13 @@ class Worker:
         """Paused owners' running sequences leave their batches and wait, state kept (see
         daemon/pausing.py). One still prefilling leaves after its first token; a warm-up
         ends with its prefill anyway."""
-        for seq in [s for s in self._active.values() if _owner(s.sink) in self._paused]:
+        for seq in [s for s in self._sequences.active.values() if _owner(s.sink) in self._paused]:
             if seq.first_token_at is None or seq.warm is not None or seq.origin is None:
                 continue
             if not can_pause(seq.model):
                 continue
             waiting = seq.origin
-            held = take_out(seq.batch.generator, seq.uid, waiting.sampler)
-            self._active.pop(seq.sink, None)
-            seq.batch.sequences.pop(seq.uid, None)
-            if seq.batch.solo:
-                self._batches.pop((seq.model.name, True), None)  # remove() closed it
-            if seq.lease is not None:
-                self._cache.release(seq.lease)  # a solo state others forked from: no longer live
-                seq.lease = None
+            held = self._sequences.pause(seq, waiting.sampler)
             if held is None:
                 seq.model.active -= 1
                 message = "the sequence's state could not be kept while it was paused"
@@ -940,14 +754,9 @@ class Worker:
         """Put a paused sequence back into a batch: it goes on where it was."""
         seq, held = waiting.paused, waiting.held
         assert seq is not None and held is not None
-        batch = self._batch_for(waiting.model)
-        remaining = seq.max_tokens - seq.completion_tokens  # capped at the context
-        uid = put_back(batch.generator, held, remaining, waiting.sampler, waiting.processors)
-        waiting.model.active += 1
+        solo = self._runs_solo(waiting.model)
+        self._sequences.resume(seq, held, waiting.sampler, waiting.processors, solo)
         waiting.paused = waiting.held = None
-        seq.batch, seq.uid = batch, uid
-        batch.sequences[uid] = seq
-        self._active[seq.sink] = seq
 
     def _room_for(self, waiting: _Waiting, lane: int, events: list[Event]) -> bool:
         """Whether the budget can set ``waiting``'s KV aside now (freeing cache entries and
@@ -958,10 +767,10 @@ class Worker:
         if waiting.held is not None:
             # Already counted (``_live``); it moves into the batch's arrays as it joins.
             needed = max(0, needed - waiting.held.nbytes)
-        background = lane == 1 and bool(self._active)
+        background = lane == 1 and bool(self._sequences.active)
         if self._budget.make_room(needed, keep=waiting.model, for_background=background):
             return True
-        if not self._active:
+        if not self._sequences.active:
             self._waiting.remove(waiting)
             waiting.model.active -= 1
             message = (
@@ -976,230 +785,9 @@ class Worker:
             )
         return False
 
-    def _begin(self, waiting: _Waiting) -> None:
-        req, loaded, tokens = waiting.request, waiting.model, waiting.prompt
-        sink, received_at = waiting.sink, waiting.received_at
-        sampler, processors = waiting.sampler, waiting.processors
-        lookup = self._lookup(req, loaded, tokens)
-        batch = self._batch_for(loaded)
-        # No decoding past the model's context: what the footprint's span was charged for.
-        max_tokens = waiting.footprint.span - len(tokens)
-        (uid,) = batch.generator.insert(
-            [tokens[lookup.reused :]],
-            max_tokens=[max_tokens],
-            caches=[lookup.state],
-            # The cached part of the prompt: context for the penalties, and the start of
-            # the token list the generator returns with the final state (the cache key).
-            all_tokens=[tokens[: lookup.reused]],
-            samplers=[sampler],
-            logits_processors=[processors],
-        )
-        loaded.active += 1
-        use = CacheUse(kind=lookup.kind, miss_reason=lookup.miss_reason)  # type: ignore[arg-type]
-        # A state others may fork the prompt's prefix from while this sequence runs: a
-        # solo sequence's live state (it only grows past the prompt), or the state a
-        # batch started from (merged into the batch's own arrays, never written to).
-        source = batch.generator.state if isinstance(batch.generator, SoloGenerator) else None
-        source = source or lookup.state
-        lease = None
-        if source is not None and use.kind != "bypass":
-            lease = self._cache.lease(loaded.name, tokens, source)
-        seq = _Sequence(
-            request=req,
-            sink=sink,
-            model=loaded,
-            batch=batch,
-            uid=uid,
-            prompt=tokens,
-            cache_use=use,
-            cached_tokens=lookup.reused,
-            lease=lease,
-            stop=StopMatcher(req.stop),
-            received_at=received_at,
-            started_at=time.perf_counter(),
-            span=waiting.footprint.span,
-            max_tokens=max_tokens,
-            # A solo sequence grows the state it took in place: its KV charge covers it.
-            held=0 if batch.solo or lookup.state is None else cache_bytes(lookup.state),
-            warm=waiting.warm,
-            detokenizer=loaded.tokenizer.detokenizer,
-            eos=frozenset(loaded.tokenizer.eos_token_ids),
-        )
-        batch.sequences[uid] = seq
-        self._active[sink] = seq
-
-    def _step_all(self) -> None:
-        """One step of every model's batch: the models with work take turns."""
-        events: list[Event] = []
-        for batch in [b for b in self._batches.values() if b.sequences]:
-            try:
-                if self._faults and self._faults.hit(f"step_error:{batch.model.name}"):
-                    raise RuntimeError("injected step error (MLXD_FAULTS)")
-                _, responses = batch.generator.next()
-                # Copy the states of the sequences that ended out now, while the batch's old
-                # arrays are still there anyway: left lazy, they would keep those arrays alive
-                # beside the filtered batch's new ones (a whole second copy of the batch).
-                ended = [r.prompt_cache for r in responses if r.finish_reason and r.prompt_cache]
-                mx.eval([c.state for state in ended for c in state])
-            except Exception as exc:
-                # The batch's state can no longer be trusted: fail its sequences, start over.
-                log.exception("batch_failed", model=batch.model.name)
-                for seq in list(batch.sequences.values()):
-                    self._drop(seq, None)
-                    error = Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=repr(exc))
-                    events.append((seq.sink, error))
-                self._batches.pop((batch.model.name, batch.solo), None)
-                batch.generator.close()
-                continue
-            if responses:
-                self._decode_steps += 1
-            for response in responses:
-                seq = batch.sequences.get(response.uid)
-                if seq is not None:
-                    self._step(seq, response, events)
-        self._outbox.post(events)
-
-    def _step(self, seq: _Sequence, response: Any, events: list[Event]) -> None:
-        token = response.token
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
-            self._prompt_tokens_processed += len(seq.prompt) - seq.cached_tokens
-        if response.finish_reason is not None:
-            final = (response.prompt_cache, response.all_tokens)
-        else:
-            final = None
-        if token in seq.eos:
-            seq.detokenizer.finalize()
-            self._finish(seq, "stop", events, seq.detokenizer.last_segment, final=final)
-            return
-        seq.completion_tokens += 1
-        self._tokens_generated += 1
-        seq.detokenizer.add_token(token)
-        if seq.completion_tokens >= seq.max_tokens:
-            seq.detokenizer.finalize()
-            text = seq.detokenizer.last_segment
-            self._finish(seq, "length", events, text, [token], final=final)
-            return
-        text, stopped = seq.stop.feed(seq.detokenizer.last_segment)
-        if stopped:
-            self._finish(seq, "stop", events, text, [token], stopped=True, final=final)
-        elif seq.warm is None:
-            seq.text.append(text)
-            events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=[token])))
-
-    def _finish(
-        self,
-        seq: _Sequence,
-        reason: str,
-        events: list[Event],
-        text: str = "",
-        tokens: list[int] | None = None,
-        stopped: bool = False,
-        final: tuple[list[Any], list[int]] | None = None,
-    ) -> None:
-        """End ``seq``: its last chunk, then ``done``. ``final`` is the (state, tokens) the
-        generator returned if it ended the sequence itself; else the state is taken out."""
-        if reason != "cancelled":
-            if not stopped:
-                text, stopped = seq.stop.feed(text)
-                text += "" if stopped else seq.stop.flush()
-                reason = "stop" if stopped else reason
-            if (text or tokens) and seq.warm is None:
-                seq.text.append(text)
-                events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=tokens or [])))
-        if final is None:
-            removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
-            final = removed.get(seq.uid)
-        cached = self._drop(seq, final, finished=reason != "cancelled")
-        if seq.warm is not None and reason != "cancelled" and not cached:
-            message = "the prefilled state did not fit the prompt cache or the memory budget"
-            events.append(
-                (
-                    seq.sink,
-                    Error(id=seq.request.id, code=errors.INSUFFICIENT_MEMORY, message=message),
-                )
-            )
-            return
-        events.append((seq.sink, _done(seq, reason)))
-
-    def _drop(
-        self,
-        seq: _Sequence,
-        final: tuple[list[Any], list[int]] | None,
-        finished: bool = False,
-    ) -> bool:
-        """Forget ``seq``; ``final`` (its KV state and every token it holds) goes back to the
-        prompt cache, so the next turn or keystroke starts from it. Returns whether it did."""
-        self._active.pop(seq.sink, None)
-        seq.batch.sequences.pop(seq.uid, None)
-        if seq.batch.solo:
-            self._batches.pop((seq.model.name, True), None)
-        seq.model.active -= 1
-        seq.model.touch(None)
-        if seq.lease is not None:
-            self._cache.release(seq.lease)
-        if final is None or not seq.request.cache or self._cache.max_bytes <= 0:
-            return False
-        state, tokens = final
-        if not (state and tokens and seq.model in self._models.resident()):
-            return False
-        tokens = list(tokens)
-        pin = None
-        if seq.warm is not None:
-            pin = _pin_until(seq.warm)
-        elif finished and seq.request.messages is not None:
-            tokens, state = self._next_turn_key(seq, tokens, state)
-        # The state can hold one token more than was streamed (the step ahead), and room to
-        # grow: trimmed to the key and copied compact before room is made for it.
-        settled = settle(state, tokens)
-        if not settled:
-            return False
-        # Background work's states take the room of no other work's entries.
-        background = seq.request.priority == "background"
-        if not self._budget.make_room(
-            cache_bytes(state), unload_models=False, for_background=background
-        ):
-            return False
-        return self._cache.insert(
-            seq.model.name, settled, state, pin_until=pin, background=background
-        )
-
-    def _next_turn_key(
-        self, seq: _Sequence, tokens: list[int], state: list[Any]
-    ) -> tuple[list[int], list[Any]]:
-        """Re-key a chat reply's state by the tokens the next turn starts with: the history
-        plus this reply, rendered by the template. Where the rendering departs from what was
-        generated (the end-of-turn marker, a stop string, reasoning the template drops), trim
-        the state back to where they agree and prefill the rendered rest, a few tokens."""
-        assert seq.request.messages is not None
-        reply = "".join(seq.text)
-        rendered = next_turn_tokens(seq.request.messages, reply, seq.model.tokenizer)
-        if rendered is None:
-            return tokens, state
-        held = min(len(tokens), cache_length(state))
-        common = 0
-        for a, b in zip(tokens[:held], rendered, strict=False):
-            if a != b:
-                break
-            common += 1
-        rest = rendered[common:]
-        if not rest:
-            return rendered, state
-        if len(rest) > self._config.prefill_step_size or not can_trim_prompt_cache(state):
-            return tokens, state
-        excess = cache_length(state) - common
-        if excess > 0:
-            trim_prompt_cache(state, excess)
-        seq.model.model(mx.array([rest]), cache=state)
-        mx.eval([c.state for c in state])
-        return rendered, state
-
     def _end_all(self, code: str, message: str) -> None:
         events: list[Event] = []
-        for seq in list(self._active.values()):
-            removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
-            self._drop(seq, removed.get(seq.uid))
-            events.append((seq.sink, Error(id=seq.request.id, code=code, message=message)))
+        self._sequences.end_all(code, message, events)
         while self._waiting:
             waiting = self._waiting.popleft()
             waiting.model.active -= 1

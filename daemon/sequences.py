@@ -1,0 +1,410 @@
+"""The running sequences and the generators they run on: continuous batching.
+
+Each resident model with work has one mlx-lm ``BatchGenerator``; concurrent sequences of
+that model decode together in one forward pass, new ones join between steps (their
+prompts prefilled in chunks of ``prefill_step_size``, so a long prompt never freezes the
+others' decoding), finished or cancelled ones leave. A sequence that would run alone
+(nothing else of its model runs or waits) runs on a ``SoloGenerator`` instead
+(daemon/solo.py: no batching overhead). Models with work take turns, one batch step each
+per round, so none starves: ``Sequences.step_all`` is the one place a round steps the
+generators, and ``_step`` turns each new token into a ``chunk`` or the sequence's end.
+
+``Sequences`` owns the generators (``batches``) and the running sequences (``active``):
+it starts what admission (daemon/admission.py) lets in (``begin``, ``resume``), takes out
+what admission pauses (``pause``), steps them, and ends them, their KV state going back
+to the prompt cache (daemon/endings.py). Others read ``active``, ``batches`` and the
+counters; only ``Sequences`` changes them.
+
+Threading: worker thread only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import structlog
+from mlx_lm.generate import BatchGenerator
+
+from mlxd.protocol import CacheUse, Chunk, Error, Generate, Warm, errors
+
+from .cache import Lease, Lookup, PromptCache, cache_bytes
+from .config import Config
+from .endings import done, return_state
+from .faults import Faults
+from .memory import Footprint, MemoryBudget, generator_bytes
+from .models import LoadedModel, ModelRegistry
+from .outbox import Event
+from .pausing import Held, put_back, take_out
+from .sampling import StopMatcher
+from .solo import SoloGenerator
+
+if TYPE_CHECKING:
+    from .admission import Waiting
+
+# One logger for all the worker thread does.
+log = structlog.get_logger("mlxd.worker")
+
+
+@dataclass(eq=False)
+class Batch:
+    """One model's continuous batch: its ``BatchGenerator`` and the sequences in it."""
+
+    model: LoadedModel
+    generator: BatchGenerator | SoloGenerator
+    sequences: dict[int, Sequence] = field(default_factory=dict)  # by the generator's uid
+    solo: bool = False
+    config: Config | None = None
+    """The configuration its sizes came from: rebuilt, once empty, after a reload."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Generate
+    sink: Any
+    model: LoadedModel
+    batch: Batch
+    uid: int
+    prompt: list[int]
+    cache_use: CacheUse
+    cached_tokens: int
+    lease: Lease | None
+    stop: StopMatcher
+    received_at: float
+    started_at: float
+    span: int = 0
+    """Tokens of KV it may hold: prompt plus max_tokens, at most the context."""
+    max_tokens: int = 0
+    """Tokens it may generate: ``max_tokens``, capped so that prompt plus generated tokens
+    stay within the model's context (``span`` less the prompt)."""
+    held: int = 0
+    """Bytes of the cached state it took, until its prefill merges it into the batch."""
+    warm: Warm | None = None
+    detokenizer: Any = None
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+    text: list[str] = field(default_factory=list)
+    """What was streamed, for the next turn's key."""
+    eos: frozenset[int] = field(default_factory=frozenset)
+    origin: Waiting | None = None
+    """Its queue entry: where it goes back to (with its sampler) if its owner is paused."""
+
+    def footprint(self, prefill_step: int) -> Footprint:
+        prefilling = self.first_token_at is None
+        rest = len(self.prompt) - self.cached_tokens
+        return Footprint(
+            span=self.span,
+            prefill=min(prefill_step, rest) if prefilling else 0,
+            context=len(self.prompt),
+            held=self.held if prefilling else 0,
+        )
+
+
+class Sequences:
+    """The running sequences (``active``, by sink) and their models' generators."""
+
+    def __init__(
+        self,
+        config: Config,
+        cache: PromptCache,
+        budget: MemoryBudget,
+        models: ModelRegistry,
+        faults: Faults,
+    ) -> None:
+        self.config = config
+        """Replaced by the worker on a reload, between rounds."""
+        self._cache = cache
+        self._budget = budget
+        self._models = models
+        self._faults = faults
+        self.active: dict[Any, Sequence] = {}  # by sink
+        # By (model name, solo?), in turn order: each model has at most one BatchGenerator
+        # and one SoloGenerator running at a time.
+        self.batches: dict[tuple[str, bool], Batch] = {}
+        self.tokens_generated = 0
+        self.decode_steps = 0
+        self.prompt_tokens_processed = 0
+
+    # ------------------------------------------------------------------ what runs, in bytes
+
+    def running(self, loaded: LoadedModel) -> int:
+        return sum(len(b.sequences) for (name, _), b in self.batches.items() if name == loaded.name)
+
+    def joinable(self, loaded: LoadedModel) -> Batch | None:
+        """The batch a new sequence of ``loaded`` would join: its model's, while it runs
+        sequences of this load of the model."""
+        batch = self.batches.get((loaded.name, False))
+        if batch is None or not batch.sequences or batch.model is not loaded:
+            return None
+        return batch
+
+    def live(self) -> dict[str, tuple[int, int]]:
+        """(KV, scratch) bytes set aside for the running sequences, by model."""
+        live: dict[str, tuple[int, int]] = {}
+        for batch in self.batches.values():
+            if batch.sequences:
+                kv, scratch = self.generator_bytes(batch)
+                had = live.get(batch.model.name, (0, 0))
+                live[batch.model.name] = (had[0] + kv, had[1] + scratch)
+        return live
+
+    def generator_bytes(self, batch: Batch, extra: Footprint | None = None) -> tuple[int, int]:
+        step = self.config.prefill_step_size
+        sequences = [s.footprint(step) for s in batch.sequences.values()]
+        if extra is not None:
+            sequences.append(extra)
+        group = min(self.config.prefill_batch_size, self.config.max_batch_size)
+        return generator_bytes(batch.model, sequences, group, batched=not batch.solo)
+
+    # ------------------------------------------------------------------ joining, leaving
+
+    def _batch_for(self, loaded: LoadedModel, solo: bool) -> Batch:
+        """Where a new sequence of ``loaded`` runs: alone on ``generate_step`` when the model
+        has nothing else running (``solo``: no batching overhead), else in the model's
+        batch."""
+        if solo:
+            eos = frozenset(loaded.tokenizer.eos_token_ids)
+            generator = SoloGenerator(loaded.model, eos, self.config.prefill_step_size)
+            batch = Batch(loaded, generator, solo=True)
+            self.batches[loaded.name, True] = batch
+            return batch
+        batch = self.batches.get((loaded.name, False))
+        if batch is not None and not batch.sequences and batch.config is not self.config:
+            batch.generator.close()  # built before a reload: take the new sizes
+            batch = None
+        if batch is None or batch.model is not loaded:
+            config = self.config
+            generator = BatchGenerator(
+                loaded.model,
+                stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
+                completion_batch_size=config.max_batch_size,
+                prefill_batch_size=min(config.prefill_batch_size, config.max_batch_size),
+                prefill_step_size=config.prefill_step_size,
+            )
+            batch = self.batches[loaded.name, False] = Batch(loaded, generator, config=config)
+        return batch
+
+    def _lookup(self, req: Generate, loaded: LoadedModel, tokens: list[int]) -> Lookup:
+        if not req.cache or self._cache.max_bytes <= 0:
+            return Lookup(None, 0, "bypass")
+        return self._cache.fetch(loaded.name, tokens)
+
+    def begin(self, waiting: Waiting, solo: bool) -> None:
+        """Start ``waiting`` from the best state the prompt cache has for its prompt, on a
+        new ``SoloGenerator`` if ``solo``, else in its model's batch."""
+        req, loaded, tokens = waiting.request, waiting.model, waiting.prompt
+        sink, received_at = waiting.sink, waiting.received_at
+        sampler, processors = waiting.sampler, waiting.processors
+        lookup = self._lookup(req, loaded, tokens)
+        batch = self._batch_for(loaded, solo)
+        # No decoding past the model's context: what the footprint's span was charged for.
+        max_tokens = waiting.footprint.span - len(tokens)
+        (uid,) = batch.generator.insert(
+            [tokens[lookup.reused :]],
+            max_tokens=[max_tokens],
+            caches=[lookup.state],
+            # The cached part of the prompt: context for the penalties, and the start of
+            # the token list the generator returns with the final state (the cache key).
+            all_tokens=[tokens[: lookup.reused]],
+            samplers=[sampler],
+            logits_processors=[processors],
+        )
+        loaded.active += 1
+        use = CacheUse(kind=lookup.kind, miss_reason=lookup.miss_reason)  # type: ignore[arg-type]
+        # A state others may fork the prompt's prefix from while this sequence runs: a
+        # solo sequence's live state (it only grows past the prompt), or the state a
+        # batch started from (merged into the batch's own arrays, never written to).
+        source = batch.generator.state if isinstance(batch.generator, SoloGenerator) else None
+        source = source or lookup.state
+        lease = None
+        if source is not None and use.kind != "bypass":
+            lease = self._cache.lease(loaded.name, tokens, source)
+        seq = Sequence(
+            request=req,
+            sink=sink,
+            model=loaded,
+            batch=batch,
+            uid=uid,
+            prompt=tokens,
+            cache_use=use,
+            cached_tokens=lookup.reused,
+            lease=lease,
+            stop=StopMatcher(req.stop),
+            received_at=received_at,
+            started_at=time.perf_counter(),
+            span=waiting.footprint.span,
+            max_tokens=max_tokens,
+            # A solo sequence grows the state it took in place: its KV charge covers it.
+            held=0 if batch.solo or lookup.state is None else cache_bytes(lookup.state),
+            warm=waiting.warm,
+            detokenizer=loaded.tokenizer.detokenizer,
+            eos=frozenset(loaded.tokenizer.eos_token_ids),
+            origin=waiting,
+        )
+        batch.sequences[uid] = seq
+        self.active[sink] = seq
+
+    def pause(self, seq: Sequence, sampler: Any) -> Held | None:
+        """Take ``seq`` out of its batch with what it needs to go on (daemon/pausing.py);
+        None if it had nothing to keep. Either way it no longer runs; its model stays
+        reserved (``active``)."""
+        held = take_out(seq.batch.generator, seq.uid, sampler)
+        self.active.pop(seq.sink, None)
+        seq.batch.sequences.pop(seq.uid, None)
+        if seq.batch.solo:
+            self.batches.pop((seq.model.name, True), None)  # remove() closed it
+        if seq.lease is not None:
+            self._cache.release(seq.lease)  # a solo state others forked from: no longer live
+            seq.lease = None
+        return held
+
+    def resume(self, seq: Sequence, held: Held, sampler: Any, processors: Any, solo: bool) -> None:
+        """Put a paused sequence back into a batch: it goes on where it was."""
+        batch = self._batch_for(seq.model, solo)
+        remaining = seq.max_tokens - seq.completion_tokens  # capped at the context
+        uid = put_back(batch.generator, held, remaining, sampler, processors)
+        seq.model.active += 1
+        seq.batch, seq.uid = batch, uid
+        batch.sequences[uid] = seq
+        self.active[seq.sink] = seq
+
+    # ------------------------------------------------------------------ a round
+
+    def step_all(self) -> list[Event]:
+        """One step of every model's batch: the models with work take turns. Returns the
+        round's chunks and ends."""
+        events: list[Event] = []
+        for batch in [b for b in self.batches.values() if b.sequences]:
+            try:
+                if self._faults and self._faults.hit(f"step_error:{batch.model.name}"):
+                    raise RuntimeError("injected step error (MLXD_FAULTS)")
+                _, responses = batch.generator.next()
+                # Copy the states of the sequences that ended out now, while the batch's old
+                # arrays are still there anyway: left lazy, they would keep those arrays alive
+                # beside the filtered batch's new ones (a whole second copy of the batch).
+                ended = [r.prompt_cache for r in responses if r.finish_reason and r.prompt_cache]
+                mx.eval([c.state for state in ended for c in state])
+            except Exception as exc:
+                # The batch's state can no longer be trusted: fail its sequences, start over.
+                log.exception("batch_failed", model=batch.model.name)
+                for seq in list(batch.sequences.values()):
+                    self._drop(seq, None)
+                    error = Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=repr(exc))
+                    events.append((seq.sink, error))
+                self.batches.pop((batch.model.name, batch.solo), None)
+                batch.generator.close()
+                continue
+            if responses:
+                self.decode_steps += 1
+            for response in responses:
+                seq = batch.sequences.get(response.uid)
+                if seq is not None:
+                    self._step(seq, response, events)
+        return events
+
+    def _step(self, seq: Sequence, response: Any, events: list[Event]) -> None:
+        token = response.token
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+            self.prompt_tokens_processed += len(seq.prompt) - seq.cached_tokens
+        if response.finish_reason is not None:
+            final = (response.prompt_cache, response.all_tokens)
+        else:
+            final = None
+        if token in seq.eos:
+            seq.detokenizer.finalize()
+            self._finish(seq, "stop", events, seq.detokenizer.last_segment, final=final)
+            return
+        seq.completion_tokens += 1
+        self.tokens_generated += 1
+        seq.detokenizer.add_token(token)
+        if seq.completion_tokens >= seq.max_tokens:
+            seq.detokenizer.finalize()
+            text = seq.detokenizer.last_segment
+            self._finish(seq, "length", events, text, [token], final=final)
+            return
+        text, stopped = seq.stop.feed(seq.detokenizer.last_segment)
+        if stopped:
+            self._finish(seq, "stop", events, text, [token], stopped=True, final=final)
+        elif seq.warm is None:
+            seq.text.append(text)
+            events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=[token])))
+
+    # ------------------------------------------------------------------ ends
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: str,
+        events: list[Event],
+        text: str = "",
+        tokens: list[int] | None = None,
+        stopped: bool = False,
+        final: tuple[list[Any], list[int]] | None = None,
+    ) -> None:
+        """End ``seq``: its last chunk, then ``done``. ``final`` is the (state, tokens) the
+        generator returned if it ended the sequence itself; else the state is taken out."""
+        if reason != "cancelled":
+            if not stopped:
+                text, stopped = seq.stop.feed(text)
+                text += "" if stopped else seq.stop.flush()
+                reason = "stop" if stopped else reason
+            if (text or tokens) and seq.warm is None:
+                seq.text.append(text)
+                events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=tokens or [])))
+        if final is None:
+            removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
+            final = removed.get(seq.uid)
+        cached = self._drop(seq, final, finished=reason != "cancelled")
+        if seq.warm is not None and reason != "cancelled" and not cached:
+            message = "the prefilled state did not fit the prompt cache or the memory budget"
+            error = Error(id=seq.request.id, code=errors.INSUFFICIENT_MEMORY, message=message)
+            events.append((seq.sink, error))
+            return
+        events.append((seq.sink, done(seq, reason)))
+
+    def _drop(
+        self,
+        seq: Sequence,
+        final: tuple[list[Any], list[int]] | None,
+        finished: bool = False,
+    ) -> bool:
+        """Forget ``seq``; ``final`` (its KV state and every token it holds) goes back to the
+        prompt cache (daemon/endings.py). Returns whether it did."""
+        self.active.pop(seq.sink, None)
+        seq.batch.sequences.pop(seq.uid, None)
+        if seq.batch.solo:
+            self.batches.pop((seq.model.name, True), None)
+        seq.model.active -= 1
+        seq.model.touch(None)
+        if seq.lease is not None:
+            self._cache.release(seq.lease)
+        step = self.config.prefill_step_size
+        return return_state(seq, final, finished, self._cache, self._budget, self._models, step)
+
+    def cancel(self, sink: Any, events: list[Event]) -> None:
+        """End ``sink``'s running sequence, if any, with ``done`` (``cancelled``)."""
+        seq = self.active.get(sink)
+        if seq is not None:
+            self._finish(seq, "cancelled", events)
+
+    def cancel_model(self, name: str, events: list[Event]) -> None:
+        """End model ``name``'s running sequences with ``done`` (``cancelled``)."""
+        for seq in [s for s in self.active.values() if s.model.name == name]:
+            self._finish(seq, "cancelled", events)
+
+    def end_all(self, code: str, message: str, events: list[Event]) -> None:
+        """End every running sequence with an ``error`` (its state still cached)."""
+        for seq in list(self.active.values()):
+            removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
+            self._drop(seq, removed.get(seq.uid))
+            events.append((seq.sink, Error(id=seq.request.id, code=code, message=message)))
+
+    def close_model(self, name: str) -> None:
+        """Close model ``name``'s generators (it was unloaded)."""
+        for solo in (False, True):
+            batch = self.batches.pop((name, solo), None)
+            if batch is not None:
+                batch.generator.close()
