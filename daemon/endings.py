@@ -36,8 +36,8 @@ from .models import ModelRegistry
 from .rendering import fim_mode, next_turn_tokens
 
 if TYPE_CHECKING:
+    from .admission import Waiting
     from .sequences import Sequence
-    from .worker import _Waiting
 
 
 def done(seq: Sequence, reason: str) -> Done:
@@ -78,7 +78,7 @@ def cancelled_unstarted(req: Generate | Warm, received_at: float, prompt_tokens:
     )
 
 
-def cancelled_before_start(waiting: _Waiting) -> Done:
+def cancelled_before_start(waiting: Waiting) -> Done:
     """The end of a request cancelled in the wait queue (a paused sequence's, as far as it
     got)."""
     if waiting.paused is not None:

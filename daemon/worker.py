@@ -43,7 +43,6 @@ the inbox and outbox are thread-safe queues, and ``_cancelled`` a set only added
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import queue
@@ -68,25 +67,24 @@ from mlxd.protocol import (
     Load,
     MemoryStats,
     Progress,
-    Queued,
     Unload,
     Warm,
     errors,
 )
 
+from .admission import Admission
 from .cache import PromptCache
 from .config import Config
-from .endings import cancelled_before_start, cancelled_unstarted
+from .endings import cancelled_unstarted
 from .faults import Faults, InjectedCrash
-from .memory import Footprint, MemoryBudget, generator_bytes, give_back_buffers
+from .memory import MemoryBudget, give_back_buffers
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .outbox import Event, LoopOutbox
-from .pausing import Held, can_pause
 from .persist import PromptCacheStore
 from .prompts import INLINE_CHARS, TokenizerThread, text_chars
 from .rendering import FIM_TOKENS, prompt_tokens, refuse_oversized
-from .sampling import InvalidField, make_sampling
-from .sequences import Sequence, Sequences
+from .sampling import InvalidField
+from .sequences import Sequences
 
 __all__ = [
     "FIM_TOKENS",
@@ -172,35 +170,6 @@ class _Tokenized:
 _Command = _Submit | _Cancel | _Preload | _Reconfigure | _Pause | _Stop | _Tokenized
 
 
-def _owner(sink: Any) -> Any:
-    """The key ``pause``/``resume`` name a sink by (its connection); None: never paused."""
-    return getattr(sink, "owner", None)
-
-
-@dataclass(eq=False)
-class _Waiting:
-    """A generate that is ready (model loaded, prompt tokenized) but its batch is full."""
-
-    request: Generate
-    sink: Any
-    received_at: float
-    model: LoadedModel
-    prompt: list[int]
-    sampler: Any
-    processors: list[Any]
-    footprint: Footprint
-    warm: Warm | None = None
-    position: int = -1
-    paused: Sequence | None = None
-    """A sequence that left its batch while its owner was paused, to resume as it was."""
-    held: Held | None = None
-
-    def lane(self, now: float, aging_s: float) -> int:
-        """0 goes first: interactive, or background that has waited long enough."""
-        waited = now - self.received_at
-        return 0 if self.request.priority == "interactive" or waited >= aging_s else 1
-
-
 @dataclass(frozen=True, slots=True)
 class WorkerSnapshot:
     """What the loop may know of the worker without asking it: replaced whole (one atomic
@@ -245,9 +214,7 @@ class Worker:
         )
         self._faults = Faults()
         self._sequences = Sequences(config, self._cache, self._budget, self._models, self._faults)
-        self._waiting: collections.deque[_Waiting] = collections.deque()
-        self._paused: set[Any] = set()  # owners whose replies pile up unread
-        self._preempted = 0
+        self._admission = Admission(config, self._sequences, self._budget)
         self._stopping = False
         self._store = PromptCacheStore(config.cache_dir(), config.socket_path, self._faults)
         self.snapshot = WorkerSnapshot(time.monotonic(), True, 0, 0, ())
@@ -311,7 +278,7 @@ class Worker:
                     time.sleep(3.0)  # as a long model load or a huge step would
                 for command in commands:
                     self._handle(command, events)
-                self._admit(events)
+                self._admission.admit(events)
                 self._budget.note()
                 self._outbox.post(events)
                 if self._sequences.active:
@@ -335,14 +302,14 @@ class Worker:
             round_started=now,
             progress_at=now,
             idle=idle,
-            queued=len(self._waiting),
+            queued=len(self._admission.waiting),
             active_sequences=len(self._sequences.active),
             models_resident=tuple(m.name for m in self._models.resident()),
         )
 
     def _take_commands(self) -> list[_Command]:
         commands = []
-        if not self._sequences.active and not self._waiting:
+        if not self._sequences.active and not self._admission.waiting:
             # Idle: sleep until a command comes or a model's keep-alive expires.
             self._publish(idle=True)
             timeout = self._models.next_expiry()
@@ -368,21 +335,15 @@ class Worker:
             if command.sink not in self._tokenizing:
                 self._cancelled.discard(command.sink)  # else its _Tokenized still has to see it
             self._sequences.cancel(command.sink, events)
-            for waiting in [w for w in self._waiting if w.sink is command.sink]:
-                self._waiting.remove(waiting)
-                waiting.model.active -= 1
-                events.append((waiting.sink, cancelled_before_start(waiting)))
+            self._admission.cancel(command.sink, events)
             return
         if isinstance(command, _Pause):
-            if command.paused:
-                self._paused.add(command.owner)
-            else:
-                self._paused.discard(command.owner)
+            self._admission.set_paused(command.owner, command.paused)
             return
         if isinstance(command, _Reconfigure):
             # Between rounds: running sequences go on as they were; the new aliases, limits
             # and budgets apply from the next request on.
-            self._config = self._sequences.config = command.config
+            self._config = self._sequences.config = self._admission.config = command.config
             self._models.reconfigure(command.config)
             self._cache.set_limits(command.config.cache_max_bytes, command.config.cache_max_entries)
             self._budget.limit = command.config.memory_budget_bytes
@@ -464,10 +425,7 @@ class Worker:
             return Done(id=req.id, model=loaded.info())
         if isinstance(req, Unload):
             self._sequences.cancel_model(req.model, events)
-            for waiting in [w for w in self._waiting if w.model.name == req.model]:
-                self._waiting.remove(waiting)
-                waiting.model.active -= 1
-                events.append((waiting.sink, cancelled_before_start(waiting)))
+            self._admission.cancel_model(req.model, events)
             self._models.unload(req.model)  # closes its batch (_model_unloaded)
             return Done(id=req.id)
         if isinstance(req, ListModels):
@@ -501,11 +459,11 @@ class Worker:
     def _stats(self, reset_peak: bool = False) -> WorkerStats:
         return WorkerStats(
             active_sequences=len(self._sequences.active),
-            queued=len(self._waiting),
+            queued=len(self._admission.waiting),
             decode_steps=self._sequences.decode_steps,
             tokens_generated=self._sequences.tokens_generated,
             prompt_tokens_processed=self._sequences.prompt_tokens_processed,
-            sequences_preempted=self._preempted,
+            sequences_preempted=self._admission.preempted,
             models_resident=len(self._models.resident()),
             memory_active_bytes=mx.get_active_memory(),
             memory_peak_bytes=mx.get_peak_memory(),
@@ -545,15 +503,6 @@ class Worker:
         self._cache.drop_model(loaded.name)
         self._sequences.close_model(loaded.name)
 
-    def _runs_solo(self, loaded: LoadedModel, waiting: _Waiting | None = None) -> bool:
-        """Whether a new sequence of ``loaded`` (``waiting``, if it is still in the queue)
-        would run alone: nothing else of its model runs or waits."""
-        others = any(
-            w.model is loaded and w is not waiting and _owner(w.sink) not in self._paused
-            for w in self._waiting
-        )
-        return self._sequences.running(loaded) == 0 and not others
-
     def _persist_cache(self) -> None:
         if not self._config.cache_persist or not len(self._cache) or not self._store.usable():
             return
@@ -568,30 +517,10 @@ class Worker:
         """(KV, scratch) bytes set aside for the running sequences, by model, and the
         states paused ones hold out of any batch."""
         live = self._sequences.live()
-        for waiting in self._waiting:
-            if waiting.held is not None:  # a paused sequence's state, out of any batch
-                had = live.get(waiting.model.name, (0, 0))
-                live[waiting.model.name] = (had[0] + waiting.held.nbytes, had[1])
+        for name, nbytes in self._admission.held():
+            had = live.get(name, (0, 0))
+            live[name] = (had[0] + nbytes, had[1])
         return live
-
-    def _footprint(self, loaded: LoadedModel, prompt: list[int], max_tokens: int) -> Footprint:
-        span = len(prompt) + max_tokens
-        if loaded.context_length:
-            span = min(span, loaded.context_length)
-        # At admission the cached share of the prompt is not known yet: the whole of it.
-        prefill = min(self._config.prefill_step_size, len(prompt))
-        return Footprint(span=span, prefill=prefill, context=len(prompt))
-
-    def _needed(self, waiting: _Waiting) -> int:
-        """Bytes that starting ``waiting`` adds: its own KV and scratch, and the padding it
-        gives the batch it joins (or all of a generator's, when it starts one)."""
-        loaded, footprint = waiting.model, waiting.footprint
-        batch = self._sequences.joinable(loaded)
-        if batch is None:
-            batched = not self._runs_solo(loaded, waiting)
-            return sum(generator_bytes(loaded, [footprint], 1, batched=batched))
-        added = self._sequences.generator_bytes(batch, footprint)
-        return sum(added) - sum(self._sequences.generator_bytes(batch))
 
     def _start(
         self,
@@ -612,31 +541,7 @@ class Worker:
             if self._tokenize_elsewhere(req, sink, received_at, loaded, warm):
                 return  # back as a _Tokenized command, which calls this again with them
             tokens = prompt_tokens(req, loaded, self._config.max_prompt_tokens, warm is not None)
-        footprint = self._footprint(loaded, tokens, req.max_tokens)
-        kv, scratch = generator_bytes(loaded, [footprint], 1, batched=False)
-        if loaded.nbytes + kv + scratch > self._budget.usable:
-            raise RequestError(
-                errors.INSUFFICIENT_MEMORY,
-                f"this request's KV state and transient buffers ({kv} + {scratch} bytes for "
-                f"{len(tokens)} prompt tokens and max_tokens {req.max_tokens}) do not fit the "
-                "memory budget "
-                f"({self._budget.usable} bytes usable of {self._budget.limit}) beside the "
-                "model's weights, even alone",
-            )
-        sampler, processors = make_sampling(req, loaded.vocab_size)
-        free = max(0, self._config.max_batch_size - self._sequences.running(loaded))
-        waiting = self._queued()
-        if waiting >= self._config.max_queued + free:
-            raise RequestError(
-                errors.OVERLOADED,
-                f"{waiting} requests are already waiting (max_queued)",
-            )
-        loaded.active += 1  # reserved: a model with waiting work is not unloaded
-        # Admitted by the run loop once the whole inbox is read, so that a burst of
-        # requests is seen as one and batched from its first step.
-        self._waiting.append(
-            _Waiting(req, sink, received_at, loaded, tokens, sampler, processors, footprint, warm)
-        )
+        self._admission.enqueue(req, sink, received_at, loaded, tokens, warm)
 
     def _tokenize_elsewhere(
         self, req: Generate, sink: Any, received_at: float, loaded: LoadedModel, warm: Warm | None
@@ -662,136 +567,10 @@ class Worker:
         self._tokenizer.submit(job)
         return True
 
-    def _batch_full(self, loaded: LoadedModel) -> bool:
-        return self._sequences.running(loaded) >= self._config.max_batch_size
-
-    def _admit(self, events: list[Event]) -> None:
-        """Start waiting requests, in lane order, where their model's batch has room and
-        the budget can set their KV aside; tell the others their place when it changed. A
-        paused owner's requests wait, ahead of no one: they neither start nor get a place."""
-        if self._paused:
-            self._pause_running(events)
-        position = 0
-        now = time.perf_counter()
-        aging = self._config.background_aging_s
-        # Once a request waits for memory, lower lanes wait too: they would take the room
-        # it waits for.
-        held_below: int | None = None
-        # sorted() is stable: arrival order within a lane.
-        for waiting in sorted(self._waiting, key=lambda w: w.lane(now, aging)):
-            if self._paused and _owner(waiting.sink) in self._paused:
-                continue
-            lane = waiting.lane(now, aging)
-            admit = not self._batch_full(waiting.model) and (
-                held_below is None or lane <= held_below
-            )
-            if admit and self._room_for(waiting, lane, events):
-                self._waiting.remove(waiting)
-                waiting.model.active -= 1
-                try:
-                    if waiting.held is not None:
-                        self._resume(waiting)
-                    else:
-                        self._sequences.begin(waiting, self._runs_solo(waiting.model))
-                except Exception as exc:
-                    log.exception("request_failed", request_id=waiting.request.id)
-                    error = Error(
-                        id=waiting.request.id, code=errors.INTERNAL_ERROR, message=repr(exc)
-                    )
-                    events.append((waiting.sink, error))
-                continue
-            if waiting not in self._waiting:
-                continue  # refused by _room_for
-            if admit and held_below is None:
-                held_below = lane  # it waits for memory
-            if waiting.position != position:
-                waiting.position = position
-                events.append((waiting.sink, Queued(id=waiting.request.id, position=position)))
-            position += 1
-
-    def _queued(self) -> int:
-        """Requests waiting for a place, less a paused owner's: a client that does not read
-        its replies cannot fill the queue for the others (its own requests are bounded by
-        ``max_requests_per_connection``)."""
-        if not self._paused:
-            return len(self._waiting)
-        return sum(1 for w in self._waiting if _owner(w.sink) not in self._paused)
-
-    def _pause_running(self, events: list[Event]) -> None:
-        """Paused owners' running sequences leave their batches and wait, state kept (see
-        daemon/pausing.py). One still prefilling leaves after its first token; a warm-up
-        ends with its prefill anyway."""
-        for seq in [s for s in self._sequences.active.values() if _owner(s.sink) in self._paused]:
-            if seq.first_token_at is None or seq.warm is not None or seq.origin is None:
-                continue
-            if not can_pause(seq.model):
-                continue
-            waiting = seq.origin
-            held = self._sequences.pause(seq, waiting.sampler)
-            if held is None:
-                seq.model.active -= 1
-                message = "the sequence's state could not be kept while it was paused"
-                events.append(
-                    (
-                        seq.sink,
-                        Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=message),
-                    )
-                )
-                continue
-            # Back in the queue in arrival order; the model stays reserved (``active``).
-            waiting.paused, waiting.held, waiting.position = seq, held, -1
-            waiting.footprint = Footprint(
-                span=seq.span, prefill=len(held.feed), context=len(held.tokens) + len(held.feed)
-            )
-            at = next(
-                (i for i, w in enumerate(self._waiting) if w.received_at > waiting.received_at),
-                len(self._waiting),
-            )
-            self._waiting.insert(at, waiting)
-            self._preempted += 1
-
-    def _resume(self, waiting: _Waiting) -> None:
-        """Put a paused sequence back into a batch: it goes on where it was."""
-        seq, held = waiting.paused, waiting.held
-        assert seq is not None and held is not None
-        solo = self._runs_solo(waiting.model)
-        self._sequences.resume(seq, held, waiting.sampler, waiting.processors, solo)
-        waiting.paused = waiting.held = None
-
-    def _room_for(self, waiting: _Waiting, lane: int, events: list[Event]) -> bool:
-        """Whether the budget can set ``waiting``'s KV aside now (freeing cache entries and
-        idle models if need be; background work that has to share takes neither the cached
-        states interactive work comes back to nor a model). If not, it waits for running
-        sequences to end; with none running, nothing will free up, so it is refused."""
-        needed = self._needed(waiting)
-        if waiting.held is not None:
-            # Already counted (``_live``); it moves into the batch's arrays as it joins.
-            needed = max(0, needed - waiting.held.nbytes)
-        background = lane == 1 and bool(self._sequences.active)
-        if self._budget.make_room(needed, keep=waiting.model, for_background=background):
-            return True
-        if not self._sequences.active:
-            self._waiting.remove(waiting)
-            waiting.model.active -= 1
-            message = (
-                f"{needed} bytes of KV state and transient buffers do not fit the memory budget of "
-                f"{self._budget.usable} usable beside the resident weights and pinned cache entries"
-            )
-            events.append(
-                (
-                    waiting.sink,
-                    Error(id=waiting.request.id, code=errors.INSUFFICIENT_MEMORY, message=message),
-                )
-            )
-        return False
-
     def _end_all(self, code: str, message: str) -> None:
         events: list[Event] = []
         self._sequences.end_all(code, message, events)
-        while self._waiting:
-            waiting = self._waiting.popleft()
-            waiting.model.active -= 1
-            events.append((waiting.sink, Error(id=waiting.request.id, code=code, message=message)))
+        self._admission.end_all(code, message, events)
         for sink, req in self._tokenizing.items():
             events.append((sink, Error(id=req.id, code=code, message=message)))
         self._tokenizing.clear()
