@@ -1,51 +1,32 @@
-"""The MLX worker: the one thread that touches MLX, and everything it owns.
+"""The MLX worker: the one thread that touches MLX, and the round it runs.
 
 The event loop hands commands to ``Worker`` through a thread-safe inbox (``submit``,
-``cancel``, ``stop``); the worker thread loads models, prefills and decodes, and posts
-protocol messages back through ``LoopOutbox``, one loop wake-up per decode round.
+``cancel``, ``stop``: daemon/inbox.py); the worker thread loads models, prefills and
+decodes, and posts protocol messages back through ``LoopOutbox`` (daemon/outbox.py), one
+loop wake-up per decode round.
 
-Continuous batching: each resident model with work has one mlx-lm ``BatchGenerator``;
-concurrent sequences of that model decode together in one forward pass, new ones join
-between steps (their prompts prefilled in chunks of ``prefill_step_size``, so a long prompt
-never freezes the others' decoding), finished or cancelled ones leave. Models with work
-take turns, one batch step each per round, so none starves. Between rounds the inbox is
-drained, so a cancel takes effect before the cancelled sequence's next step.
-
-Admission: waiting requests start in lane order (``interactive`` before ``background``,
-a background request aged past ``background_aging_s`` counting as interactive), each when
-its batch has room and the memory budget (daemon/memory.py) can set aside its KV.
+A round: the commands that came in (each handled here: cancels, pauses, reloads, control
+requests; generates go through daemon/intake.py into the wait queue), then admission
+(daemon/admission.py), the memory budget's note of the peak, the round's events posted,
+then one step of every generator with work (daemon/sequences.py), and the keep-alive sweep.
+Between rounds the inbox is drained, so a cancel takes effect before the cancelled
+sequence's next step.
 
 Model loads run here too (MLX streams are thread-local), inside a round: the load
 reports its progress as it reads the weights, and each report is posted to the requesting
 sink at once (not with the round's events, which the load holds up) and refreshes the
 snapshot's ``progress_at``, so the stall watchdog sees a long load moving.
 
-Next-turn keys: a chat reply's state is stored under the tokens the next turn will send
-for the same conversation (history plus this reply, rendered by the chat template), not
-under the tokens it generated, so the next turn hits even where the template renders the
-reply differently (a stop string, reasoning removed, an end-of-turn marker).
-
-Paused owners: a connection whose replies pile up unread is paused by the loop
-(``pause``/``resume``); its running sequences leave their batches with their state and go
-on token-exact once it reads (daemon/pausing.py), and its waiting requests neither start
-nor count toward ``max_queued``.
-
-Big prompts are tokenized on a tokenizer thread (daemon/prompts.py) and come back through
-the inbox as ``_Tokenized`` commands; a cancel marks its sink at once (``_cancelled``), so
-requests still queued, in the inbox or for the tokenizer, are skipped.
-
-Threading: ``submit``, ``cancel``, ``pause``, ``resume``, ``stop``, ``start`` and ``alive``
-are for the event loop thread; the tokenizing job (daemon/rendering.py's ``prompt_tokens``)
-runs on the tokenizer thread; every other method runs on the worker thread. No locks:
-the inbox and outbox are thread-safe queues, and ``_cancelled`` a set only added to
-(loop), read (tokenizer) and removed from (worker), each one atomic operation.
+Threading: ``start``, ``submit``, ``preload``, ``cancel``, ``pause``, ``resume``,
+``reconfigure``, ``stop`` and ``alive`` are for the event loop thread (``join`` for any
+thread but the worker's), which also reads ``snapshot``; every other method runs on the
+worker thread. No locks: the inbox and outbox are thread-safe queues, and ``snapshot`` is
+replaced whole, one atomic attribute store.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import queue
 import threading
 import time
 import traceback
@@ -56,33 +37,31 @@ from typing import Any
 import mlx.core as mx
 import structlog
 
-from mlxd.protocol import (
-    CacheStats,
-    ClearCache,
-    Done,
-    Error,
-    Generate,
-    GetStats,
-    ListModels,
-    Load,
-    MemoryStats,
-    Progress,
-    Unload,
-    Warm,
-    errors,
-)
+from mlxd.protocol import Error, Generate, Progress, Warm, errors
 
 from .admission import Admission
 from .cache import PromptCache
 from .config import Config
-from .endings import cancelled_unstarted
+from .control import Control, WorkerStats
 from .faults import Faults, InjectedCrash
+from .inbox import (
+    Cancel,
+    Command,
+    Inbox,
+    Pause,
+    Preload,
+    Reconfigure,
+    Stop,
+    Submit,
+    Tokenized,
+    WorkerRequest,
+)
+from .intake import Intake
 from .memory import MemoryBudget, give_back_buffers
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .outbox import Event, LoopOutbox
 from .persist import PromptCacheStore
-from .prompts import INLINE_CHARS, TokenizerThread, text_chars
-from .rendering import FIM_TOKENS, prompt_tokens, refuse_oversized
+from .rendering import FIM_TOKENS
 from .sampling import InvalidField
 from .sequences import Sequences
 
@@ -101,73 +80,6 @@ log = structlog.get_logger("mlxd.worker")
 
 IDLE_TRIM_S = 1.0
 """Idle seconds after which MLX's buffer cache is emptied."""
-
-WorkerRequest = Generate | Warm | Load | Unload | ListModels | ClearCache | GetStats
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerStats:
-    """The worker's half of a ``stats`` reply; the loop adds the connection counters."""
-
-    active_sequences: int
-    queued: int
-    decode_steps: int
-    tokens_generated: int
-    prompt_tokens_processed: int
-    sequences_preempted: int
-    models_resident: int
-    memory_active_bytes: int
-    memory_peak_bytes: int
-    cache: CacheStats
-    memory: MemoryStats
-
-
-@dataclass(frozen=True, slots=True)
-class _Submit:
-    request: WorkerRequest
-    sink: Any
-    received_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Cancel:
-    sink: Any
-
-
-@dataclass(frozen=True, slots=True)
-class _Preload:
-    model: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Reconfigure:
-    config: Config
-
-
-@dataclass(frozen=True, slots=True)
-class _Pause:
-    owner: Any
-    paused: bool
-
-
-class _Stop:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class _Tokenized:
-    """A prompt tokenized on the tokenizer thread: its ``tokens``, or the ``error`` that
-    refused it; neither when it was cancelled before its turn came."""
-
-    request: Generate
-    sink: Any
-    received_at: float
-    warm: Warm | None
-    tokens: list[int] | None
-    error: Exception | None
-
-
-_Command = _Submit | _Cancel | _Preload | _Reconfigure | _Pause | _Stop | _Tokenized
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +107,7 @@ class Worker:
         self._config = config
         self._outbox = outbox
         self._on_death = on_death
-        self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._inbox = Inbox()
         self._thread = threading.Thread(target=self._run, name="mlxd-worker", daemon=True)
         self._cache = PromptCache(config.cache_max_bytes, config.cache_max_entries)
         self._restored: set[str] = set()
@@ -215,16 +127,21 @@ class Worker:
         self._faults = Faults()
         self._sequences = Sequences(config, self._cache, self._budget, self._models, self._faults)
         self._admission = Admission(config, self._sequences, self._budget)
+        self._intake = Intake(
+            config, self._cache, self._models, self._admission, self._inbox, self._load_progress
+        )
+        self._control = Control(
+            self._models,
+            self._cache,
+            self._budget,
+            self._sequences,
+            self._admission,
+            self._load_progress,
+        )
         self._stopping = False
         self._store = PromptCacheStore(config.cache_dir(), config.socket_path, self._faults)
         self.snapshot = WorkerSnapshot(time.monotonic(), True, 0, 0, ())
         self._swept_at = 0.0
-        self._tokenizer = TokenizerThread()
-        # Sinks the loop cancelled (added on its thread, at once): the tokenizer thread and
-        # the worker skip their requests still in a queue, not only when the cancel's turn
-        # in the inbox comes. The worker removes each once nothing more can see it.
-        self._cancelled: set[Any] = set()
-        self._tokenizing: dict[Any, Generate] = {}  # sinks on the tokenizer thread
 
     # ------------------------------------------------------------------ event loop thread
 
@@ -232,30 +149,29 @@ class Worker:
         self._thread.start()
 
     def submit(self, request: WorkerRequest, sink: Any, received_at: float) -> None:
-        self._inbox.put(_Submit(request, sink, received_at))
+        self._inbox.put(Submit(request, sink, received_at))
 
     def preload(self, model: str) -> None:
         """Load ``model`` ahead of its first request; a failure is logged, not fatal."""
-        self._inbox.put(_Preload(model))
+        self._inbox.put(Preload(model))
 
     def cancel(self, sink: Any) -> None:
-        self._cancelled.add(sink)
-        self._inbox.put(_Cancel(sink))
+        self._inbox.cancel(sink)
 
     def pause(self, owner: Any) -> None:
         """``owner``'s replies pile up unread: its sequences leave their batches (keeping
         their state) and its waiting requests wait, until ``resume``."""
-        self._inbox.put(_Pause(owner, True))
+        self._inbox.put(Pause(owner, True))
 
     def resume(self, owner: Any) -> None:
-        self._inbox.put(_Pause(owner, False))
+        self._inbox.put(Pause(owner, False))
 
     def reconfigure(self, config: Config) -> None:
         """Use ``config`` (a SIGHUP reload) for every command queued after this one."""
-        self._inbox.put(_Reconfigure(config))
+        self._inbox.put(Reconfigure(config))
 
     def stop(self) -> None:
-        self._inbox.put(_Stop())
+        self._inbox.put(Stop())
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -307,8 +223,8 @@ class Worker:
             models_resident=tuple(m.name for m in self._models.resident()),
         )
 
-    def _take_commands(self) -> list[_Command]:
-        commands = []
+    def _take_commands(self) -> list[Command]:
+        commands: list[Command] = []
         if not self._sequences.active and not self._admission.waiting:
             # Idle: sleep until a command comes or a model's keep-alive expires.
             self._publish(idle=True)
@@ -317,40 +233,38 @@ class Worker:
                 # Give MLX's buffer cache back to the system once idle for a moment (not
                 # between the keystrokes of a burst, which reuse it).
                 timeout = IDLE_TRIM_S if timeout is None else min(timeout, IDLE_TRIM_S)
-            try:
-                commands.append(self._inbox.get(timeout=timeout))
-            except queue.Empty:
+            command = self._inbox.wait(timeout)
+            if command is None:
                 give_back_buffers()
                 return commands
-        with contextlib.suppress(queue.Empty):
-            while True:
-                commands.append(self._inbox.get_nowait())
+            commands.append(command)
+        commands.extend(self._inbox.drain())
         return commands
 
-    def _handle(self, command: _Command, events: list[Event]) -> None:
-        if isinstance(command, _Stop):
+    def _handle(self, command: Command, events: list[Event]) -> None:
+        if isinstance(command, Stop):
             self._stopping = True
             return
-        if isinstance(command, _Cancel):
-            if command.sink not in self._tokenizing:
-                self._cancelled.discard(command.sink)  # else its _Tokenized still has to see it
+        if isinstance(command, Cancel):
+            self._intake.cancel(command.sink)
             self._sequences.cancel(command.sink, events)
             self._admission.cancel(command.sink, events)
             return
-        if isinstance(command, _Pause):
+        if isinstance(command, Pause):
             self._admission.set_paused(command.owner, command.paused)
             return
-        if isinstance(command, _Reconfigure):
+        if isinstance(command, Reconfigure):
             # Between rounds: running sequences go on as they were; the new aliases, limits
             # and budgets apply from the next request on.
-            self._config = self._sequences.config = self._admission.config = command.config
+            self._config = command.config
+            self._sequences.config = self._admission.config = self._intake.config = command.config
             self._models.reconfigure(command.config)
             self._cache.set_limits(command.config.cache_max_bytes, command.config.cache_max_entries)
             self._budget.limit = command.config.memory_budget_bytes
             self._budget.headroom = command.config.memory_headroom
             self._budget.bound_buffer_cache()
             return
-        if isinstance(command, _Preload):
+        if isinstance(command, Preload):
             try:
                 # The registry logs the load; no one to tell of its progress but the watchdog.
                 self._models.get(command.model, on_progress=self._load_progress(None, 0))
@@ -358,17 +272,9 @@ class Worker:
                 log.error("preload_failed", model=command.model, code=exc.code, error=exc.message)
             return
         req = command.request
-        if isinstance(command, _Tokenized):
-            self._tokenizing.pop(command.sink, None)
-        if isinstance(req, Generate | Warm) and command.sink in self._cancelled:
-            # Cancelled (or its connection gone) while it waited in the inbox or to be
-            # tokenized: no model load, no tokenizing, no place in the queue.
-            tokens = command.tokens if isinstance(command, _Tokenized) else None
-            if isinstance(command, _Tokenized):
-                self._cancelled.discard(command.sink)
-            events.append(
-                (command.sink, cancelled_unstarted(req, command.received_at, len(tokens or ())))
-            )
+        cancelled = self._intake.cancelled_early(command)
+        if cancelled is not None:
+            events.append((command.sink, cancelled))
             return
         try:
             reply = self._serve(command, events)
@@ -385,57 +291,20 @@ class Worker:
                 (command.sink, Error(id=req.id, code=errors.INTERNAL_ERROR, message=repr(exc)))
             )
 
-    def _serve(self, command: _Submit | _Tokenized, events: list[Event]) -> Any:
-        """Serve one request; returns its reply, or None for a generation now running."""
-        if isinstance(command, _Tokenized):
-            if command.error is not None:
-                raise command.error
-            self._start(
-                command.request,
-                command.sink,
-                command.received_at,
-                events,
-                warm=command.warm,
-                tokens=command.tokens,
-            )
+    def _serve(self, command: Submit | Tokenized, events: list[Event]) -> Any:
+        """Serve one request; returns its reply, or None for a generation now queued (or
+        being tokenized)."""
+        if isinstance(command, Tokenized):
+            self._intake.tokenized(command)
             return None
         req = command.request
         if isinstance(req, Generate):
-            self._start(req, command.sink, command.received_at, events)
+            self._intake.start(req, command.sink, command.received_at)
             return None
         if isinstance(req, Warm):
-            if self._cache.max_bytes <= 0:
-                raise InvalidField("$.type", "the prompt cache is disabled on this daemon")
-            # A one-token generation that streams nothing: the prefill is the point.
-            as_generate = Generate(
-                id=req.id,
-                model=req.model,
-                prompt=req.prompt,
-                messages=req.messages,
-                tokens=req.tokens,
-                max_tokens=1,
-                keep_alive=req.keep_alive,
-                priority=req.priority,
-            )
-            self._start(as_generate, command.sink, command.received_at, events, warm=req)
+            self._intake.warm(req, command.sink, command.received_at)
             return None
-        if isinstance(req, Load):
-            progress = self._load_progress(command.sink, req.id)
-            loaded = self._models.get(req.model, req.keep_alive, progress)
-            return Done(id=req.id, model=loaded.info())
-        if isinstance(req, Unload):
-            self._sequences.cancel_model(req.model, events)
-            self._admission.cancel_model(req.model, events)
-            self._models.unload(req.model)  # closes its batch (_model_unloaded)
-            return Done(id=req.id)
-        if isinstance(req, ListModels):
-            return Done(id=req.id, models=self._models.infos())
-        if isinstance(req, ClearCache):
-            dropped = self._cache.clear(req.model)
-            give_back_buffers()  # the entries' memory goes back to the system, not MLX's pool
-            log.info("cache_cleared", model=req.model, entries=dropped)
-            return Done(id=req.id)
-        return self._stats(req.reset_peak)
+        return self._control.serve(req, command.sink, events)
 
     def _load_progress(self, sink: Any, request_id: int) -> Callable[[str, int, int], None]:
         """How a model load that request ``request_id`` waits on reports its progress: a
@@ -455,35 +324,6 @@ class Worker:
                 self._outbox.post([(sink, message)])
 
         return report
-
-    def _stats(self, reset_peak: bool = False) -> WorkerStats:
-        return WorkerStats(
-            active_sequences=len(self._sequences.active),
-            queued=len(self._admission.waiting),
-            decode_steps=self._sequences.decode_steps,
-            tokens_generated=self._sequences.tokens_generated,
-            prompt_tokens_processed=self._sequences.prompt_tokens_processed,
-            sequences_preempted=self._admission.preempted,
-            models_resident=len(self._models.resident()),
-            memory_active_bytes=mx.get_active_memory(),
-            memory_peak_bytes=mx.get_peak_memory(),
-            cache=self._cache_stats(),
-            memory=self._budget.stats(reset_peak),
-        )
-
-    def _cache_stats(self) -> CacheStats:
-        c = self._cache.counters
-        return CacheStats(
-            hits=dict(c.hits),
-            tokens_reused=c.tokens_reused,
-            tokens_processed=c.tokens_processed,
-            entries=len(self._cache),
-            bytes=self._cache.nbytes,
-            max_bytes=self._cache.max_bytes,
-            bytes_by_model=self._cache.bytes_by_model(),
-            evictions=c.evictions,
-            forks=c.forks,
-        )
 
     # ------------------------------------------------------------------ the prompt cache
 
@@ -522,57 +362,9 @@ class Worker:
             live[name] = (had[0] + nbytes, had[1])
         return live
 
-    def _start(
-        self,
-        req: Generate,
-        sink: Any,
-        received_at: float,
-        events: list[Event],
-        warm: Warm | None = None,
-        tokens: list[int] | None = None,
-    ) -> None:
-        if req.max_tokens > self._config.max_tokens_limit:
-            raise InvalidField(
-                "$.max_tokens",
-                f"max_tokens is over this daemon's limit of {self._config.max_tokens_limit}",
-            )
-        loaded = self._models.get(req.model, req.keep_alive, self._load_progress(sink, req.id))
-        if tokens is None:
-            if self._tokenize_elsewhere(req, sink, received_at, loaded, warm):
-                return  # back as a _Tokenized command, which calls this again with them
-            tokens = prompt_tokens(req, loaded, self._config.max_prompt_tokens, warm is not None)
-        self._admission.enqueue(req, sink, received_at, loaded, tokens, warm)
-
-    def _tokenize_elsewhere(
-        self, req: Generate, sink: Any, received_at: float, loaded: LoadedModel, warm: Warm | None
-    ) -> bool:
-        """Refuse a prompt that its size alone puts over the limits; hand a big one to the
-        tokenizer thread (True), whose result comes back through the inbox."""
-        refuse_oversized(req, loaded, self._config.max_prompt_tokens)
-        if req.tokens is not None or text_chars(req) <= INLINE_CHARS:
-            return False
-        self._tokenizing[sink] = req
-
-        def job() -> None:  # on the tokenizer thread: HF tokenizer work only, no MLX
-            tokens: list[int] | None = None
-            error: Exception | None = None
-            if sink not in self._cancelled:
-                try:
-                    cap = self._config.max_prompt_tokens
-                    tokens = prompt_tokens(req, loaded, cap, warm is not None)
-                except Exception as exc:  # the worker replies with it, as if it were its own
-                    error = exc
-            self._inbox.put(_Tokenized(req, sink, received_at, warm, tokens, error))
-
-        self._tokenizer.submit(job)
-        return True
-
     def _end_all(self, code: str, message: str) -> None:
         events: list[Event] = []
         self._sequences.end_all(code, message, events)
         self._admission.end_all(code, message, events)
-        for sink, req in self._tokenizing.items():
-            events.append((sink, Error(id=req.id, code=code, message=message)))
-        self._tokenizing.clear()
-        self._tokenizer.stop()
+        self._intake.end_all(code, message, events)
         self._outbox.post(events)
