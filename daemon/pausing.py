@@ -8,7 +8,8 @@ ahead: when token ``t`` has been streamed, ``t`` is already in the KV state and 
 token has been sampled from its logits. That sample is lost with the batch, so the state is
 trimmed back by one token and ``t`` is fed again on resume, which samples the same next
 token (a seeded sampler is rewound by its one lost draw). The sequence's detokenizer, stop
-matcher, completion count and timings stay on its ``_Sequence``, untouched.
+matcher, completion count and timings stay on its ``Sequence`` (daemon/sequences.py),
+untouched.
 
 Only plain and quantized KV caches are trimmed unconditionally; a model with other layer
 caches (rotating, recurrent) is never paused: its sequences keep their places.

@@ -1,12 +1,12 @@
 """Rendering a request's prompt as tokens: which of ``prompt``, ``messages`` or ``tokens``
 it gives, the chat template, fill-in-the-middle framing for a ``suffix``, the BOS rule, and
 the limits a prompt must keep to (``max_prompt_tokens``, the model's context); and the
-tokens a chat's next turn will start with (its next-turn key, see daemon/returning.py).
+tokens a chat's next turn will start with (its next-turn key, see daemon/endings.py).
 
 A prompt too big for the limits by its size alone is refused before anything tokenizes
-it (``refuse_oversized``, on the bound daemon/prompts.py computes); the worker tokenizes a
-small one at once and hands a big one to the tokenizer thread, which calls
-``prompt_tokens`` there.
+it (``refuse_oversized``, on the bound daemon/prompts.py computes); intake
+(daemon/intake.py) tokenizes a small one at once on the worker and hands a big one to the
+tokenizer thread, which calls ``prompt_tokens`` there.
 
 Threading: ``prompt_tokens`` runs on the worker or the tokenizer thread: HF tokenizer
 work only, never MLX. ``refuse_oversized``, ``fim_mode`` and ``next_turn_tokens`` run on

@@ -3,17 +3,15 @@
 Each resident model with work has one mlx-lm ``BatchGenerator``; concurrent sequences of
 that model decode together in one forward pass, new ones join between steps (their
 prompts prefilled in chunks of ``prefill_step_size``, so a long prompt never freezes the
-others' decoding), finished or cancelled ones leave. A sequence that would run alone
-(nothing else of its model runs or waits) runs on a ``SoloGenerator`` instead
-(daemon/solo.py: no batching overhead). Models with work take turns, one batch step each
-per round, so none starves: ``Sequences.step_all`` is the one place a round steps the
-generators, and ``_step`` turns each new token into a ``chunk`` or the sequence's end.
+others' decoding), finished or cancelled ones leave. A sequence with nothing else of its
+model running or waiting runs alone on a ``SoloGenerator`` (daemon/solo.py), without the
+batching overhead. Models with work take turns, one step each per round, so none starves:
+``Sequences.step_all`` is the one place a round steps the generators.
 
 ``Sequences`` owns the generators (``batches``) and the running sequences (``active``):
-it starts what admission (daemon/admission.py) lets in (``begin``, ``resume``), takes out
-what admission pauses (``pause``), steps them, and ends them, their KV state going back
-to the prompt cache (daemon/endings.py). Others read ``active``, ``batches`` and the
-counters; only ``Sequences`` changes them.
+it starts what admission (daemon/admission.py) lets in, takes out and puts back what it
+pauses, steps them, and ends them (daemon/endings.py). Others only read ``active``,
+``batches`` and the counters.
 
 Threading: worker thread only.
 """
@@ -62,6 +60,8 @@ class Batch:
 
 @dataclass(eq=False)
 class Sequence:
+    """One running generate (or warm-up), in its batch."""
+
     request: Generate
     sink: Any
     model: LoadedModel
