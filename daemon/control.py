@@ -11,6 +11,7 @@ Threading: worker thread only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +31,8 @@ from mlxd.protocol import (
 
 from .admission import Admission
 from .cache import PromptCache
-from .intake import ProgressFor
 from .memory import MemoryBudget, give_back_buffers
-from .models import ModelRegistry
+from .models import LoadProgress, ModelRegistry
 from .outbox import Event
 from .sequences import Sequences
 
@@ -67,7 +67,7 @@ class Control:
         budget: MemoryBudget,
         sequences: Sequences,
         admission: Admission,
-        progress: ProgressFor,
+        progress: Callable[[Any, int], LoadProgress],
     ) -> None:
         self._models = models
         self._cache = cache

@@ -27,13 +27,13 @@ from .cache import PromptCache
 from .config import Config
 from .endings import cancelled_unstarted
 from .inbox import Inbox, Submit, Tokenized
-from .models import LoadedModel, ModelRegistry
+from .models import LoadedModel, LoadProgress, ModelRegistry
 from .outbox import Event
 from .prompts import INLINE_CHARS, TokenizerThread, text_chars
 from .rendering import prompt_tokens, refuse_oversized
 from .sampling import InvalidField
 
-ProgressFor = Callable[[Any, int], Callable[[str, int, int], None]]
+ProgressFor = Callable[[Any, int], LoadProgress]
 """How a model load reports its progress to ``sink`` for request ``id`` (the worker's)."""
 
 

@@ -166,8 +166,8 @@ class Sequences:
         batch."""
         if solo:
             eos = frozenset(loaded.tokenizer.eos_token_ids)
-            generator = SoloGenerator(loaded.model, eos, self.config.prefill_step_size)
-            batch = Batch(loaded, generator, solo=True)
+            single = SoloGenerator(loaded.model, eos, self.config.prefill_step_size)
+            batch = Batch(loaded, single, solo=True)
             self.batches[loaded.name, True] = batch
             return batch
         batch = self.batches.get((loaded.name, False))
