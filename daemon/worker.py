@@ -5,10 +5,11 @@ The event loop hands commands to ``Worker`` through a thread-safe inbox (``submi
 decodes, and posts protocol messages back through ``LoopOutbox`` (daemon/outbox.py), one
 loop wake-up per decode round.
 
-A round: the commands that came in (each handled here: cancels, pauses, reloads, control
-requests; generates go through daemon/intake.py into the wait queue), then admission
-(daemon/admission.py), the memory budget's note of the peak, the round's events posted,
-then one step of every generator with work (daemon/sequences.py), and the keep-alive sweep.
+A round: the commands that came in (each handled here: cancels, pauses, reloads; control
+requests through daemon/control.py; generates through daemon/intake.py into the wait
+queue), then admission (daemon/admission.py), the memory budget's note of the peak, the
+events so far posted, then one step of every generator with work (daemon/sequences.py),
+its events posted, and the keep-alive sweep.
 Between rounds the inbox is drained, so a cancel takes effect before the cancelled
 sequence's next step.
 
