@@ -39,8 +39,9 @@ from .memory import Footprint, MemoryBudget, generator_bytes
 from .models import LoadedModel, RequestError
 from .outbox import Event
 from .pausing import Held, can_pause
+from .running import Sequence
 from .sampling import make_sampling
-from .sequences import Sequence, Sequences
+from .sequences import Sequences
 
 # One logger for all the worker thread does.
 log = structlog.get_logger("mlxd.worker")
@@ -172,9 +173,10 @@ class Admission:
                 waiting.model.active -= 1
                 try:
                     if waiting.held is not None:
-                        self._resume(waiting)
+                        self._resume(waiting, events)
                     else:
-                        self._sequences.begin(waiting, self._runs_solo(waiting.model))
+                        solo = self._runs_solo(waiting.model)
+                        self._sequences.begin(waiting, solo, events)
                 except Exception as exc:
                     log.exception("request_failed", request_id=waiting.request.id)
                     error = Error(
@@ -214,13 +216,8 @@ class Admission:
     def _needed(self, waiting: Waiting) -> int:
         """Bytes that starting ``waiting`` adds: its own KV and scratch, and the padding it
         gives the batch it joins (or all of a generator's, when it starts one)."""
-        loaded, footprint = waiting.model, waiting.footprint
-        batch = self._sequences.joinable(loaded)
-        if batch is None:
-            batched = not self._runs_solo(loaded, waiting)
-            return sum(generator_bytes(loaded, [footprint], 1, batched=batched))
-        added = self._sequences.generator_bytes(batch, footprint)
-        return sum(added) - sum(self._sequences.generator_bytes(batch))
+        solo = self._runs_solo(waiting.model, waiting)
+        return self._sequences.added_bytes(waiting.model, waiting.footprint, solo)
 
     def _room_for(self, waiting: Waiting, lane: int, events: list[Event]) -> bool:
         """Whether the budget can set ``waiting``'s KV aside now (freeing cache entries and
@@ -276,11 +273,13 @@ class Admission:
             self.waiting.insert(at, waiting)
             self.preempted += 1
 
-    def _resume(self, waiting: Waiting) -> None:
+    def _resume(self, waiting: Waiting, events: list[Event]) -> None:
         """Put a paused sequence back into a batch: it goes on where it was."""
         seq, held = waiting.paused, waiting.held
         assert seq is not None and held is not None
         solo = self._runs_solo(waiting.model)
+        if not solo and (alone := self._sequences.mergeable_solo(waiting.model)) is not None:
+            self._sequences.merge_solo(alone, events)
         self._sequences.resume(seq, held, waiting.sampler, waiting.processors, solo)
         waiting.paused = waiting.held = None
 

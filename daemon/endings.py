@@ -37,7 +37,7 @@ from .rendering import fim_mode, next_turn_tokens
 
 if TYPE_CHECKING:
     from .admission import Waiting
-    from .sequences import Sequence
+    from .running import Sequence
 
 
 def done(seq: Sequence, reason: str) -> Done:

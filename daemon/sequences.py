@@ -5,7 +5,9 @@ that model decode together in one forward pass, new ones join between steps (the
 prompts prefilled in chunks of ``prefill_step_size``, so a long prompt never freezes the
 others' decoding), finished or cancelled ones leave. A sequence with nothing else of its
 model running or waiting runs alone on a ``SoloGenerator`` (daemon/solo.py), without the
-batching overhead. Models with work take turns, one step each per round, so none starves:
+batching overhead; once others of its model come, it moves into their batch
+(``merge_solo``), so that a round runs one forward pass per model, as mlx-lm's own
+``BatchGenerator`` does. Models with work take turns, one step each per round, so none starves:
 ``Sequences.step_all`` is the one place a round steps the generators.
 
 ``Sequences`` owns the generators (``batches``) and the running sequences (``active``):
@@ -19,23 +21,24 @@ Threading: worker thread only.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import structlog
 from mlx_lm.generate import BatchGenerator
 
-from mlxd.protocol import CacheUse, Chunk, Error, Generate, Warm, errors
+from mlxd.protocol import CacheUse, Chunk, Error, Generate, errors
 
-from .cache import Lease, Lookup, PromptCache, cache_bytes
+from .cache import Lookup, PromptCache, cache_bytes
 from .config import Config
 from .endings import done, return_state
 from .faults import Faults
 from .memory import Footprint, MemoryBudget, generator_bytes
 from .models import LoadedModel, ModelRegistry
 from .outbox import Event
-from .pausing import Held, put_back, take_out
+from .pausing import Held, can_pause, put_back, take_out
+from .profiling import PROFILE
+from .running import Batch, Sequence, forward_passes
 from .sampling import StopMatcher
 from .solo import SoloGenerator
 
@@ -44,62 +47,6 @@ if TYPE_CHECKING:
 
 # One logger for all the worker thread does.
 log = structlog.get_logger("mlxd.worker")
-
-
-@dataclass(eq=False)
-class Batch:
-    """One model's continuous batch: its ``BatchGenerator`` and the sequences in it."""
-
-    model: LoadedModel
-    generator: BatchGenerator | SoloGenerator
-    sequences: dict[int, Sequence] = field(default_factory=dict)  # by the generator's uid
-    solo: bool = False
-    config: Config | None = None
-    """The configuration its sizes came from: rebuilt, once empty, after a reload."""
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One running generate (or warm-up), in its batch."""
-
-    request: Generate
-    sink: Any
-    model: LoadedModel
-    batch: Batch
-    uid: int
-    prompt: list[int]
-    cache_use: CacheUse
-    cached_tokens: int
-    lease: Lease | None
-    stop: StopMatcher
-    received_at: float
-    started_at: float
-    span: int = 0
-    """Tokens of KV it may hold: prompt plus max_tokens, at most the context."""
-    max_tokens: int = 0
-    """Tokens it may generate: ``max_tokens``, capped so that prompt plus generated tokens
-    stay within the model's context (``span`` less the prompt)."""
-    held: int = 0
-    """Bytes of the cached state it took, until its prefill merges it into the batch."""
-    warm: Warm | None = None
-    detokenizer: Any = None
-    first_token_at: float | None = None
-    completion_tokens: int = 0
-    text: list[str] = field(default_factory=list)
-    """What was streamed, for the next turn's key."""
-    eos: frozenset[int] = field(default_factory=frozenset)
-    origin: Waiting | None = None
-    """Its queue entry: where it goes back to (with its sampler) if its owner is paused."""
-
-    def footprint(self, prefill_step: int) -> Footprint:
-        prefilling = self.first_token_at is None
-        rest = len(self.prompt) - self.cached_tokens
-        return Footprint(
-            span=self.span,
-            prefill=min(prefill_step, rest) if prefilling else 0,
-            context=len(self.prompt),
-            held=self.held if prefilling else 0,
-        )
 
 
 class Sequences:
@@ -126,6 +73,8 @@ class Sequences:
         self.tokens_generated = 0
         self.decode_steps = 0
         self.prompt_tokens_processed = 0
+        self.merged = 0
+        """Sequences moved from running alone into their model's batch."""
 
     # ------------------------------------------------------------------ what runs, in bytes
 
@@ -139,6 +88,35 @@ class Sequences:
         if batch is None or not batch.sequences or batch.model is not loaded:
             return None
         return batch
+
+    def mergeable_solo(self, loaded: LoadedModel) -> Sequence | None:
+        """``loaded``'s sequence running alone, if it can move into a batch token-exact: it
+        has had its first step (a sampled token to go on from) and its caches trim."""
+        batch = self.batches.get((loaded.name, True))
+        if batch is None or batch.model is not loaded:
+            return None
+        seq = next(iter(batch.sequences.values()), None)
+        if seq is None or seq.first_token_at is None or seq.origin is None or seq.warm:
+            return None
+        return seq if can_pause(loaded) else None
+
+    def added_bytes(self, loaded: LoadedModel, footprint: Footprint, solo: bool) -> int:
+        """Bytes a new sequence of ``loaded`` with ``footprint`` adds: its own KV and scratch
+        on a generator of its own (``solo``), or its share of the model's batch, with the
+        padding it gives the others; starting the batch also moves a sequence running alone
+        into it (``merge_solo``), at the cost of that sequence's batched footprint."""
+        if solo:
+            return sum(generator_bytes(loaded, [footprint], 1, batched=False))
+        batch = self.joinable(loaded)
+        if batch is not None:
+            added = self.generator_bytes(batch, footprint)
+            return sum(added) - sum(self.generator_bytes(batch))
+        alone = self.mergeable_solo(loaded)
+        if alone is None:
+            return sum(generator_bytes(loaded, [footprint], 1, batched=True))
+        step = self.config.prefill_step_size
+        both = generator_bytes(loaded, [alone.footprint(step), footprint], 1, batched=True)
+        return sum(both) - sum(self.generator_bytes(alone.batch))
 
     def live(self) -> dict[str, tuple[int, int]]:
         """(KV, scratch) bytes set aside for the running sequences, by model."""
@@ -191,10 +169,12 @@ class Sequences:
             return Lookup(None, 0, "bypass")
         return self._cache.fetch(loaded.name, tokens)
 
-    def begin(self, waiting: Waiting, solo: bool) -> None:
+    def begin(self, waiting: Waiting, solo: bool, events: list[Event]) -> None:
         """Start ``waiting`` from the best state the prompt cache has for its prompt, on a
         new ``SoloGenerator`` if ``solo``, else in its model's batch."""
         req, loaded, tokens = waiting.request, waiting.model, waiting.prompt
+        if not solo and (alone := self.mergeable_solo(loaded)) is not None:
+            self.merge_solo(alone, events)
         sink, received_at = waiting.sink, waiting.received_at
         sampler, processors = waiting.sampler, waiting.processors
         lookup = self._lookup(req, loaded, tokens)
@@ -270,6 +250,26 @@ class Sequences:
         batch.sequences[uid] = seq
         self.active[seq.sink] = seq
 
+    def merge_solo(self, seq: Sequence, events: list[Event]) -> None:
+        """Move ``seq`` from its ``SoloGenerator`` into its model's batch, as others of its
+        model join: a round then runs one forward pass for all of them, not one for it and
+        one for the batch (which at a few sequences costs nearly twice the time, the pass's
+        fixed cost dominating). It leaves and comes back as a paused sequence does
+        (daemon/pausing.py): its last token is fed again, the same tokens follow."""
+        assert seq.origin is not None
+        waiting = seq.origin
+        held = self.pause(seq, waiting.sampler)
+        if held is None:
+            seq.model.active -= 1
+            message = "the sequence's state could not be moved into the model's batch"
+            events.append(
+                (seq.sink, Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=message))
+            )
+            return
+        seq.model.active -= 1  # resume counts it again
+        self.resume(seq, held, waiting.sampler, waiting.processors, solo=False)
+        self.merged += 1
+
     # ------------------------------------------------------------------ a round
 
     def step_all(self) -> list[Event]:
@@ -280,12 +280,16 @@ class Sequences:
             try:
                 if self._faults and self._faults.hit(f"step_error:{batch.model.name}"):
                     raise RuntimeError("injected step error (MLXD_FAULTS)")
+                began = time.perf_counter()
                 _, responses = batch.generator.next()
                 # Copy the states of the sequences that ended out now, while the batch's old
                 # arrays are still there anyway: left lazy, they would keep those arrays alive
                 # beside the filtered batch's new ones (a whole second copy of the batch).
                 ended = [r.prompt_cache for r in responses if r.finish_reason and r.prompt_cache]
                 mx.eval([c.state for state in ended for c in state])
+                if PROFILE is not None:
+                    spent = time.perf_counter() - began
+                    PROFILE.stepped(forward_passes(batch), spent, len(responses))
             except Exception as exc:
                 # The batch's state can no longer be trusted: fail its sequences, start over.
                 log.exception("batch_failed", model=batch.model.name)

@@ -62,6 +62,7 @@ from .memory import MemoryBudget, give_back_buffers
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .outbox import Event, LoopOutbox
 from .persist import PromptCacheStore
+from .profiling import PROFILE
 from .rendering import FIM_TOKENS
 from .sampling import InvalidField
 from .sequences import Sequences
@@ -190,6 +191,8 @@ class Worker:
                     raise InjectedCrash("injected worker crash (MLXD_FAULTS)")
                 events: list[Event] = []
                 commands = self._take_commands()
+                if PROFILE is not None:
+                    PROFILE.begin(len(self._sequences.active))
                 self._publish(idle=False)
                 if self._faults and self._faults.hit("worker_stall"):
                     time.sleep(3.0)  # as a long model load or a huge step would
@@ -200,6 +203,8 @@ class Worker:
                 self._outbox.post(events)
                 if self._sequences.active:
                     self._outbox.post(self._sequences.step_all())
+                if PROFILE is not None:
+                    PROFILE.end()
                 now = time.monotonic()
                 if not self._sequences.active or now - self._swept_at >= 1.0:
                     # Busy rounds check keep-alives once a second: an idle model is
@@ -208,6 +213,8 @@ class Worker:
                     self._swept_at = now
             self._end_all(errors.SHUTTING_DOWN, "the daemon is shutting down")
             self._persist_cache()
+            if PROFILE is not None:
+                PROFILE.write()
             mx.synchronize()  # no MLX work may outlive the thread that queued it
         except BaseException as exc:
             log.critical("worker_died", error=repr(exc), traceback=traceback.format_exc())

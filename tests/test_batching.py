@@ -156,3 +156,36 @@ def test_a_request_can_supersede_the_previous_keystroke(daemon: Daemon, tiny_mod
     assert ends[1]["usage"]["completion_tokens"] < 5000
     assert ends[2]["finish_reason"] == "length"
     assert tokens == reference(tiny_model, "def compute", 12)[1]
+
+
+async def test_a_sequence_running_alone_joins_the_batch_when_others_arrive(
+    daemon: Daemon, tiny_model: Path
+) -> None:
+    """A model's lone sequence runs on its own generator; once others of its model come, it
+    moves into their batch, so each round runs one forward pass for all of them (not one
+    for it and one for the batch), and every sequence's tokens stay what they would be
+    alone: greedy ones equal mlx-lm's, a seeded sampled one equal its solo run."""
+    seeded = {"temperature": 0.9, "seed": 7, "cache": False}
+    async with AsyncClient(daemon.socket) as client:
+        alone = (await client.generate(PROMPTS[2], max_tokens=200, **seeded)).tokens
+        before = await client.stats()
+        got: dict[int, list[int]] = {}
+
+        async def late(i: int) -> None:
+            got[i] = (await client.generate(PROMPTS[i], max_tokens=40, cache=False)).tokens
+
+        first: list[int] = []
+        async with anyio.create_task_group() as tg:
+            async with client.stream(PROMPTS[2], max_tokens=200, **seeded) as stream:
+                async for chunk in stream:
+                    first += chunk.tokens
+                    if len(first) == 3:
+                        tg.start_soon(late, 0)
+                        tg.start_soon(late, 1)
+        after = await client.stats()
+    assert first == alone
+    for i in (0, 1):
+        assert got[i] == reference(tiny_model, PROMPTS[i], 40)[1], i
+    steps = after.decode_steps - before.decode_steps
+    # Merged: about one step per token of the long sequence. Apart: 40 more.
+    assert steps <= len(first) + 10, (steps, len(first))
