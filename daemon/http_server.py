@@ -205,9 +205,27 @@ class HttpCall:
         server.requests_total += 1
         server.worker.submit(request, pending, pending.received_at)
         try:
+            carry: Any = None
             while True:
-                message = await self._events.get()
-                if self._events.empty():
+                if carry is None:
+                    message = await self._events.get()
+                else:
+                    message, carry = carry, None
+                # Chunks that piled up while the loop was busy go out as one: one event
+                # (and one write) for them all, so a loop that falls behind catches up
+                # instead of paying per token; the native path merges the same way.
+                while isinstance(message, Chunk) and not self._events.empty():
+                    following = self._events.get_nowait()
+                    if isinstance(following, Chunk) and following.id == message.id:
+                        message = Chunk(
+                            id=message.id,
+                            text=message.text + following.text,
+                            tokens=message.tokens + following.tokens,
+                        )
+                    else:
+                        carry = following
+                        break
+                if carry is None and self._events.empty():
                     self._unpause()  # the client reads again: caught up
                 yield message
                 if isinstance(message, Done | Error):
