@@ -43,6 +43,13 @@ def default_state_dir() -> Path:
     return Path(base) / "mlxd"
 
 
+def default_demo_model_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mlxd" / "demo-model"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mlxd" / "demo-model"
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     socket_path: str = msgspec.field(default_factory=lambda: str(default_socket_path()))
     models: dict[str, str] = {}

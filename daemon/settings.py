@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from .config import DEMO_MODEL_NAME, Config
+from .config import DEMO_MODEL_NAME, Config, default_demo_model_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -256,8 +256,6 @@ def load(
         sources[f"models.{name}"] = source
     if not fields["models"] and not fields["models_dir"]:
         # Nothing to serve: the built-in demo model, built on first use.
-        from .demo_model import default_demo_model_dir
-
         demo_dir = str(default_demo_model_dir())
         fields["models"] = {DEMO_MODEL_NAME: demo_dir}
         fields["demo_model_dir"] = demo_dir
