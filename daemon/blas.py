@@ -33,8 +33,8 @@ exactly its parent's BLAS, preloaded or not, and never chooses on its own. The l
 is ``REEXEC_ENV``: a process that carries it never re-executes again.
 
 ``python -m mlxd.daemon.blas`` prints what it finds and what ``MLXD_BLAS`` (default
-``auto``) would do; ``--preload`` prints only the library it would preload (nothing: none),
-for ``./dev test``.
+``auto``) would do; ``--preload`` prints only the library it would preload (nothing: none;
+exit status 3: one is wanted but none is installed), for ``./dev test``.
 
 Threading: the ``mlxd serve`` command's main thread, before anything imports MLX (so
 ``settings.load`` must not) and before the server starts: ``reexec`` replaces the process,
@@ -386,13 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     decision = decide(
         setting, os.environ, linked=linked, system=system, mapped=mapped_paths(), can_reexec=True
     )
-    if args == ["--preload"]:  # the library to preload, if any: for ./dev test
-        if decision.error:
-            print(f"mlxd: error: blas_unavailable: {decision.error}", file=sys.stderr)
-            return 78
+    if args == ["--preload"]:  # for ./dev test: the library to preload, if any
         if decision.preload:
             print(decision.preload)
-        return 0
+        return 3 if decision.reason == "none_installed" else 0
     print(f"MLX links:    {linked.kind} {linked.library or ''} {linked.detail}".rstrip())
     print(f"system BLAS:  {system or 'none (' + INSTALL_HINT + ')'}")
     print(f"LD_PRELOAD:   {preloaded_blas(os.environ) or 'no BLAS'}")
