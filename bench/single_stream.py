@@ -104,6 +104,8 @@ def main() -> None:
         str(socket),
         "--log-level",
         "warning",
+        "--blas",
+        "bundled",  # the in-process side's BLAS (this process's), never one of its own
     ]
     for size, path in models.items():
         cmd += ["--model", f"{size}={path}"]
