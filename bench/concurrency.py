@@ -8,9 +8,9 @@ absolute figures (these machines are noisy). Contestants:
 
 - in-process: mlx-lm's ``stream_generate`` in this process for the single stream, and its
   ``BatchGenerator`` fed each burst at once for the concurrency rows: no server, socket or
-  detokenizer, so the limit any server built on mlx-lm can approach on this machine (on
-  Linux, MLX's CPU wheel multiplies with netlib's reference BLAS, so batched decode is
-  compute-bound: a batch of 16 costs about 5x a batch of 1, measured);
+  detokenizer, so the limit any server built on mlx-lm can approach on this machine (with
+  the Linux wheel's reference BLAS, below, batched decode is compute-bound: a batch of 16
+  costs about 5x a batch of 1, measured);
 - mlx_lm server: ``python -m mlx_lm server --model DIR --host 127.0.0.1 --port P`` with its
   defaults (continuous batching, up to 32 decoding) except ``--log-level WARNING``, so that
   neither server spends time logging; streamed OpenAI completions (``POST /v1/completions``)
@@ -52,10 +52,18 @@ Issue 4's targets are printed with the results, PASS or MISS: mlxd's aggregate t
 16 clients >= 1.5x mlx_lm server's; mlxd's p99 TTFT at 16 clients <= 0.5x mlx_lm server's;
 mlxd single-stream decode >= 0.95x in-process.
 
-    python bench/concurrency.py [--trials 9] [--rounds 3] [--clients 1 4 16] [--typing-sessions 2]
+BLAS regimes: ``--blas reference|openblas|both`` (default both) is the BLAS MLX multiplies
+with in all three contestants: the Linux wheel's reference BLAS, or the system's OpenBLAS,
+preloaded. ``both`` runs everything above once in each regime, one after the other, each in
+a process of its own, and ends with the key figures side by side (bench/blas_regime.py;
+without OpenBLAS installed, the reference regime alone, and how to install it).
 
-Prints a table and writes bench/results/concurrency.json. Traffic stays on a Unix socket
-and on 127.0.0.1. Takes about 2.5 minutes on 2 x86 cores.
+    python bench/concurrency.py [--trials 9] [--rounds 3] [--clients 1 4 16] [--typing-sessions 2]
+                                [--blas reference|openblas|both]
+
+Prints a table per regime and writes bench/results/concurrency.json (``regimes``: each
+one's results). Traffic stays on a Unix socket and on 127.0.0.1. Takes about 2.5 minutes
+per regime on 2 x86 cores.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import blas_regime
 from servers import free_port, revision, start_mlx_lm, start_mlxd, stop, wait_http, wait_mlxd
 
 MODEL = "small"
@@ -573,7 +582,12 @@ def main() -> None:
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "concurrency.json")
     )
+    blas_regime.add_argument(parser)
     args = parser.parse_args()
+    regime = blas_regime.child_regime()
+    if regime is None:  # this process runs each regime's run, then the side by side
+        blas_regime.run_regimes(args.blas, Path(args.out), "concurrency", figures)
+        return
     began = time.perf_counter()
     load_start = os.getloadavg()
     measured = revision()  # now: the daemon about to start runs this tree
@@ -615,6 +629,8 @@ def main() -> None:
         mlx_lm = start_mlx_lm(work, model_dir, port)
         wait_mlxd(sock, mlxd)
         wait_http(port, mlx_lm)
+        blas_regime.check_process(mlxd.pid, regime, "mlxd")
+        blas_regime.check_process(mlx_lm.pid, regime, "mlx_lm server")
         # Warm up: load the model, and run a single stream and a full-size burst on each,
         # so first-use costs (allocations, batch set-up) land in no measured row.
         in_process(model, tokenizer, warm_single, 32)
@@ -684,6 +700,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "mlx": mx.__version__,
             "mlx_lm": mlx_lm_version,
+            "blas": regime,
             "mlxd_revision": measured,
             "load_average_start": load_start,
             "load_average_end": os.getloadavg(),
@@ -825,7 +842,7 @@ def print_table(res: dict[str, Any]) -> None:
     m = res["model"]
     print(
         f"\nconcurrency: {m['size']} model ({m['layers']} layers x {m['hidden']}), "
-        f"{res['cpus']} CPUs, mlx {res['mlx']}, mlx-lm {res['mlx_lm']}; "
+        f"{res['cpus']} CPUs, mlx {res['mlx']}, mlx-lm {res['mlx_lm']}, BLAS {res['blas']}; "
         f"prompts {res['prompt_tokens']['min']}-{res['prompt_tokens']['max']} tokens"
     )
     print(
@@ -899,6 +916,28 @@ def print_table(res: dict[str, Any]) -> None:
     lines.append(("single_stream", "mlxd single stream >= 0.95x in-process", ss))
     for key, label, value in lines:
         print(f"  {label:<44}{value:>7.2f}x  {res['verdicts'][key]}")
+
+
+def figures(res: dict[str, Any]) -> list[blas_regime.Figure]:
+    """The rows of the BLAS regimes' side-by-side table."""
+    rows: list[blas_regime.Figure] = [
+        (f"1. single stream tok/s, {NAMES[name]}", e["decode_tps"])
+        for name, e in res["single_stream"].items()
+    ]
+    for n, row in res["concurrency"].items():
+        for name in ("in_process", "mlx_lm", "mlxd"):
+            rows.append(
+                (f"2. {n} clients agg tok/s, {BURST_NAMES[name]}", row[name]["aggregate_tps"])
+            )
+        for name in ("in_process", "mlx_lm", "mlxd"):
+            rows.append(
+                (f"2. {n} clients p99 TTFT ms, {BURST_NAMES[name]}", row[name]["ttft_p99_s"] * 1e3)
+            )
+    for name, e in res["typing_ttft"].items():
+        rows.append((f"3. typing TTFT median ms, {NAMES[name]}", e["ttft_median_s"] * 1e3))
+    for name, e in res["peak_memory"].items():
+        rows.append((f"4. peak memory MiB, {NAMES[name]}", e.get("VmHWM", 0) / 2**20))
+    return rows
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def start_mlxd(
         "--state-dir", str(work / "state"),
         "--no-cache-persist",
         "--log-level", "warning",
+        # This process's own BLAS, which mlx_lm's server and the in-process runs share: the
+        # daemon would otherwise preload OpenBLAS itself (bench/blas_regime.py).
+        "--blas", "bundled",
         *extra,
     ]  # fmt: skip
     return subprocess.Popen(cmd), sock

@@ -8,7 +8,13 @@ so it includes the socket, framing and the event loop.
 
     python bench/single_stream.py [--sizes tiny demo] [--tokens 512] [--trials 5]
 
-Prints a table and writes bench/results/single_stream.json.
+``--blas reference|openblas|both`` (default both): the BLAS MLX multiplies with, in this
+process and in the daemon; ``both`` runs the benchmark once in each, one after the other,
+and ends with a table of the two side by side (see bench/blas_regime.py; without OpenBLAS
+installed, the reference one alone, and how to install it).
+
+Prints a table per regime and writes bench/results/single_stream.json (``regimes``: each
+one's results).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import blas_regime
 from servers import wait_mlxd
 
 PROMPT = "def quicksort(items):"
@@ -76,7 +83,12 @@ def main() -> None:
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "single_stream.json")
     )
+    blas_regime.add_argument(parser)
     args = parser.parse_args()
+    regime = blas_regime.child_regime()
+    if regime is None:  # this process runs each regime's run, then the side by side
+        blas_regime.run_regimes(args.blas, Path(args.out), "single_stream", figures)
+        return
 
     from mlxd.daemon.demo_model import build_demo_model
 
@@ -92,12 +104,15 @@ def main() -> None:
         str(socket),
         "--log-level",
         "warning",
+        "--blas",
+        "bundled",  # the in-process side's BLAS (this process's), never one of its own
     ]
     for size, path in models.items():
         cmd += ["--model", f"{size}={path}"]
     daemon = subprocess.Popen(cmd)
     try:
         wait_mlxd(socket, daemon)
+        blas_regime.check_process(daemon.pid, regime, "mlxd")
         rows = []
         for size, path in models.items():
             through_daemon(socket, size, 32)  # warm up both sides
@@ -125,7 +140,10 @@ def main() -> None:
         daemon.terminate()
         daemon.wait(30)
 
-    print(f"\nsingle-stream decode, median of {args.trials} trials, greedy, {args.tokens} tokens")
+    print(
+        f"\nsingle-stream decode, median of {args.trials} trials, greedy, {args.tokens} tokens, "
+        f"BLAS: {regime}"
+    )
     print(f"{'model':<8}{'tokens':>8}{'in-process tok/s':>20}{'mlxd tok/s':>14}{'ratio':>9}")
     for r in rows:
         print(
@@ -138,9 +156,20 @@ def main() -> None:
         "machine": platform.machine(),
         "system": platform.system(),
         "python": platform.python_version(),
+        "blas": regime,
     }
     out.write_text(json.dumps({"benchmark": "single_stream", **meta, "results": rows}, indent=2))
     print(f"\nwrote {out}")
+
+
+def figures(result: dict) -> list[blas_regime.Figure]:
+    """The rows of the regimes' side-by-side table."""
+    rows: list[blas_regime.Figure] = []
+    for r in result["results"]:
+        rows.append((f"{r['model']}: mlx-lm in-process tok/s", r["in_process_tps"]))
+        rows.append((f"{r['model']}: mlxd tok/s", r["daemon_tps"]))
+        rows.append((f"{r['model']}: mlxd / in-process", r["ratio"]))
+    return rows
 
 
 if __name__ == "__main__":

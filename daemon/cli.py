@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--stall-timeout", type=float, help="seconds one worker round may take before exit 1"
     )
+    serve.add_argument(
+        "--blas",
+        choices=["auto", "system", "bundled"],
+        help="Linux: preload the system's OpenBLAS when MLX links the reference BLAS (auto, "
+        "the default), always (system), or never (bundled)",
+    )
     serve.add_argument("--log-level", help="debug, info (the default), warning, error")
     serve.add_argument("--log-format", choices=["auto", "json", "console"])
 
@@ -185,7 +191,7 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def serve(args: argparse.Namespace) -> int:
     import structlog
 
-    from . import logs, settings
+    from . import blas, logs, settings
 
     flags, env = vars(args), dict(os.environ)
     try:
@@ -195,10 +201,17 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mlxd: error: invalid_config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     config = loaded.config
+    # Before MLX loads (nothing so far imported it): this may re-execute the process.
+    choice = blas.select(config.blas, can_reexec=getattr(args, "own_command_line", False))
+    if choice is not None and choice.error:
+        print(f"mlxd: error: blas_unavailable: {choice.error}", file=sys.stderr)
+        return EXIT_CONFIG
     logs.setup(config.log_level, config.log_format)
-    structlog.get_logger("mlxd.server").info(
-        "config_loaded", file=str(loaded.path) if loaded.file_found else None
-    )
+    log = structlog.get_logger("mlxd.server")
+    log.info("config_loaded", file=str(loaded.path) if loaded.file_found else None)
+    if choice is not None:
+        say = log.warning if choice.reason in blas.WARNINGS else log.info
+        say("blas_selected", **blas.log_fields(choice, config.blas))
 
     def reload() -> Config:
         # SIGHUP: the file again, under the environment and flags the daemon started with.
@@ -434,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # `config show` takes serve's flags as they are; every other command takes only its own.
     args, extra = parser.parse_known_args(argv)
+    # Only a command line that is this process's own may re-execute it (serve's BLAS).
+    args.own_command_line = argv is None
     if args.command == "config":
         args.serve_flags = extra
     elif extra:

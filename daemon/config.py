@@ -43,6 +43,13 @@ def default_state_dir() -> Path:
     return Path(base) / "mlxd"
 
 
+def default_demo_model_dir() -> Path:
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mlxd" / "demo-model"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mlxd" / "demo-model"
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     socket_path: str = msgspec.field(default_factory=lambda: str(default_socket_path()))
     models: dict[str, str] = {}
@@ -108,6 +115,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     state_dir: str = msgspec.field(default_factory=lambda: str(default_state_dir()))
     demo_model_dir: str | None = None
     """Where the built-in demo model lives; built there on first use if missing."""
+    blas: str = "auto"
+    """Linux: ``auto`` preloads the system's optimized BLAS (OpenBLAS) when MLX links the
+    reference one, ``system`` insists on it, ``bundled`` never preloads one (see
+    daemon/blas.py). Decided once, at start."""
     log_level: str = "info"
     log_format: str = "auto"
     """``json``, ``console``, or ``auto``: console on a terminal, JSON otherwise."""

@@ -38,6 +38,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .config import default_demo_model_dir
+
 BUILDER_VERSION = 1
 FINGERPRINT_FILE = "mlxd_demo.json"
 
@@ -125,13 +127,6 @@ _HEAD_GAIN = 4.0
 # Special tokens (EOS included) and unprintable bytes get shrunken lm_head rows: greedy
 # replies then run to max_tokens and print cleanly, though sampling may still pick them.
 _QUIET_SCALE = 0.5
-
-
-def default_demo_model_dir() -> Path:
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "mlxd" / "demo-model"
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "mlxd" / "demo-model"
 
 
 def ensure_demo_model(out_dir: str | Path | None = None) -> Path:

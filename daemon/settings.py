@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
-from .config import DEMO_MODEL_NAME, Config
+from .config import DEMO_MODEL_NAME, Config, default_demo_model_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -117,6 +117,8 @@ class FileSchema(_Strict):
     http: str | None = None
     """``HOST:PORT`` or ``unix:PATH``: the HTTP API's listener."""
     api_key_file: str | None = None
+    blas: Literal["auto", "system", "bundled"] | None = None
+    """Linux: the BLAS MLX multiplies with (daemon/blas.py)."""
     models: dict[str, str] = msgspec.field(default_factory=dict)
     """Model name -> mlx-lm model directory."""
     cache: CacheSection = CacheSection()
@@ -165,6 +167,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow_root", "allow_root", "--allow-root"),
     Setting("http", "http", "--http"),
     Setting("api_key_file", "api_key_file", "--api-key-file", path=True),
+    Setting("blas", "blas", "--blas"),
     Setting("cache.max_bytes", "cache_max_bytes", "--cache-max-bytes", size=True),
     Setting("cache.max_entries", "cache_max_entries", "--cache-max-entries"),
     Setting("cache.persist", "cache_persist", "--no-cache-persist"),
@@ -190,7 +193,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 
-RESTART_KEYS = ("socket", "state_dir", "http", "api_key_file")
+RESTART_KEYS = ("socket", "state_dir", "http", "api_key_file", "blas")
 """Settings a running daemon cannot change: SIGHUP logs them as needing a restart."""
 
 
@@ -256,8 +259,6 @@ def load(
         sources[f"models.{name}"] = source
     if not fields["models"] and not fields["models_dir"]:
         # Nothing to serve: the built-in demo model, built on first use.
-        from .demo_model import default_demo_model_dir
-
         demo_dir = str(default_demo_model_dir())
         fields["models"] = {DEMO_MODEL_NAME: demo_dir}
         fields["demo_model_dir"] = demo_dir

@@ -20,6 +20,12 @@ import pytest
 
 from mlxd.client import Client, DaemonUnavailableError
 
+# Every daemon (and every other process) a test starts runs exactly this process's BLAS,
+# inheriting its LD_PRELOAD if it has one, and never picks one of its own: the
+# greedy-equality tests compare daemons with mlx-lm computed here, and two BLAS libraries
+# may round differently (see daemon/blas.py). tests/test_blas.py sets it per daemon.
+os.environ["MLXD_BLAS"] = "bundled"
+
 
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
