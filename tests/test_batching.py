@@ -175,13 +175,13 @@ async def test_a_sequence_running_alone_joins_the_batch_when_others_arrive(
             got[i] = (await client.generate(PROMPTS[i], max_tokens=40, cache=False)).tokens
 
         first: list[int] = []
-        async with anyio.create_task_group() as tg:
-            async with client.stream(PROMPTS[2], max_tokens=200, **seeded) as stream:
-                async for chunk in stream:
-                    first += chunk.tokens
-                    if len(first) == 3:
-                        tg.start_soon(late, 0)
-                        tg.start_soon(late, 1)
+        stream = client.stream(PROMPTS[2], max_tokens=200, **seeded)
+        async with anyio.create_task_group() as tg, stream:
+            async for chunk in stream:
+                first += chunk.tokens
+                if len(first) == 3:
+                    tg.start_soon(late, 0)
+                    tg.start_soon(late, 1)
         after = await client.stats()
     assert first == alone
     for i in (0, 1):
