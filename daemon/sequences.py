@@ -258,6 +258,7 @@ class Sequences:
         (daemon/pausing.py): its last token is fed again, the same tokens follow."""
         assert seq.origin is not None
         waiting = seq.origin
+        forked_from = seq.lease is not None
         held = self.pause(seq, waiting.sampler)
         if held is None:
             seq.model.active -= 1
@@ -268,6 +269,11 @@ class Sequences:
             return
         seq.model.active -= 1  # resume counts it again
         self.resume(seq, held, waiting.sampler, waiting.processors, solo=False)
+        if forked_from:
+            # Its prompt's state may have come out of the cache whole (taken, not forked),
+            # the others of its model forking theirs from it: the moved state (merged into
+            # the batch's arrays, never written to) stays open to them.
+            seq.lease = self._cache.lease(seq.model.name, seq.prompt, held.state)
         self.merged += 1
 
     # ------------------------------------------------------------------ a round

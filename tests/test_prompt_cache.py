@@ -105,6 +105,29 @@ async def test_sixteen_concurrent_requests_on_one_system_prompt(
         assert got[i] == reference(tiny_model, prompts[i], 12 + i)[1], i
 
 
+async def test_a_prompt_state_taken_alone_stays_open_once_others_join(
+    cache_daemon: Daemon, tiny_model: Path
+) -> None:
+    """The first sequence on a cached system prompt takes its entry and runs alone; when a
+    second comes, the first moves into the batch with it, and its state stays open to
+    forks: the second still reuses the system prompt."""
+    system = "You are a careful assistant. " * 30
+    first, second = (f"{system}Question {i}: what is {i} squared?" for i in (1, 2))
+    async with AsyncClient(cache_daemon.socket) as client:
+        await client.generate(system, max_tokens=1)
+        stream = client.stream(first, max_tokens=60)
+        got: list[int] = []
+        async with stream:
+            async for chunk in stream:
+                got += chunk.tokens
+                if len(got) == 2:
+                    joined = await client.generate(second, max_tokens=8)
+        assert stream.done is not None and stream.done.usage.cached_tokens > 0
+    assert joined.done.usage.cached_tokens > len(system) // 10, joined.done
+    assert joined.tokens == reference(tiny_model, second, 8)[1]
+    assert got == reference(tiny_model, first, 60)[1]
+
+
 def test_each_chat_turn_reuses_the_previous_one(cache_daemon: Daemon, tiny_model: Path) -> None:
     messages: list[dict[str, str]] = [{"role": "system", "content": "Be brief."}]
     previous_prompt = 0
