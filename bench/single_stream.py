@@ -1,10 +1,11 @@
 """Single-stream decode speed: mlxd over its Unix socket vs mlx-lm's in-process
-``stream_generate``, on the same model, side by side in one run.
+``stream_generate`` (the limit) and mlx-lm's own server (``mlx_lm server``, streamed
+``/v1/completions`` over loopback HTTP), on the same model, side by side in one run.
 
-Each trial runs both, alternating, and the table reports medians and their ratio (these
-machines are noisy: ratios, not absolute times, are what to compare). Decode tokens/s is
-measured from the first generated token to the last, on the client's side for the daemon,
-so it includes the socket, framing and the event loop.
+Each trial runs all three, one after the other, and the table reports medians and the
+ratios to in-process (these machines are noisy: ratios, not absolute times, are what to
+compare). Decode tokens/s is measured from the first generated token to the last, on the
+client's side for the servers, so it includes the socket, framing and the event loop.
 
     python bench/single_stream.py [--sizes tiny demo] [--tokens 512] [--trials 5]
 
@@ -20,6 +21,7 @@ one's results).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import platform
 import statistics
@@ -30,9 +32,10 @@ import time
 from pathlib import Path
 
 import blas_regime
-from servers import wait_mlxd
+from servers import free_port, start_mlx_lm, stop, wait_http, wait_mlxd
 
 PROMPT = "def quicksort(items):"
+TARGET = 0.97  # mlxd / in-process single-stream decode, at least (issue 16)
 
 
 def in_process(model_dir: Path, tokens: int) -> tuple[float, int]:
@@ -75,6 +78,30 @@ def through_daemon(socket: Path, model: str, tokens: int) -> tuple[float, int]:
     return (n - 1) / (last - first), n
 
 
+def through_mlx_lm(port: int, tokens: int) -> tuple[float, int]:
+    """One streamed completion from mlx-lm's server: its server-sent events, timed as they
+    are read; the token count is the server's own (``usage``)."""
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    first = last = 0.0
+    n = 0
+    while line := response.readline():
+        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+            continue
+        event = json.loads(line[5:])
+        if event.get("usage"):
+            n = event["usage"]["completion_tokens"]
+        if any(c.get("text") for c in event.get("choices") or []):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+    conn.close()
+    return (n - 1) / (last - first), n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "demo"])
@@ -110,46 +137,71 @@ def main() -> None:
     for size, path in models.items():
         cmd += ["--model", f"{size}={path}"]
     daemon = subprocess.Popen(cmd)
+    server = None
     try:
         wait_mlxd(socket, daemon)
         blas_regime.check_process(daemon.pid, regime, "mlxd")
         rows = []
         for size, path in models.items():
-            through_daemon(socket, size, 32)  # warm up both sides
+            port = free_port()
+            server = start_mlx_lm(work, path, port)  # one model per mlx_lm server
+            wait_http(port, server)
+            blas_regime.check_process(server.pid, regime, "mlx_lm server")
+            through_daemon(socket, size, 32)  # warm up every side
+            through_mlx_lm(port, 32)
             in_process(path, 32)
-            mine, theirs = [], []
+            mine, theirs, server_tps = [], [], []
             for _ in range(args.trials):
                 tps, n_in = in_process(path, args.tokens)
                 theirs.append(tps)
                 tps, n_d = through_daemon(socket, size, args.tokens)
                 mine.append(tps)
+                tps, n_s = through_mlx_lm(port, args.tokens)
+                server_tps.append(tps)
                 # mlx-lm counts a final end-of-sequence token, the daemon does not send it.
                 assert abs(n_in - n_d) <= 1, f"token counts differ: {n_in} vs {n_d}"
+                assert abs(n_in - n_s) <= 1, f"token counts differ: {n_in} vs {n_s} (mlx_lm)"
+            stop(server)
+            server = None
             rows.append(
                 {
                     "model": size,
                     "tokens": n_d,
                     "in_process_tps": statistics.median(theirs),
                     "daemon_tps": statistics.median(mine),
+                    "mlx_lm_server_tps": statistics.median(server_tps),
                     "ratio": statistics.median(mine) / statistics.median(theirs),
+                    "mlx_lm_server_ratio": statistics.median(server_tps)
+                    / statistics.median(theirs),
                     "trials_in_process": theirs,
                     "trials_daemon": mine,
+                    "trials_mlx_lm_server": server_tps,
                 }
             )
     finally:
         daemon.terminate()
         daemon.wait(30)
+        stop(server)
 
     print(
         f"\nsingle-stream decode, median of {args.trials} trials, greedy, {args.tokens} tokens, "
         f"BLAS: {regime}"
     )
-    print(f"{'model':<8}{'tokens':>8}{'in-process tok/s':>20}{'mlxd tok/s':>14}{'ratio':>9}")
+    print(
+        f"{'model':<8}{'tokens':>8}{'in-process tok/s':>20}{'mlxd tok/s':>14}{'ratio':>9}"
+        f"{'mlx_lm server':>16}{'ratio':>9}"
+    )
     for r in rows:
         print(
             f"{r['model']:<8}{r['tokens']:>8}{r['in_process_tps']:>20.1f}"
             f"{r['daemon_tps']:>14.1f}{r['ratio']:>8.3f}x"
+            f"{r['mlx_lm_server_tps']:>16.1f}{r['mlx_lm_server_ratio']:>8.3f}x"
         )
+    target = min(r["ratio"] for r in rows)
+    verdict = "PASS" if target >= TARGET else "MISS"
+    print(
+        f"\ntarget (issue 16): mlxd >= {TARGET}x in-process on every model: {target:.3f}x {verdict}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -168,7 +220,9 @@ def figures(result: dict) -> list[blas_regime.Figure]:
     for r in result["results"]:
         rows.append((f"{r['model']}: mlx-lm in-process tok/s", r["in_process_tps"]))
         rows.append((f"{r['model']}: mlxd tok/s", r["daemon_tps"]))
+        rows.append((f"{r['model']}: mlx_lm server tok/s", r["mlx_lm_server_tps"]))
         rows.append((f"{r['model']}: mlxd / in-process", r["ratio"]))
+        rows.append((f"{r['model']}: mlx_lm server / in-process", r["mlx_lm_server_ratio"]))
     return rows
 
 

@@ -407,8 +407,8 @@ class Server:
             # We unlink our own socket, and never one a service manager lent us: not the
             # loop's job (uvloop, and asyncio from 3.13, would unlink it on close).
             kwargs["cleanup_socket"] = False
-        server = await asyncio.start_unix_server(self._on_connect, sock=sock, **kwargs)
-        log.info("serving", socket=str(path), pid=os.getpid())
+        # HTTP listens before the native socket answers: whoever waits for the socket (a
+        # service manager, ./dev demo, a test) may then use either.
         if self.config.http:
             from .http_server import start_http  # aiohttp is loaded only when HTTP is on
 
@@ -420,6 +420,8 @@ class Server:
                 reason = exc.strerror or str(exc)
                 raise HttpRefused(f"cannot listen on {self.config.http}: {reason}") from None
             log.info("http_serving", listen=self.config.http)
+        server = await asyncio.start_unix_server(self._on_connect, sock=sock, **kwargs)
+        log.info("serving", socket=str(path), pid=os.getpid())
         watchdog = loop.create_task(self._watch_worker())
         await self._stop.wait()
         watchdog.cancel()
