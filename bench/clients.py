@@ -1,6 +1,7 @@
 """What the benchmarks in bench/ share on the client's side: deterministic prompts that no
 prefix cache can reuse, one streamed completion timed on the client's side (from mlxd's
-native socket or from mlx-lm's HTTP server), closed loops of simulated clients, and the
+native socket or from mlx-lm's HTTP server), closed loops of simulated clients on either
+or on mlx-lm in this process (the limit a server built on it can approach), and the
 statistics over them. Nothing here starts a server (bench/servers.py does) or is a
 benchmark of its own.
 """
@@ -13,6 +14,7 @@ import itertools
 import json
 import math
 import random
+import re
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -98,8 +100,8 @@ class Prompts:
         return text
 
     def code(self, tokens: int) -> str:
-        """A prompt of ``tokens`` tokens or at most one line fewer: lines of Python-like code,
-        the last one complete."""
+        """A prompt of ``tokens`` tokens or a few fewer: lines of Python-like code, the last
+        one cut short."""
 
         def lines(word: str) -> Iterator[str]:
             r = self.rng
@@ -114,14 +116,19 @@ class Prompts:
         def body(word: str) -> str:
             text = ""
             for line in lines(word):
-                if len(self.ids(text + line)) > tokens:
-                    return text
-                text += line
+                if len(self.ids(text + line)) <= tokens:
+                    text += line
+                    continue
+                # The last line in part (a word or a character at a time), left open.
+                for piece in re.findall(r"[a-zA-Z]+|.", line, re.S):
+                    if len(self.ids(text + piece)) > tokens:
+                        return text
+                    text += piece
             raise AssertionError("unreachable")
 
         text = self._next(body)
         n = len(self.ids(text))
-        assert tokens - 16 <= n <= tokens, f"a {n}-token prompt"
+        assert tokens - 4 <= n <= tokens, f"a {n}-token prompt"
         self.lengths.append(n)
         return text
 
@@ -407,6 +414,100 @@ def rotate(names: Sequence[str], i: int) -> list[str]:
     """The order for trial/round ``i``: who goes first moves, so that no one always runs
     first (on a cooler, or hotter, CPU). With two names: they alternate."""
     return [names[(i + k) % len(names)] for k in range(len(names))]
+
+
+# ---------------------------------------------------------------------- in process
+
+
+def in_process(model: Any, tokenizer: Any, prompt: str, tokens: int) -> Reply:
+    """One stream on mlx-lm's ``stream_generate`` in this process (``mlx_lm.generate``'s)."""
+    from mlx_lm import stream_generate
+
+    reply = Reply(sent_at=time.perf_counter())
+    for _ in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
+        now = time.perf_counter()
+        reply.first_at = reply.first_at or now
+        reply.last_at = now
+        reply.tokens += 1
+    return reply
+
+
+def in_process_loop(model: Any, tokenizer: Any, per_client: list[list[str]], tokens: int) -> Loop:
+    """The closed loop on mlx-lm's ``BatchGenerator`` in this process, with no server, no
+    socket and no detokenizing while the clock runs: the most a server built on it can
+    reach here. Each client's next prompt goes in the moment its previous one finished."""
+    from mlx_lm.generate import BatchGenerator
+
+    n = len(per_client)
+    eos = set(tokenizer.eos_token_ids)
+    generator = BatchGenerator(
+        model,
+        stop_tokens=[[t] for t in eos],
+        completion_batch_size=n,
+        prefill_batch_size=min(n, 8),
+    )
+    queues = [[list(tokenizer.encode(p)) for p in reversed(ps)] for ps in per_client]
+    total = sum(len(q) for q in queues)  # before the first inserts take any out
+    replies: list[list[Reply]] = [[] for _ in per_client]
+    running: dict[int, tuple[int, list[int]]] = {}  # uid: its client, its tokens
+    generated: list[tuple[Reply, list[int]]] = []
+
+    def insert(client: int) -> None:
+        reply = Reply(sent_at=time.perf_counter())
+        (uid,) = generator.insert([queues[client].pop()], max_tokens=[tokens])
+        running[uid] = (client, [])
+        replies[client].append(reply)
+        generated.append((reply, running[uid][1]))
+
+    steps = finished = 0
+    start = time.perf_counter()
+    try:
+        for client in range(n):
+            insert(client)
+        while finished < total:
+            responses = generator.next_generated()
+            steps += bool(responses)
+            now = time.perf_counter()
+            for response in responses:
+                client, ids = running[response.uid]
+                reply = replies[client][-1]
+                reply.first_at = reply.first_at or now
+                reply.last_at = now
+                reply.tokens += 1
+                ids.append(response.token)
+                if response.finish_reason is not None:
+                    reply.done_at, reply.finish_reason = now, response.finish_reason
+                    finished += 1
+                    del running[response.uid]
+                    if queues[client]:
+                        insert(client)
+    finally:
+        generator.close()
+    wall = time.perf_counter() - start
+    for reply, ids in generated:  # the text as mlx-lm would have streamed it (no EOS)
+        detokenizer = tokenizer.detokenizer
+        detokenizer.reset()
+        for token in ids:
+            if token not in eos:
+                detokenizer.add_token(token)
+        detokenizer.finalize()
+        reply.text = detokenizer.text
+    loop = Loop([r for rs in replies for r in rs], wall)
+    loop.mean_batch = sum(r.tokens for r in loop.replies) / max(1, steps)
+    return loop
+
+
+async def mlxd_loop(sock: Path, per_client: list[list[str]], tokens: int) -> Loop:
+    """The closed loop on mlxd, with its mean batch from its own counters."""
+    from mlxd.client import AsyncClient
+
+    async with AsyncClient(sock, name="bench-stats") as stats:
+        before = await stats.stats()
+        loop = await closed_loop(MlxdPerRequest(sock), per_client, tokens)
+        after = await stats.stats()
+    if steps := after.decode_steps - before.decode_steps:
+        loop.mean_batch = (after.tokens_generated - before.tokens_generated) / steps
+    return loop
 
 
 # ---------------------------------------------------------------------- running
