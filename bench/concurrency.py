@@ -1,7 +1,7 @@
 """Concurrency: mlxd vs mlx-lm's own HTTP server (``mlx_lm server``) and vs the in-process
 limit under 1, 4 and 16 closed-loop clients, single-stream decode against mlx-lm
-in-process, an editor's typing workload, and each server's peak memory, on the same
-model, side by side in one run.
+in-process, an editor's typing workload, each server's peak memory, and a per-round
+profile of mlxd's worker, on the same model, side by side in one run.
 
 The model is the "small" demo size (4 layers, 128 wide, random weights, built locally): the
 shape issue 4's reference numbers for mlx_lm.server were taken on. Compare ratios, not
@@ -49,6 +49,15 @@ Workloads:
 4. Peak memory: each server process's resident-set high-water mark (``VmHWM`` in
    /proc/PID/status) at the end of the run.
 
+4b. Worker profile: once both servers have stopped, a second mlxd, started with
+   ``MLXD_PROFILE_ROUNDS`` (daemon/profiling.py), runs a warm-up and then workload 2's
+   closed loop at the largest N once (on that N's first-round prompts: its texts are
+   compared with that round's), and is stopped (SIGTERM: its worker writes the profile as
+   it shuts down). The summary leaves out the warm-up's rounds (the first ones, up to its
+   last token): forward passes and sequences per round, a round's wall time, the time in
+   the generators and in the worker's own Python per token, and the worker thread's CPU
+   share. Under it, the in-process limit's wall time per token at that N, for scale.
+
 Prompt caches: in workloads 1 and 2 no prompt shares more than its first (BOS) token with
 any other prompt sent before it (checked), and mlxd requests pass ``cache=False``, so
 neither server gains from a prompt cache there. In workload 3 mlxd's prompt cache is ON,
@@ -63,8 +72,8 @@ in-process.
 BLAS regimes: ``--blas reference|openblas|both`` (default both) is the BLAS MLX multiplies
 with in all three contestants: the Linux wheel's reference BLAS, or the system's OpenBLAS,
 preloaded. ``both`` runs everything above once in each regime, one after the other, each in
-a process of its own, and ends with the key figures (the targets' verdicts among them)
-side by side (bench/blas_regime.py; without OpenBLAS installed, the reference
+a process of its own, and ends with the key figures (the targets' verdicts and the profile
+among them) side by side (bench/blas_regime.py; without OpenBLAS installed, the reference
 regime alone, and how to install it).
 
     python bench/concurrency.py [--trials 9] [--rounds 3] [--requests 2] [--clients 1 4 16]
@@ -85,6 +94,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import blas_regime
 from concurrency_report import CONTESTANTS, figures, print_table, summarise
@@ -105,6 +115,7 @@ from clients import (
     mlxd_loop,
     mlxd_request,
     note_done,
+    pooled,
     rotate,
     run,
     single,
@@ -183,6 +194,46 @@ async def mlxd_typing(sock: Path, base: str, steps: list[str]) -> list[Reply]:
             if previous.done is not None:
                 note_done(replies[-1], previous.done)
     return replies
+
+
+# ---------------------------------------------------------------------- the worker profile
+
+
+def worker_profile(
+    work: Path, model_dir: Path, regime: str, warm: list[list[str]], per_client: list[list[str]]
+) -> dict[str, Any]:
+    """Workload 4b: one closed loop on a second mlxd that profiles its worker's rounds."""
+    from mlxd.daemon.profiling import Round, RoundProfile
+
+    path = work / "profile" / "rounds.json"
+    path.parent.mkdir(mode=0o700)  # the daemon's socket folder must be private
+    daemon = None
+    try:
+        env = {"MLXD_PROFILE_ROUNDS": str(path)}
+        daemon, sock = start_mlxd(path.parent, model_dir, MODEL, env=env)
+        wait_mlxd(sock, daemon)
+        blas_regime.check_process(daemon.pid, regime, "mlxd (profiled)")
+        warm_up = run(closed_loop(MlxdPerRequest(sock), warm, 8))
+        loop = run(mlxd_loop(sock, per_client, LOOP_TOKENS))
+    finally:
+        stop(daemon)  # SIGTERM: the worker writes the profile as it shuts down
+    if not path.exists():
+        raise RuntimeError(f"mlxd (profiled) exited {daemon.returncode} without a profile")
+    rounds = [Round(**r) for r in json.loads(path.read_text())["rounds"]]
+    # The warm-up's rounds come first, and end with its last token: the loop started after.
+    skip, seen, k = sum(r.tokens for r in warm_up.replies), 0, 0
+    while k < len(rounds) and seen < skip:
+        seen, k = seen + rounds[k].tokens, k + 1
+    if seen != skip:
+        raise RuntimeError(f"the profile's first rounds made {seen} tokens, the warm-up {skip}")
+    return {
+        "clients": len(per_client),
+        "requests": len(loop.replies),
+        "warm_up_rounds": k,
+        "summary": RoundProfile(path, rounds[k:]).summary(),
+        "loop": pooled([loop], each="rounds"),
+        "texts": [r.text for r in loop.replies],
+    }
 
 
 # ---------------------------------------------------------------------- main
@@ -295,6 +346,9 @@ def main() -> None:
         log_path = work / "mlx_lm_server.log"
         mlx_lm_log = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
 
+    print(f"4b. worker profile at {top} clients ...", flush=True)
+    profile = worker_profile(work, model_dir, regime, warm_loop, loop_prompts[top][0])
+
     result = summarise(args, singles=singles, loops=loops, typing=typing, mem=mem)
     result.update(single_tokens=SINGLE_TOKENS, loop_tokens=LOOP_TOKENS)
     result["prompt_tokens"] = {
@@ -310,6 +364,12 @@ def main() -> None:
     }
     result["typing"] = {"steps": len(steps), "step_chars": TYPING_STEP_CHARS,
                         "max_tokens": TYPING_TOKENS, "sessions": args.typing_sessions}  # fmt: skip
+    # The profiled loop ran round 0's prompts at the largest N: its texts should match.
+    first = loops["mlxd"][top][0].replies
+    profile["same_text"] = sum(
+        a == r.text for a, r in zip(profile.pop("texts"), first, strict=True)
+    )
+    result["worker_profile"] = profile
     config = SIZES[MODEL]
     result.update(
         machine=platform.machine(), system=platform.system(), python=platform.python_version(),

@@ -194,6 +194,31 @@ def print_table(res: dict[str, Any]) -> None:
     for name, e in res["peak_memory"].items():
         print(f"{NAMES[name]:<20}{e.get('VmHWM', 0) / 2**20:>10.1f} MiB")
 
+    p, top = res["worker_profile"], str(res["worker_profile"]["clients"])
+    s, loop = p["summary"], p["loop"]
+    print(
+        f"\n4b. worker profile at {top} clients: a second mlxd (MLXD_PROFILE_ROUNDS), one closed "
+        f"loop of workload 2 after a warm-up ({p['warm_up_rounds']} rounds, left out); "
+        f"{loop['aggregate_tps']:.1f} agg tok/s, p99 TTFT {_ms(loop['ttft_p99_s'])} "
+        f"(same text as workload 2: {p['same_text']}/{p['requests']})"
+    )
+    print(
+        f"{'rounds':>8}{'passes/round':>14}{'seqs/round':>12}{'round ms':>10}"
+        f"{'generator ms/tok':>18}{'worker Python µs/tok':>22}{'cpu share':>11}"
+    )
+    print(
+        f"{s['rounds']:>8}{s['passes_per_round']:>14.2f}{s['sequences_per_round']:>12.1f}"
+        f"{s['round_s'] * 1e3:>10.2f}{s['generator_s_per_token'] * 1e3:>18.3f}"
+        f"{s['worker_python_s_per_token'] * 1e6:>22.1f}{s['cpu_share']:>11.2f}"
+    )
+    if top in res["concurrency"]:
+        limit = res["concurrency"][top]["in_process"]
+        per_token = limit["wall_s"] / limit["tokens"]
+        print(
+            f"(the limit at {top} clients, workload 2: {per_token * 1e3:.3f} ms/tok of wall "
+            f"time, {limit['mean_batch']:.1f} tokens per step)"
+        )
+
     for issue in (4, 16):
         print(f"\ntargets (issue {issue})")
         for t in res["targets"]:
@@ -222,6 +247,15 @@ def figures(res: dict[str, Any]) -> list[blas_regime.Figure]:
         rows.append((f"3. typing TTFT median ms, {NAMES[name]}", e["ttft_median_s"] * 1e3))
     for name, e in res["peak_memory"].items():
         rows.append((f"4. peak memory MiB, {NAMES[name]}", e.get("VmHWM", 0) / 2**20))
+    s = res["worker_profile"]["summary"]
+    rows += [
+        ("4b. profile: passes per round", s["passes_per_round"]),
+        ("4b. profile: sequences per round", s["sequences_per_round"]),
+        ("4b. profile: round ms", s["round_s"] * 1e3),
+        ("4b. profile: generator ms per token", s["generator_s_per_token"] * 1e3),
+        ("4b. profile: worker Python µs per token", s["worker_python_s_per_token"] * 1e6),
+        ("4b. profile: cpu share", s["cpu_share"]),
+    ]
     for t in res["targets"]:  # "#16 mlxd ...": issue 16's target
         rows.append((f"#{t['issue']} {t['label']}", f"{t['value']:.2f}x {t['verdict']}"))
     return rows
