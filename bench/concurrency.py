@@ -80,7 +80,7 @@ regime alone, and how to install it).
                                 [--typing-sessions 2] [--blas reference|openblas|both]
 
 Prints a table per regime and writes bench/results/concurrency.json (``regimes``: each
-one's results). Traffic stays on a Unix socket and on 127.0.0.1. Takes about 3 minutes
+one's results). Traffic stays on a Unix socket and on 127.0.0.1. Takes about 2.5 minutes
 per regime on 2 x86 cores.
 """
 
