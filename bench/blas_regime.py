@@ -36,9 +36,9 @@ CHOICES = ("reference", "openblas", "both")
 CHILD_ENV = "MLXD_BENCH_BLAS"
 """Set in a regime's child: the regime it measures in."""
 
-Figure = tuple[str, float]
+Figure = tuple[str, float | str]
 """A row of the side-by-side table: its label, its value (the higher the better unless
-the label says otherwise)."""
+the label says otherwise), or a verdict in words (``0.97x PASS``), shown as it is."""
 
 
 def add_argument(parser: Any) -> None:
@@ -146,9 +146,14 @@ def print_side_by_side(benchmark: str, rows: dict[str, Sequence[Figure]]) -> Non
     first = rows[names[0]]
     for i, (label, _) in enumerate(first):
         values = [rows[n][i][1] for n in names]
-        line = f"{label:<44}" + "".join(
-            f"{v:>12.3f}" if abs(v) < 10 else f"{v:>12.1f}" for v in values
-        )
-        if len(values) == 2 and values[0]:
-            line += f"{values[1] / values[0]:>21.2f}x"
+        line = f"{label:<44}" + "".join(_cell(v) for v in values)
+        a, b = values[0], values[-1]
+        if len(values) == 2 and isinstance(a, float | int) and isinstance(b, float | int) and a:
+            line += f"{b / a:>21.2f}x"
         print(line)
+
+
+def _cell(value: float | str) -> str:
+    if isinstance(value, str):
+        return f"{value:>12}"
+    return f"{value:>12.3f}" if abs(value) < 10 else f"{value:>12.1f}"

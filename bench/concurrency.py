@@ -1,22 +1,23 @@
-"""Concurrency: mlxd vs mlx-lm's own HTTP server (``mlx_lm server``) under 1, 4 and 16
-simultaneous clients, single-stream decode against mlx-lm in-process, an editor's typing
-workload, and each server's peak memory, on the same model, side by side in one run.
+"""Concurrency: mlxd vs mlx-lm's own HTTP server (``mlx_lm server``) and vs the in-process
+limit under 1, 4 and 16 closed-loop clients, single-stream decode against mlx-lm
+in-process, an editor's typing workload, each server's peak memory, and a per-round
+profile of mlxd's worker, on the same model, side by side in one run.
 
 The model is the "small" demo size (4 layers, 128 wide, random weights, built locally): the
 shape issue 4's reference numbers for mlx_lm.server were taken on. Compare ratios, not
 absolute figures (these machines are noisy). Contestants:
 
-- in-process: mlx-lm's ``stream_generate`` in this process for the single stream, and its
-  ``BatchGenerator`` fed each burst at once for the concurrency rows: no server, socket or
-  detokenizer, so the limit any server built on mlx-lm can approach on this machine (with
-  the Linux wheel's reference BLAS, below, batched decode is compute-bound: a batch of 16
-  costs about 5x a batch of 1, measured);
+- in-process: mlx-lm's ``stream_generate`` in this process for the single stream, and a
+  ``BatchGenerator(completion_batch_size=N, prefill_batch_size=min(N, 8))`` driven by the
+  closed loop itself for the concurrency rows: no server, socket or detokenizer, so the
+  limit any server built on mlx-lm can approach on this machine;
 - mlx_lm server: ``python -m mlx_lm server --model DIR --host 127.0.0.1 --port P`` with its
   defaults (continuous batching, up to 32 decoding) except ``--log-level WARNING``, so that
   neither server spends time logging; streamed OpenAI completions (``POST /v1/completions``)
-  over loopback HTTP, read with asyncio streams;
-- mlxd: ``python -m mlxd.daemon serve`` over its Unix socket, one ``AsyncClient`` (one
-  connection) per simulated client.
+  over loopback HTTP, read with asyncio streams, a new connection per request (it closes
+  each after its reply anyway);
+- mlxd: ``python -m mlxd.daemon serve`` over its Unix socket, a new ``AsyncClient`` (a
+  connection and its handshake) per request, ``cache=False``.
 
 Workloads:
 
@@ -25,15 +26,20 @@ Workloads:
    servers' order alternating); the ratio to in-process is the median of the trials' own
    ratios, since this machine's speed drifts between trials (in-process alone varied by
    up to 1.4x from one trial to the next on the same prompt, measured).
-2. Concurrency: N = 1, 4, 16 clients at once, each with its own prompt (30-60 tokens),
-   128 tokens each, greedy. Aggregate tokens/s = all completion tokens / wall time from the
-   first request sent to the last one done. Time to first token (TTFT) is measured by each
-   client from sending its request to its first token; every client is connected before
-   the clock starts (mlx_lm closes its HTTP/1.0 connection after each reply, so each of its
-   requests gets a fresh, pre-opened TCP connection). p99 is nearest-rank, which is the
-   maximum below 100 samples (it is, here: 16 clients x 3 rounds = 48 samples). The
-   servers take turns, the order alternating by round; the ratio shown is of the totals
-   over all rounds (the JSON also has each round's own ratio).
+2. Closed loop: for each N in ``--clients`` (1, 4, 16), N clients each send ``--requests``
+   (2) requests back to back, every request with a distinct prompt of 128 tokens or a few
+   fewer (lines of code, the last cut short; lengths recorded), ``max_tokens`` 128,
+   greedy. Aggregate tokens/s = all completion tokens / wall time from the first request
+   sent to the last one done. Time to first token (TTFT) is measured by each client from
+   before it connects (the servers) or inserts its prompt (in-process: each client's next
+   prompt goes in the moment its previous one finished) to its first generated token. p99
+   is nearest-rank, which is the maximum below 100 samples (16 clients x 2 requests x 3
+   rounds = 96). Mean batch: tokens per decode step (mlxd's own counters; the in-process
+   generator's steps). Each of ``--rounds`` (3) rounds runs the three contestants on that
+   round's prompts, the order rotating by round; the ratios shown are of the totals over
+   all rounds (the JSON also has each round's own). Same prompts, all greedy: the texts
+   are compared as a sanity check ("same text k/n": all three alike; the in-process text
+   is put through mlx-lm's streaming detokenizer once the clock has stopped).
 3. Typing: a prompt (a ~400-token file) grows by a few characters per step; each step
    starts a streaming completion (32 tokens) the moment the previous one's first token
    arrived, and cancels that previous one: mlxd in the same request (``supersedes``),
@@ -43,23 +49,35 @@ Workloads:
 4. Peak memory: each server process's resident-set high-water mark (``VmHWM`` in
    /proc/PID/status) at the end of the run.
 
+4b. Worker profile: once both servers have stopped, a second mlxd, started with
+   ``MLXD_PROFILE_ROUNDS`` (daemon/profiling.py), runs a warm-up and then workload 2's
+   closed loop at the largest N once (on that N's first-round prompts: its texts are
+   compared with that round's), and is stopped (SIGTERM: its worker writes the profile as
+   it shuts down). The summary leaves out the warm-up's rounds (the first ones, up to its
+   last token): forward passes and sequences per round, a round's wall time, the time in
+   the generators and in the worker's own Python per token, and the worker thread's CPU
+   share. Under it, the in-process limit's wall time per token at that N, for scale.
+
 Prompt caches: in workloads 1 and 2 no prompt shares more than its first (BOS) token with
 any other prompt sent before it (checked), and mlxd requests pass ``cache=False``, so
 neither server gains from a prompt cache there. In workload 3 mlxd's prompt cache is ON,
 since reusing the previous keystroke's state is the point; mlx_lm's is always on.
 
-Issue 4's targets are printed with the results, PASS or MISS: mlxd's aggregate tokens/s at
-16 clients >= 1.5x mlx_lm server's; mlxd's p99 TTFT at 16 clients <= 0.5x mlx_lm server's;
-mlxd single-stream decode >= 0.95x in-process.
+Targets, printed PASS or MISS. Issue 4's: mlxd's aggregate tokens/s at 16 clients >= 1.5x
+mlx_lm server's; mlxd's p99 TTFT at 16 clients <= 0.5x mlx_lm server's; mlxd single-stream
+decode >= 0.95x in-process. Issue 16's, at every N: mlxd's aggregate tokens/s >= 0.95x the
+in-process limit's and its p99 TTFT <= 1.1x the limit's; mlxd single-stream decode >= 0.97x
+in-process.
 
 BLAS regimes: ``--blas reference|openblas|both`` (default both) is the BLAS MLX multiplies
 with in all three contestants: the Linux wheel's reference BLAS, or the system's OpenBLAS,
 preloaded. ``both`` runs everything above once in each regime, one after the other, each in
-a process of its own, and ends with the key figures side by side (bench/blas_regime.py;
-without OpenBLAS installed, the reference regime alone, and how to install it).
+a process of its own, and ends with the key figures (the targets' verdicts and the profile
+among them) side by side (bench/blas_regime.py; without OpenBLAS installed, the reference
+regime alone, and how to install it).
 
-    python bench/concurrency.py [--trials 9] [--rounds 3] [--clients 1 4 16] [--typing-sessions 2]
-                                [--blas reference|openblas|both]
+    python bench/concurrency.py [--trials 9] [--rounds 3] [--requests 2] [--clients 1 4 16]
+                                [--typing-sessions 2] [--blas reference|openblas|both]
 
 Prints a table per regime and writes bench/results/concurrency.json (``regimes``: each
 one's results). Traffic stays on a Unix socket and on 127.0.0.1. Takes about 2.5 minutes
@@ -69,399 +87,61 @@ per regime on 2 x86 cores.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
-import math
 import os
 import platform
-import random
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import blas_regime
+from concurrency_report import CONTESTANTS, figures, print_table, summarise
 from servers import free_port, revision, start_mlx_lm, start_mlxd, stop, wait_http, wait_mlxd
 
-MODEL = "small"
+from clients import (
+    MODEL,
+    HttpPerRequest,
+    HttpStream,
+    Loop,
+    MlxdPerRequest,
+    Prompts,
+    Reply,
+    closed_loop,
+    in_process,
+    in_process_loop,
+    memory,
+    mlxd_loop,
+    mlxd_request,
+    note_done,
+    pooled,
+    rotate,
+    run,
+    single,
+)
+
 SINGLE_TOKENS = 256
-BURST_TOKENS = 128
+LOOP_TOKENS = 128
+LOOP_PROMPT_TOKENS = 128
 TYPING_TOKENS = 32
 TYPING_STEPS = 15
 TYPING_STEP_CHARS = 5
 BASE_TOKENS = 400
-PROMPT_TOKENS = (30, 60)
 # What the "user" types into the file, a few characters per step (>= 15 steps' worth).
 TYPED = (
     "def ship_cost(order, rate=0.25):\n"
     "    weight = sum(item.weight for item in order.items)\n"
     "    return round(weight * rate, 2)\n"
 )
-TARGETS = {
-    "aggregate_tps_16": 1.5,  # mlxd / mlx_lm server, at least
-    "p99_ttft_16": 0.5,  # mlxd / mlx_lm server, at most
-    "single_stream": 0.95,  # mlxd / in-process, at least
-}
-# Words for prompt bodies; a prompt's first word comes from the tokenizer's vocabulary.
-_NOUNS = ["order", "item", "price", "weight", "count", "total", "batch", "record", "user"]
-_VERBS = ["load", "parse", "check", "merge", "scale", "update", "render", "store", "send"]
-
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------- prompts
-
-
-class Prompts:
-    """Deterministic prompts, no two sharing a first token after BOS.
-
-    Each starts with its own vocabulary word, and a candidate whose first content token was
-    used before is skipped, so a prefix cache can reuse nothing from an earlier prompt but
-    BOS. The same prompts go to both servers, in the same order, so both see the same
-    prompt lengths and should produce the same greedy text (compared, as a sanity check).
-    """
-
-    def __init__(self, tokenizer: Any, seed: int = 4) -> None:
-        self.tokenizer = tokenizer
-        self.rng = random.Random(seed)
-        vocab = tokenizer._tokenizer.get_vocab() if hasattr(tokenizer, "_tokenizer") else {}
-        # Sorted by id: the same order on every run with the same tokenizer.
-        self._words = iter(
-            w
-            for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])
-            if w.isascii() and w.isalpha() and w.islower() and 4 <= len(w) <= 9
-        )
-        self._firsts: set[int] = set()
-        self.lengths: list[int] = []
-
-    def ids(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
-
-    def _first_content(self, ids: list[int]) -> int:
-        bos = self.tokenizer.bos_token_id
-        return ids[1] if bos is not None and ids and ids[0] == bos else ids[0]
-
-    def _next(self, body: Callable[[str], str]) -> str:
-        for word in self._words:
-            text = body(word)
-            first = self._first_content(self.ids(text))
-            if first not in self._firsts:
-                self._firsts.add(first)
-                return text
-        raise RuntimeError("ran out of distinct first words")
-
-    def short(self) -> str:
-        """A 30-60-token prompt: a few lines of Python-like code, left open."""
-
-        def body(word: str) -> str:
-            r = self.rng
-            noun, verb, other = r.choice(_NOUNS), r.choice(_VERBS), r.choice(_NOUNS)
-            lines = [
-                f"{word}_{noun} = {verb}_{noun}(path, limit={r.randint(2, 99)})\n",
-                f"def {verb}_{word}({noun}, factor={r.randint(1, 9)}):\n",
-                f"    # {verb.capitalize()} one {noun}, then return its {other}.\n",
-                f"    if {noun} is None:\n        return {r.randint(0, 9)}\n",
-                f"    value = {noun}.{other} * factor\n    return ",
-            ]
-            text = ""
-            for line in lines:
-                if len(self.ids(text + line)) > PROMPT_TOKENS[1]:
-                    break
-                text += line
-            return text
-
-        text = self._next(body)
-        n = len(self.ids(text))
-        assert PROMPT_TOKENS[0] <= n <= PROMPT_TOKENS[1], f"a {n}-token prompt"
-        self.lengths.append(n)
-        return text
-
-    def file(self, tokens: int) -> str:
-        """About ``tokens`` tokens of a Python-like file, ending in a newline: the context an
-        editor sends before the cursor."""
-
-        def body(word: str) -> str:
-            parts = [f"{word}_config = {{'name': '{word}', 'version': 3}}\n\n"]
-            i = 0
-            while len(self.ids("".join(parts))) < tokens:
-                noun, verb = _NOUNS[i % len(_NOUNS)], _VERBS[(i * 4) % len(_VERBS)]
-                parts.append(
-                    f"def {verb}_{noun}_{i}({noun}, factor={i % 9 + 1}):\n"
-                    f"    if {noun} is None:\n        return {i % 5}\n"
-                    f"    return {noun}.{_NOUNS[(i + 3) % len(_NOUNS)]} * factor + {i}\n\n"
-                )
-                i += 1
-            # One final newline, not a blank line: the typed text then starts a fresh token.
-            return "".join(parts).rstrip("\n") + "\n"
-
-        return self._next(body)
-
-
-# ---------------------------------------------------------------------- one request
-
-
-@dataclass
-class Reply:
-    """One streamed completion, timed on the client's side (perf_counter seconds)."""
-
-    sent_at: float
-    first_at: float | None = None
-    last_at: float | None = None
-    done_at: float | None = None
-    tokens: int = 0
-    text: str = ""
-    finish_reason: str | None = None
-    cache_kind: str | None = None
-    cached_tokens: int | None = None
-
-    @property
-    def ttft_s(self) -> float:
-        assert self.first_at is not None, "no token arrived"
-        return self.first_at - self.sent_at
-
-    def decode_tps(self) -> float:
-        assert self.first_at is not None and self.last_at is not None
-        return (self.tokens - 1) / (self.last_at - self.first_at)
-
-
-class HttpStream:
-    """One streamed completion from mlx-lm's server over a raw asyncio TCP stream.
-
-    mlx-lm answers in HTTP/1.0 (no chunked encoding: the body ends when the server closes),
-    with one server-sent event per token, or per few tokens when a token's text is empty."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def connect(self) -> HttpStream:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        return self
-
-    async def send(self, prompt: str, max_tokens: int) -> Reply:
-        assert self.writer is not None
-        body = json.dumps(
-            {
-                "prompt": prompt,
-                "max_tokens": max_tokens,
-                "temperature": 0.0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-        ).encode()
-        head = (
-            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-        reply = Reply(sent_at=time.perf_counter())
-        self.writer.write(head + body)
-        await self.writer.drain()
-        return reply
-
-    async def read_until_first(self, reply: Reply) -> None:
-        """Read the status, the headers and events up to the first one carrying text."""
-        assert self.reader is not None
-        status = await self.reader.readline()
-        if b" 200 " not in status:
-            raise RuntimeError(f"mlx_lm server: {status!r} {await self.reader.read(500)!r}")
-        while (await self.reader.readline()) not in (b"\r\n", b"\n", b""):
-            pass
-        while reply.first_at is None:
-            if not await self._event(reply):
-                raise RuntimeError("mlx_lm server: the stream ended before any token")
-
-    async def read_to_end(self, reply: Reply) -> None:
-        while await self._event(reply):
-            pass
-        reply.done_at = time.perf_counter()
-        self.close()
-
-    async def _event(self, reply: Reply) -> bool:
-        """Read one event into ``reply``; False at the end of the stream."""
-        assert self.reader is not None
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                return False
-            # Skips blank separators and ": keepalive" comments sent during prefill.
-            if line.startswith(b"data:"):
-                break
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            return False
-        event = json.loads(data)
-        now = time.perf_counter()
-        if event.get("usage"):
-            reply.tokens = event["usage"]["completion_tokens"]
-            details = event["usage"].get("prompt_tokens_details") or {}
-            reply.cached_tokens = details.get("cached_tokens")
-        for choice in event.get("choices") or []:
-            if choice.get("text"):
-                reply.first_at = reply.first_at or now
-                reply.last_at = now
-                reply.text += choice["text"]
-            if choice.get("finish_reason"):
-                # The final event carries the last token (if its text was not empty).
-                reply.last_at = now
-                reply.finish_reason = choice["finish_reason"]
-        return True
-
-    def close(self) -> None:
-        # For a stream still running this is the cancel: mlx-lm notices the closed
-        # connection when a write fails, and stops that generation.
-        if self.writer is not None:
-            self.writer.close()
-
-
-async def http_request(conn: HttpStream, prompt: str, max_tokens: int) -> Reply:
-    """Send on an open connection, stream to the end, close."""
-    reply = await conn.send(prompt, max_tokens)
-    await conn.read_until_first(reply)
-    await conn.read_to_end(reply)
-    return reply
-
-
-async def mlxd_request(client: Any, prompt: str, max_tokens: int, **fields: Any) -> Reply:
-    """Stream one completion to its end; the first __anext__ sends the request."""
-    stream = client.stream(prompt, model=MODEL, max_tokens=max_tokens, temperature=0.0, **fields)
-    reply = Reply(sent_at=time.perf_counter())
-    parts = []
-    async for chunk in stream:
-        if chunk.tokens:
-            now = time.perf_counter()
-            reply.first_at = reply.first_at or now
-            reply.last_at = now
-        parts.append(chunk.text)
-    reply.done_at = time.perf_counter()
-    reply.text = "".join(parts)
-    _note_done(reply, stream.done)
-    return reply
-
-
-def _note_done(reply: Reply, done: Any) -> None:
-    assert done is not None
-    reply.tokens = done.usage.completion_tokens
-    reply.finish_reason = done.finish_reason
-    reply.cached_tokens = done.usage.cached_tokens
-    reply.cache_kind = done.cache.kind if done.cache is not None else None
+SERVERS = ("mlxd", "mlx_lm")
 
 
 # ---------------------------------------------------------------------- workloads
 
 
-def in_process(model: Any, tokenizer: Any, prompt: str, tokens: int) -> Reply:
-    from mlx_lm import stream_generate
-
-    reply = Reply(sent_at=time.perf_counter())
-    for _ in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
-        now = time.perf_counter()
-        reply.first_at = reply.first_at or now
-        reply.last_at = now
-        reply.tokens += 1
-    return reply
-
-
-def in_process_burst(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> Burst:
-    """The same burst on mlx-lm's ``BatchGenerator`` in this process, with no server, no
-    socket and no detokenizing: the most any server built on it can reach here."""
-    from mlx_lm.generate import BatchGenerator
-
-    generator = BatchGenerator(
-        model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], completion_batch_size=32
-    )
-    sent = time.perf_counter()
-    replies = {}
-    uids = generator.insert(
-        [list(tokenizer.encode(p)) for p in prompts],
-        max_tokens=[tokens] * len(prompts),
-    )
-    for uid in uids:
-        replies[uid] = Reply(sent_at=sent)
-    try:
-        while any(r.done_at is None for r in replies.values()):
-            for response in generator.next_generated():
-                now = time.perf_counter()
-                reply = replies[response.uid]
-                reply.first_at = reply.first_at or now
-                reply.last_at = now
-                reply.tokens += 1
-                if response.finish_reason is not None:
-                    reply.done_at = now
-                    reply.finish_reason = response.finish_reason
-    finally:
-        generator.close()
-    return Burst([replies[uid] for uid in uids])
-
-
-async def http_single(port: int, prompt: str, tokens: int) -> Reply:
-    return await http_request(await HttpStream(port).connect(), prompt, tokens)
-
-
-async def mlxd_single(sock: Path, prompt: str, tokens: int) -> Reply:
-    from mlxd.client import AsyncClient
-
-    async with AsyncClient(sock, name="bench-concurrency") as client:
-        return await mlxd_request(client, prompt, tokens, cache=False)
-
-
-@dataclass
-class Burst:
-    """N clients at once: their replies, and the wall time from first send to last done."""
-
-    replies: list[Reply]
-    wall_s: float = 0.0
-    tokens: int = 0
-    mean_batch: float | None = None
-    """mlxd only: tokens generated / decode steps during the burst (its own counters)."""
-
-    def __post_init__(self) -> None:
-        self.wall_s = max(r.done_at or 0.0 for r in self.replies) - min(
-            r.sent_at for r in self.replies
-        )
-        self.tokens = sum(r.tokens for r in self.replies)
-
-
-async def http_burst(port: int, prompts: list[str], tokens: int) -> Burst:
-    # Connect everyone first: only the requests themselves are timed.
-    conns = [await HttpStream(port).connect() for _ in prompts]
-    replies = await asyncio.gather(
-        *(http_request(c, p, tokens) for c, p in zip(conns, prompts, strict=True))
-    )
-    return Burst(list(replies))
-
-
-async def mlxd_burst(sock: Path, prompts: list[str], tokens: int) -> Burst:
-    from mlxd.client import AsyncClient
-
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [
-            await stack.enter_async_context(AsyncClient(sock, name=f"bench-client-{i}"))
-            for i in range(len(prompts))
-        ]
-        before = await clients[0].stats()
-        replies = await asyncio.gather(
-            *(
-                mlxd_request(c, p, tokens, cache=False)
-                for c, p in zip(clients, prompts, strict=True)
-            )
-        )
-        after = await clients[0].stats()
-    burst = Burst(list(replies))
-    steps = after.decode_steps - before.decode_steps
-    if steps:
-        burst.mean_batch = (after.tokens_generated - before.tokens_generated) / steps
-    return burst
-
-
 async def http_typing(port: int, base: str, steps: list[str]) -> list[Reply]:
-    await http_single(port, base, TYPING_TOKENS)  # the file as opened, untimed
+    await single(HttpPerRequest(port), base, TYPING_TOKENS)  # the file as opened, untimed
     replies: list[Reply] = []
     previous: HttpStream | None = None
     for text in steps:
@@ -507,67 +187,53 @@ async def mlxd_typing(sock: Path, base: str, steps: list[str]) -> list[Reply]:
                 # Read the superseded request to its `done` (cancelled), noting its cache use.
                 async for _ in previous:
                     pass
-                _note_done(replies[-2], previous.done)
+                note_done(replies[-2], previous.done)
             previous = stream
         if previous is not None:
             await previous.aclose()
             if previous.done is not None:
-                _note_done(replies[-1], previous.done)
+                note_done(replies[-1], previous.done)
     return replies
 
 
-# ---------------------------------------------------------------------- servers
+# ---------------------------------------------------------------------- the worker profile
 
 
-def memory(pid: int) -> dict[str, int]:
-    """VmHWM (peak resident set) and VmRSS of a live process, in bytes (Linux)."""
-    out = {}
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
+def worker_profile(
+    work: Path, model_dir: Path, regime: str, warm: list[list[str]], per_client: list[list[str]]
+) -> dict[str, Any]:
+    """Workload 4b: one closed loop on a second mlxd that profiles its worker's rounds."""
+    from mlxd.daemon.profiling import Round, RoundProfile
 
-
-def run(coro: Awaitable[T], timeout: float = 300) -> T:
-    """Run one workload in a fresh event loop, bounded so a stuck server cannot hang us."""
-
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-# ---------------------------------------------------------------------- statistics
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest rank: the smallest value with at least q of the sample at or below it. Below
-    100 samples, p99 is the maximum."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-
-def burst_summary(bursts: list[Burst]) -> dict[str, Any]:
-    ttfts = [r.ttft_s for b in bursts for r in b.replies]
-    out: dict[str, Any] = {
-        "rounds": len(bursts),
-        "requests": len(ttfts),
-        # Over all rounds: total tokens over total wall time.
-        "aggregate_tps": sum(b.tokens for b in bursts) / sum(b.wall_s for b in bursts),
-        "aggregate_tps_rounds": [b.tokens / b.wall_s for b in bursts],
-        "wall_s_rounds": [b.wall_s for b in bursts],
-        "tokens": sum(b.tokens for b in bursts),
-        "ttft_p50_s": statistics.median(ttfts),
-        "ttft_p99_s": percentile(ttfts, 0.99),
-        "ttft_s": ttfts,
-        "finish_reasons": sorted({r.finish_reason or "?" for b in bursts for r in b.replies}),
+    path = work / "profile" / "rounds.json"
+    path.parent.mkdir(mode=0o700)  # the daemon's socket folder must be private
+    daemon = None
+    try:
+        env = {"MLXD_PROFILE_ROUNDS": str(path)}
+        daemon, sock = start_mlxd(path.parent, model_dir, MODEL, env=env)
+        wait_mlxd(sock, daemon)
+        blas_regime.check_process(daemon.pid, regime, "mlxd (profiled)")
+        warm_up = run(closed_loop(MlxdPerRequest(sock), warm, 8))
+        loop = run(mlxd_loop(sock, per_client, LOOP_TOKENS))
+    finally:
+        stop(daemon)  # SIGTERM: the worker writes the profile as it shuts down
+    if not path.exists():
+        raise RuntimeError(f"mlxd (profiled) exited {daemon.returncode} without a profile")
+    rounds = [Round(**r) for r in json.loads(path.read_text())["rounds"]]
+    # The warm-up's rounds come first, and end with its last token: the loop started after.
+    skip, seen, k = sum(r.tokens for r in warm_up.replies), 0, 0
+    while k < len(rounds) and seen < skip:
+        seen, k = seen + rounds[k].tokens, k + 1
+    if seen != skip:
+        raise RuntimeError(f"the profile's first rounds made {seen} tokens, the warm-up {skip}")
+    return {
+        "clients": len(per_client),
+        "requests": len(loop.replies),
+        "warm_up_rounds": k,
+        "summary": RoundProfile(path, rounds[k:]).summary(),
+        "loop": pooled([loop], each="rounds"),
+        "texts": [r.text for r in loop.replies],
     }
-    batches = [b.mean_batch for b in bursts if b.mean_batch is not None]
-    if batches:
-        out["mean_batch"] = statistics.mean(batches)
-    return out
 
 
 # ---------------------------------------------------------------------- main
@@ -576,7 +242,8 @@ def burst_summary(bursts: list[Burst]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=9, help="single-stream trials")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per client count")
+    parser.add_argument("--rounds", type=int, default=3, help="closed loops per client count")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--typing-sessions", type=int, default=2)
     parser.add_argument(
@@ -601,14 +268,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mlxd-bench-", dir="/tmp"))
     model_dir = build_demo_model(work / MODEL, size=MODEL)
     model, tokenizer = load(str(model_dir))
+    top = max(args.clients)
 
     # Every prompt of the run, built up front so that none shares a first token with another.
     prompts = Prompts(tokenizer)
     warm_single = prompts.short()
-    warm_burst = [prompts.short() for _ in range(max(args.clients))]
     single_prompts = [prompts.short() for _ in range(args.trials)]
-    burst_prompts = {
-        n: [[prompts.short() for _ in range(n)] for _ in range(args.rounds)] for n in args.clients
+    warm_loop = [[prompts.code(LOOP_PROMPT_TOKENS)] for _ in range(top)]
+    loop_prompts = {
+        n: [
+            [[prompts.code(LOOP_PROMPT_TOKENS) for _ in range(args.requests)] for _ in range(n)]
+            for _ in range(args.rounds)
+        ]
+        for n in args.clients
     }
     typing_bases = [prompts.file(BASE_TOKENS) for _ in range(args.typing_sessions)]
     steps = [
@@ -616,9 +288,9 @@ def main() -> None:
         for n in range(TYPING_STEP_CHARS, TYPING_STEP_CHARS * TYPING_STEPS + 1, TYPING_STEP_CHARS)
     ]
 
-    single: dict[str, list[Reply]] = {"in_process": [], "mlx_lm": [], "mlxd": []}
-    bursts: dict[str, dict[int, list[Burst]]] = {
-        name: {n: [] for n in args.clients} for name in ("in_process", "mlx_lm", "mlxd")
+    singles: dict[str, list[Reply]] = {name: [] for name in CONTESTANTS}
+    loops: dict[str, dict[int, list[Loop]]] = {
+        name: {n: [] for n in args.clients} for name in CONTESTANTS
     }
     typing: dict[str, list[Reply]] = {"mlx_lm": [], "mlxd": []}
     mem: dict[str, dict[str, int]] = {}
@@ -631,43 +303,36 @@ def main() -> None:
         wait_http(port, mlx_lm)
         blas_regime.check_process(mlxd.pid, regime, "mlxd")
         blas_regime.check_process(mlx_lm.pid, regime, "mlx_lm server")
-        # Warm up: load the model, and run a single stream and a full-size burst on each,
+        backends = {"mlxd": MlxdPerRequest(sock), "mlx_lm": HttpPerRequest(port)}
+        # Warm up: load the model, and run a single stream and a full-size loop on each,
         # so first-use costs (allocations, batch set-up) land in no measured row.
         in_process(model, tokenizer, warm_single, 32)
-        run(mlxd_single(sock, warm_single, 32))
-        run(http_single(port, warm_single, 32))
-        run(mlxd_burst(sock, warm_burst, 8))
-        run(http_burst(port, warm_burst, 8))
-
-        def order(i: int) -> list[str]:
-            # Alternate who goes first, so that no one always runs on a cooler (or hotter) CPU.
-            return ["mlxd", "mlx_lm"] if i % 2 == 0 else ["mlx_lm", "mlxd"]
+        in_process_loop(model, tokenizer, warm_loop, 8)
+        for backend in backends.values():
+            run(single(backend, warm_single, 32))
+            run(closed_loop(backend, warm_loop, 8))
 
         print("1. single stream ...", flush=True)
         for i, prompt in enumerate(single_prompts):
-            single["in_process"].append(in_process(model, tokenizer, prompt, SINGLE_TOKENS))
-            for name in order(i):
-                if name == "mlxd":
-                    single[name].append(run(mlxd_single(sock, prompt, SINGLE_TOKENS)))
-                else:
-                    single[name].append(run(http_single(port, prompt, SINGLE_TOKENS)))
+            singles["in_process"].append(in_process(model, tokenizer, prompt, SINGLE_TOKENS))
+            for name in rotate(SERVERS, i):
+                singles[name].append(run(single(backends[name], prompt, SINGLE_TOKENS)))
 
-        print("2. concurrency ...", flush=True)
+        print("2. closed loop ...", flush=True)
         for n in args.clients:
-            for r, round_prompts in enumerate(burst_prompts[n]):
-                bursts["in_process"][n].append(
-                    in_process_burst(model, tokenizer, round_prompts, BURST_TOKENS)
-                )
-                for name in order(r):
-                    if name == "mlxd":
-                        burst = run(mlxd_burst(sock, round_prompts, BURST_TOKENS))
+            for r, per_client in enumerate(loop_prompts[n]):
+                for name in rotate(CONTESTANTS, r):
+                    if name == "in_process":
+                        loop = in_process_loop(model, tokenizer, per_client, LOOP_TOKENS)
+                    elif name == "mlxd":
+                        loop = run(mlxd_loop(sock, per_client, LOOP_TOKENS))
                     else:
-                        burst = run(http_burst(port, round_prompts, BURST_TOKENS))
-                    bursts[name][n].append(burst)
+                        loop = run(closed_loop(backends[name], per_client, LOOP_TOKENS))
+                    loops[name][n].append(loop)
 
         print("3. typing ...", flush=True)
         for i, base in enumerate(typing_bases):
-            for name in order(i):
+            for name in rotate(SERVERS, i):
                 if name == "mlxd":
                     typing[name] += run(mlxd_typing(sock, base, steps))
                 else:
@@ -681,41 +346,41 @@ def main() -> None:
         log_path = work / "mlx_lm_server.log"
         mlx_lm_log = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
 
-    result = summarise(
-        args,
-        single=single,
-        bursts=bursts,
-        typing=typing,
-        mem=mem,
-        prompts=prompts,
-        base_tokens=[len(prompts.ids(b)) for b in typing_bases],
-        steps=len(steps),
+    print(f"4b. worker profile at {top} clients ...", flush=True)
+    profile = worker_profile(work, model_dir, regime, warm_loop, loop_prompts[top][0])
+
+    result = summarise(args, singles=singles, loops=loops, typing=typing, mem=mem)
+    result.update(single_tokens=SINGLE_TOKENS, loop_tokens=LOOP_TOKENS)
+    result["prompt_tokens"] = {
+        "single": [len(prompts.ids(p)) for p in single_prompts],
+        "loop": [
+            len(prompts.ids(p))
+            for rounds in loop_prompts.values()
+            for per_client in rounds
+            for client in per_client
+            for p in client
+        ],
+        "typing_base": [len(prompts.ids(b)) for b in typing_bases],
+    }
+    result["typing"] = {"steps": len(steps), "step_chars": TYPING_STEP_CHARS,
+                        "max_tokens": TYPING_TOKENS, "sessions": args.typing_sessions}  # fmt: skip
+    # The profiled loop ran round 0's prompts at the largest N: its texts should match.
+    first = loops["mlxd"][top][0].replies
+    profile["same_text"] = sum(
+        a == r.text for a, r in zip(profile.pop("texts"), first, strict=True)
     )
+    result["worker_profile"] = profile
     config = SIZES[MODEL]
     result.update(
-        {
-            "machine": platform.machine(),
-            "system": platform.system(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "mlx": mx.__version__,
-            "mlx_lm": mlx_lm_version,
-            "blas": regime,
-            "mlxd_revision": measured,
-            "load_average_start": load_start,
-            "load_average_end": os.getloadavg(),
-            "model": {
-                "size": MODEL,
-                "layers": config["num_hidden_layers"],
-                "hidden": config["hidden_size"],
-                "intermediate": config["intermediate_size"],
-                "heads": config["num_attention_heads"],
-                "kv_heads": config["num_key_value_heads"],
-                "vocab": config["vocab_size"],
-            },
-            "mlx_lm_log_tail": mlx_lm_log,
-        }
-    )
+        machine=platform.machine(), system=platform.system(), python=platform.python_version(),
+        cpus=os.cpu_count(), mlx=mx.__version__, mlx_lm=mlx_lm_version, blas=regime,
+        mlxd_revision=measured, load_average_start=load_start, load_average_end=os.getloadavg(),
+        model={"size": MODEL, "layers": config["num_hidden_layers"],
+               "hidden": config["hidden_size"], "intermediate": config["intermediate_size"],
+               "heads": config["num_attention_heads"], "kv_heads": config["num_key_value_heads"],
+               "vocab": config["vocab_size"]},
+        mlx_lm_log_tail=mlx_lm_log,
+    )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     result["run_s"] = time.perf_counter() - began
     print_table(result)
@@ -724,220 +389,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
-
-
-def summarise(
-    args: argparse.Namespace,
-    *,
-    single: dict[str, list[Reply]],
-    bursts: dict[str, dict[int, list[Burst]]],
-    typing: dict[str, list[Reply]],
-    mem: dict[str, dict[str, int]],
-    prompts: Prompts,
-    base_tokens: list[int],
-    steps: int,
-) -> dict[str, Any]:
-    single_out: dict[str, Any] = {}
-    for name, replies in single.items():
-        tps = [r.decode_tps() for r in replies]
-        single_out[name] = {
-            "decode_tps": statistics.median(tps),
-            "trials_tps": tps,
-            "tokens": [r.tokens for r in replies],
-        }
-    reference = single_out["in_process"]["trials_tps"]
-    for entry in single_out.values():
-        # Paired by trial: the three ran back to back, on the machine as it was then.
-        ratios = [t / ref for t, ref in zip(entry["trials_tps"], reference, strict=True)]
-        entry["trial_ratios"] = ratios
-        entry["ratio_to_in_process"] = statistics.median(ratios)
-
-    conc: dict[str, Any] = {}
-    for n in args.clients:
-        row = {name: burst_summary(bursts[name][n]) for name in ("in_process", "mlx_lm", "mlxd")}
-        # Same prompts, both greedy: the texts should match (a check, not a measurement).
-        pairs = [
-            (a.text, b.text)
-            for ba, bb in zip(bursts["mlx_lm"][n], bursts["mlxd"][n], strict=True)
-            for a, b in zip(ba.replies, bb.replies, strict=True)
-        ]
-        row["same_text"] = sum(a == b for a, b in pairs)
-        row["aggregate_ratio"] = row["mlxd"]["aggregate_tps"] / row["mlx_lm"]["aggregate_tps"]
-        row["aggregate_ratio_rounds"] = [
-            a / b
-            for a, b in zip(
-                row["mlxd"]["aggregate_tps_rounds"],
-                row["mlx_lm"]["aggregate_tps_rounds"],
-                strict=True,
-            )
-        ]
-        row["p99_ttft_ratio"] = row["mlxd"]["ttft_p99_s"] / row["mlx_lm"]["ttft_p99_s"]
-        # What the hardware allows: the in-process BatchGenerator over mlx_lm server.
-        row["limit_aggregate_ratio"] = (
-            row["in_process"]["aggregate_tps"] / row["mlx_lm"]["aggregate_tps"]
-        )
-        row["limit_p99_ttft_ratio"] = row["in_process"]["ttft_p99_s"] / row["mlx_lm"]["ttft_p99_s"]
-        row["mlxd_of_limit"] = row["mlxd"]["aggregate_tps"] / row["in_process"]["aggregate_tps"]
-        conc[str(n)] = row
-
-    typing_out: dict[str, Any] = {}
-    for name, replies in typing.items():
-        ttfts = [r.ttft_s for r in replies]
-        entry: dict[str, Any] = {
-            "ttft_median_s": statistics.median(ttfts),
-            "ttft_p90_s": percentile(ttfts, 0.9),
-            "ttft_s": ttfts,
-        }
-        kinds = [r.cache_kind for r in replies if r.cache_kind is not None]
-        if kinds:
-            entry["cache_kinds"] = {k: kinds.count(k) for k in sorted(set(kinds))}
-            entry["cached_tokens"] = [r.cached_tokens for r in replies]
-            entry["finish_reasons"] = [r.finish_reason for r in replies]
-        typing_out[name] = entry
-
-    top = str(max(args.clients))
-    verdicts = {
-        "single_stream": single_out["mlxd"]["ratio_to_in_process"] >= TARGETS["single_stream"],
-    }
-    if "16" in conc:
-        verdicts["aggregate_tps_16"] = conc["16"]["aggregate_ratio"] >= TARGETS["aggregate_tps_16"]
-        verdicts["p99_ttft_16"] = conc["16"]["p99_ttft_ratio"] <= TARGETS["p99_ttft_16"]
-    return {
-        "benchmark": "concurrency",
-        "prompt_tokens": {
-            "min": min(prompts.lengths),
-            "max": max(prompts.lengths),
-            "mean": statistics.mean(prompts.lengths),
-        },
-        "single_tokens": SINGLE_TOKENS,
-        "burst_tokens": BURST_TOKENS,
-        "typing": {
-            "steps": steps,
-            "step_chars": TYPING_STEP_CHARS,
-            "max_tokens": TYPING_TOKENS,
-            "sessions": args.typing_sessions,
-            "base_tokens": base_tokens,
-        },
-        "trials": args.trials,
-        "rounds": args.rounds,
-        "largest_clients": int(top),
-        "single_stream": single_out,
-        "concurrency": conc,
-        "typing_ttft": typing_out,
-        "peak_memory": mem,
-        "targets": TARGETS,
-        "verdicts": {k: "PASS" if v else "MISS" for k, v in verdicts.items()},
-    }
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
-
-
-NAMES = {"in_process": "mlx-lm in-process", "mlx_lm": "mlx_lm server", "mlxd": "mlxd"}
-BURST_NAMES = {"in_process": "BatchGenerator", "mlx_lm": "mlx_lm server", "mlxd": "mlxd"}
-
-
-def print_table(res: dict[str, Any]) -> None:
-    m = res["model"]
-    print(
-        f"\nconcurrency: {m['size']} model ({m['layers']} layers x {m['hidden']}), "
-        f"{res['cpus']} CPUs, mlx {res['mlx']}, mlx-lm {res['mlx_lm']}, BLAS {res['blas']}; "
-        f"prompts {res['prompt_tokens']['min']}-{res['prompt_tokens']['max']} tokens"
-    )
-    print(
-        f"\n1. single-stream decode, greedy, {res['single_tokens']} tokens, "
-        f"median of {res['trials']} trials (ratio: median of per-trial ratios)"
-    )
-    print(f"{'':<20}{'tok/s':>10}{'vs in-process':>16}{'trials min-max tok/s':>24}")
-    for name, entry in res["single_stream"].items():
-        spread = f"{min(entry['trials_tps']):.0f}-{max(entry['trials_tps']):.0f}"
-        print(
-            f"{NAMES[name]:<20}{entry['decode_tps']:>10.1f}"
-            f"{entry['ratio_to_in_process']:>15.3f}x{spread:>24}"
-        )
-
-    print(
-        f"\n2. concurrency: {res['burst_tokens']} tokens each, distinct prompts, no prompt "
-        f"cache, {res['rounds']} rounds; TTFT client side, p99 = max below 100 samples"
-    )
-    print(
-        f"{'clients':<9}{'server':<15}{'agg tok/s':>11}{'TTFT p50':>12}{'TTFT p99':>12}"
-        f"{'mean batch':>12}{'   mlxd/mlx_lm: agg, p99 TTFT'}"
-    )
-    for n, row in res["concurrency"].items():
-        for name in ("in_process", "mlx_lm", "mlxd"):
-            e = row[name]
-            batch = f"{e['mean_batch']:.1f}" if "mean_batch" in e else "-"
-            line = (
-                f"{n:<9}{BURST_NAMES[name]:<15}{e['aggregate_tps']:>11.1f}"
-                f"{_ms(e['ttft_p50_s']):>12}{_ms(e['ttft_p99_s']):>12}{batch:>12}"
-            )
-            if name == "mlxd":
-                line += f"   {row['aggregate_ratio']:.2f}x, {row['p99_ttft_ratio']:.2f}x"
-                line += f"  (same text {row['same_text']}/{e['requests']})"
-            if name == "in_process":
-                line += (
-                    f"   limit/mlx_lm: {row['limit_aggregate_ratio']:.2f}x, "
-                    f"{row['limit_p99_ttft_ratio']:.2f}x"
-                )
-            print(line)
-
-    t = res["typing"]
-    print(
-        f"\n3. typing: {t['steps']} steps of {t['step_chars']} chars x {t['sessions']} "
-        f"sessions on a {t['base_tokens'][0]}-token file, {t['max_tokens']} tokens per step, "
-        "each cancelling the previous; mlxd prompt cache ON"
-    )
-    print(f"{'':<20}{'TTFT median':>14}{'TTFT p90':>12}")
-    for name, e in res["typing_ttft"].items():
-        line = f"{NAMES[name]:<20}{_ms(e['ttft_median_s']):>14}{_ms(e['ttft_p90_s']):>12}"
-        if "cache_kinds" in e:
-            line += "   cache: " + ", ".join(f"{k} x{v}" for k, v in e["cache_kinds"].items())
-        print(line)
-
-    print("\n4. peak memory (VmHWM) at the end")
-    for name, e in res["peak_memory"].items():
-        print(f"{NAMES[name]:<20}{e.get('VmHWM', 0) / 2**20:>10.1f} MiB")
-
-    print("\ntargets (issue 4)")
-    ss = res["single_stream"]["mlxd"]["ratio_to_in_process"]
-    lines = []
-    if "16" in res["concurrency"]:
-        row = res["concurrency"]["16"]
-        lines += [
-            (
-                "aggregate_tps_16",
-                "mlxd agg tok/s @16 >= 1.5x mlx_lm server",
-                row["aggregate_ratio"],
-            ),
-            ("p99_ttft_16", "mlxd p99 TTFT @16 <= 0.5x mlx_lm server", row["p99_ttft_ratio"]),
-        ]
-    lines.append(("single_stream", "mlxd single stream >= 0.95x in-process", ss))
-    for key, label, value in lines:
-        print(f"  {label:<44}{value:>7.2f}x  {res['verdicts'][key]}")
-
-
-def figures(res: dict[str, Any]) -> list[blas_regime.Figure]:
-    """The rows of the BLAS regimes' side-by-side table."""
-    rows: list[blas_regime.Figure] = [
-        (f"1. single stream tok/s, {NAMES[name]}", e["decode_tps"])
-        for name, e in res["single_stream"].items()
-    ]
-    for n, row in res["concurrency"].items():
-        for name in ("in_process", "mlx_lm", "mlxd"):
-            rows.append(
-                (f"2. {n} clients agg tok/s, {BURST_NAMES[name]}", row[name]["aggregate_tps"])
-            )
-        for name in ("in_process", "mlx_lm", "mlxd"):
-            rows.append(
-                (f"2. {n} clients p99 TTFT ms, {BURST_NAMES[name]}", row[name]["ttft_p99_s"] * 1e3)
-            )
-    for name, e in res["typing_ttft"].items():
-        rows.append((f"3. typing TTFT median ms, {NAMES[name]}", e["ttft_median_s"] * 1e3))
-    for name, e in res["peak_memory"].items():
-        rows.append((f"4. peak memory MiB, {NAMES[name]}", e.get("VmHWM", 0) / 2**20))
-    return rows
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ Contestants, each asked for greedy (temperature 0) streamed completions:
   as each native client does (``--cold``: on its first timed request instead).
 
 mlxd requests pass ``cache=False`` (native field; an extra body field over HTTP) and no two
-prompts share more than the chat template's opening and BOS (bench/concurrency.Prompts),
+prompts share more than the chat template's opening and BOS (bench/clients.Prompts),
 so no server gains from a prompt cache. Tokens: the server's ``usage.completion_tokens``.
 
 1. Single stream: 256 tokens; decode tokens/s on the client's side, from the first token
@@ -44,7 +44,6 @@ Prints a table and writes bench/results/http.json. Traffic stays on a Unix socke
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -54,14 +53,24 @@ import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from concurrency import Prompts, percentile, run
 from servers import free_port, revision, start_mlx_lm, start_mlxd, stop, wait_http, wait_mlxd
 
-MODEL = "small"
+from clients import (
+    MODEL,
+    Loop,
+    Prompts,
+    Reply,
+    closed_loop,
+    mlxd_request,
+    pooled,
+    rotate,
+    run,
+    single,
+)
+
 SINGLE_TOKENS = 256
 NAMES = ("native", "http", "mlx_lm")
 TARGETS = {
@@ -69,35 +78,6 @@ TARGETS = {
     "aggregate_tps_16": 1.3,  # http / mlx_lm aggregate tok/s at 16 clients, at least
     "p99_ttft_16": 0.5,  # http / mlx_lm p99 TTFT at 16 clients, at most
 }
-
-
-@dataclass
-class Reply:
-    """One streamed completion, timed on the client's side (perf_counter seconds)."""
-
-    sent_at: float
-    first_at: float | None = None
-    last_at: float | None = None
-    done_at: float = 0.0
-    tokens: int = 0
-    events: int = 0
-    text: str = ""
-
-    @property
-    def ttft_s(self) -> float:
-        assert self.first_at is not None, "no token arrived"
-        return self.first_at - self.sent_at
-
-    def decode_tps(self) -> float:
-        assert self.first_at is not None and self.last_at is not None
-        return (self.tokens - 1) / (self.last_at - self.first_at)
-
-    def token(self, text: str) -> None:
-        now = time.perf_counter()
-        self.first_at = self.first_at or now
-        self.last_at = now
-        self.events += 1
-        self.text += text
 
 
 def messages(prompt: str) -> list[dict[str, str]]:
@@ -118,17 +98,7 @@ class Native:
             yield client
 
     async def request(self, client: Any, prompt: str, tokens: int) -> Reply:
-        stream = client.stream(
-            messages=messages(prompt), model=MODEL, max_tokens=tokens, temperature=0.0, cache=False
-        )
-        reply = Reply(sent_at=time.perf_counter())
-        async for chunk in stream:  # the first __anext__ sends the request
-            if chunk.tokens:
-                reply.token(chunk.text)
-        reply.done_at = time.perf_counter()
-        assert stream.done is not None
-        reply.tokens = stream.done.usage.completion_tokens
-        return reply
+        return await mlxd_request(client, None, tokens, messages=messages(prompt), cache=False)
 
 
 class Sse:
@@ -177,52 +147,6 @@ class Sse:
         reply.done_at = time.perf_counter()
         reply.tokens = reply.tokens or reply.events
         return reply
-
-
-async def single(backend: Any, prompt: str, tokens: int) -> Reply:
-    async with backend.client() as client:
-        return await backend.request(client, prompt, tokens)
-
-
-@dataclass
-class Loop:
-    """N clients, each sending its prompts back to back."""
-
-    replies: list[Reply]
-    wall_s: float
-
-
-def pooled(loops: list[Loop]) -> dict[str, Any]:
-    """Repeats together: all tokens over all wall time; TTFTs of every request."""
-    replies = [r for loop in loops for r in loop.replies]
-    ttfts = [r.ttft_s for r in replies]
-    tokens, wall = sum(r.tokens for r in replies), sum(loop.wall_s for loop in loops)
-    return {"requests": len(replies), "tokens": tokens, "wall_s": wall,
-            "aggregate_tps": tokens / wall, "ttft_p50_s": statistics.median(ttfts),
-            "ttft_p99_s": percentile(ttfts, 0.99), "ttft_s": ttfts,
-            "aggregate_tps_repeats": [sum(r.tokens for r in lp.replies) / lp.wall_s
-                                      for lp in loops]}  # fmt: skip
-
-
-async def closed_loop(backend: Any, per_client: list[list[str]], tokens: int) -> Loop:
-    async with contextlib.AsyncExitStack() as stack:
-        # Everyone's client (connection, session) is set up before the clock starts.
-        clients = [await stack.enter_async_context(backend.client()) for _ in per_client]
-
-        async def one(client: Any, prompts: list[str]) -> list[Reply]:
-            return [await backend.request(client, p, tokens) for p in prompts]
-
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(one(c, ps) for c, ps in zip(clients, per_client, strict=True))
-        )
-        wall = time.perf_counter() - start
-    return Loop([r for rs in results for r in rs], wall)
-
-
-def rotate(i: int) -> list[str]:
-    """The order for trial/round ``i``: who goes first moves, so no one always runs first."""
-    return [NAMES[(i + k) % len(NAMES)] for k in range(len(NAMES))]
 
 
 def main() -> None:
@@ -291,13 +215,13 @@ def main() -> None:
 
         print("1. single stream ...", flush=True)
         for i, prompt in enumerate(single_prompts):
-            for name in rotate(i):
+            for name in rotate(NAMES, i):
                 singles[name].append(run(single(backends[name], prompt, args.single_tokens)))
 
         print("2. closed loop ...", flush=True)
         for rep, per_n in enumerate(loop_prompts):
             for i, n in enumerate(args.clients):
-                for name in rotate(rep + i):
+                for name in rotate(NAMES, rep + i):
                     loop = run(closed_loop(backends[name], per_n[n], args.tokens))
                     loops[name][n].append(loop)
     finally:

@@ -11,15 +11,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 
 def start_mlxd(
-    work: Path, model_dir: Path, name: str, extra: Sequence[str] = ()
+    work: Path,
+    model_dir: Path,
+    name: str,
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path]:
-    """``extra``: more ``serve`` flags (``--http 127.0.0.1:PORT``, say)."""
+    """``extra``: more ``serve`` flags (``--http 127.0.0.1:PORT``, say); ``env``: variables
+    the daemon gets on top of this process's (``MLXD_PROFILE_ROUNDS``, say)."""
     sock = work / "mlxd.sock"
     cmd = [
         sys.executable, "-m", "mlxd.daemon", "serve",
@@ -33,7 +38,7 @@ def start_mlxd(
         "--blas", "bundled",
         *extra,
     ]  # fmt: skip
-    return subprocess.Popen(cmd), sock
+    return subprocess.Popen(cmd, env={**os.environ, **env} if env else None), sock
 
 
 def start_mlx_lm(work: Path, model_dir: Path, port: int) -> subprocess.Popen[bytes]:
