@@ -152,6 +152,8 @@ class Admission:
         """Start waiting requests, in lane order, where their model's batch has room and
         the budget can set their KV aside; tell the others their place when it changed. A
         paused owner's requests wait, ahead of no one: they neither start nor get a place."""
+        if not self.waiting and not self.paused:
+            return
         if self.paused:
             self._pause_running(events)
         position = 0

@@ -74,6 +74,9 @@ class Sequences:
         self.decode_steps = 0
         self.prompt_tokens_processed = 0
         self.merged = 0
+        self.changes = 0
+        """Counts what changes the memory charged: sequences starting, ending, pausing,
+        resuming, or prefilled (their first token)."""
         """Sequences moved from running alone into their model's batch."""
 
     # ------------------------------------------------------------------ what runs, in bytes
@@ -225,12 +228,14 @@ class Sequences:
         )
         batch.sequences[uid] = seq
         self.active[sink] = seq
+        self.changes += 1
 
     def pause(self, seq: Sequence, sampler: Any) -> Held | None:
         """Take ``seq`` out of its batch with what it needs to go on (daemon/pausing.py);
         None if it had nothing to keep. Either way it no longer runs; its model stays
         reserved (``active``)."""
         held = take_out(seq.batch.generator, seq.uid, sampler)
+        self.changes += 1
         self.active.pop(seq.sink, None)
         seq.batch.sequences.pop(seq.uid, None)
         if seq.batch.solo:
@@ -249,6 +254,7 @@ class Sequences:
         seq.batch, seq.uid = batch, uid
         batch.sequences[uid] = seq
         self.active[seq.sink] = seq
+        self.changes += 1
 
     def merge_solo(self, seq: Sequence, events: list[Event]) -> None:
         """Move ``seq`` from its ``SoloGenerator`` into its model's batch, as others of its
@@ -318,6 +324,7 @@ class Sequences:
         token = response.token
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
+            self.changes += 1
             self.prompt_tokens_processed += len(seq.prompt) - seq.cached_tokens
         if response.finish_reason is not None:
             final = (response.prompt_cache, response.all_tokens)
@@ -384,6 +391,7 @@ class Sequences:
         """Forget ``seq``; ``final`` (its KV state and every token it holds) goes back to the
         prompt cache (daemon/endings.py). Returns whether it did."""
         self.active.pop(seq.sink, None)
+        self.changes += 1
         seq.batch.sequences.pop(seq.uid, None)
         if seq.batch.solo:
             self.batches.pop((seq.model.name, True), None)

@@ -143,6 +143,9 @@ class Worker:
         self._stopping = False
         self._store = PromptCacheStore(config.cache_dir(), config.socket_path, self._faults)
         self.snapshot = WorkerSnapshot(time.monotonic(), True, 0, 0, ())
+        self._resident_names: tuple[str, ...] = ()
+        self._noted = -1
+        """``Sequences.changes`` when the budget last noted its peak."""
         self._swept_at = 0.0
 
     # ------------------------------------------------------------------ event loop thread
@@ -199,7 +202,11 @@ class Worker:
                 for command in commands:
                     self._handle(command, events)
                 self._admission.admit(events)
-                self._budget.note()
+                if commands or self._sequences.changes != self._noted:
+                    # Only what commands or a change in the running set did can move the
+                    # accounting (a decode round changes no charge): not summed every token.
+                    self._budget.note()
+                    self._noted = self._sequences.changes
                 self._outbox.post(events)
                 if self._sequences.active:
                     self._outbox.post(self._sequences.step_all())
@@ -228,7 +235,7 @@ class Worker:
             idle=idle,
             queued=len(self._admission.waiting),
             active_sequences=len(self._sequences.active),
-            models_resident=tuple(m.name for m in self._models.resident()),
+            models_resident=self._resident_names,
         )
 
     def _take_commands(self) -> list[Command]:
@@ -336,6 +343,7 @@ class Worker:
     # ------------------------------------------------------------------ the prompt cache
 
     def _model_loaded(self, loaded: LoadedModel) -> None:
+        self._resident_names = tuple(m.name for m in self._models.resident())
         if not self._config.cache_persist or loaded.name in self._restored:
             return
         self._restored.add(loaded.name)
@@ -348,6 +356,7 @@ class Worker:
             log.info("cache_restored", model=loaded.name, entries=n)
 
     def _model_unloaded(self, loaded: LoadedModel) -> None:
+        self._resident_names = tuple(m.name for m in self._models.resident())
         self._cache.drop_model(loaded.name)
         self._sequences.close_model(loaded.name)
 
