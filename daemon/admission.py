@@ -33,6 +33,7 @@ import structlog
 
 from mlxd.protocol import Error, Generate, Queued, Warm, errors
 
+from .charges import added_bytes
 from .config import Config
 from .endings import cancelled_before_start
 from .memory import Footprint, MemoryBudget, generator_bytes
@@ -219,7 +220,7 @@ class Admission:
         """Bytes that starting ``waiting`` adds: its own KV and scratch, and the padding it
         gives the batch it joins (or all of a generator's, when it starts one)."""
         solo = self._runs_solo(waiting.model, waiting)
-        return self._sequences.added_bytes(waiting.model, waiting.footprint, solo)
+        return added_bytes(self._sequences, waiting.model, waiting.footprint, solo)
 
     def _room_for(self, waiting: Waiting, lane: int, events: list[Event]) -> bool:
         """Whether the budget can set ``waiting``'s KV aside now (freeing cache entries and

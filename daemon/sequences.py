@@ -33,7 +33,7 @@ from .cache import Lookup, PromptCache, cache_bytes
 from .config import Config
 from .endings import done, return_state
 from .faults import Faults
-from .memory import Footprint, MemoryBudget, generator_bytes
+from .memory import MemoryBudget
 from .models import LoadedModel, ModelRegistry
 from .outbox import Event
 from .pausing import Held, can_pause, put_back, take_out
@@ -102,42 +102,6 @@ class Sequences:
         if seq is None or seq.first_token_at is None or seq.origin is None or seq.warm:
             return None
         return seq if can_pause(loaded) else None
-
-    def added_bytes(self, loaded: LoadedModel, footprint: Footprint, solo: bool) -> int:
-        """Bytes a new sequence of ``loaded`` with ``footprint`` adds: its own KV and scratch
-        on a generator of its own (``solo``), or its share of the model's batch, with the
-        padding it gives the others; starting the batch also moves a sequence running alone
-        into it (``merge_solo``), at the cost of that sequence's batched footprint."""
-        if solo:
-            return sum(generator_bytes(loaded, [footprint], 1, batched=False))
-        batch = self.joinable(loaded)
-        if batch is not None:
-            added = self.generator_bytes(batch, footprint)
-            return sum(added) - sum(self.generator_bytes(batch))
-        alone = self.mergeable_solo(loaded)
-        if alone is None:
-            return sum(generator_bytes(loaded, [footprint], 1, batched=True))
-        step = self.config.prefill_step_size
-        both = generator_bytes(loaded, [alone.footprint(step), footprint], 1, batched=True)
-        return sum(both) - sum(self.generator_bytes(alone.batch))
-
-    def live(self) -> dict[str, tuple[int, int]]:
-        """(KV, scratch) bytes set aside for the running sequences, by model."""
-        live: dict[str, tuple[int, int]] = {}
-        for batch in self.batches.values():
-            if batch.sequences:
-                kv, scratch = self.generator_bytes(batch)
-                had = live.get(batch.model.name, (0, 0))
-                live[batch.model.name] = (had[0] + kv, had[1] + scratch)
-        return live
-
-    def generator_bytes(self, batch: Batch, extra: Footprint | None = None) -> tuple[int, int]:
-        step = self.config.prefill_step_size
-        sequences = [s.footprint(step) for s in batch.sequences.values()]
-        if extra is not None:
-            sequences.append(extra)
-        group = min(self.config.prefill_batch_size, self.config.max_batch_size)
-        return generator_bytes(batch.model, sequences, group, batched=not batch.solo)
 
     # ------------------------------------------------------------------ joining, leaving
 

@@ -42,6 +42,7 @@ from mlxd.protocol import Error, Generate, Progress, Warm, errors
 
 from .admission import Admission
 from .cache import PromptCache
+from .charges import live_bytes
 from .config import Config
 from .control import Control, WorkerStats
 from .faults import Faults, InjectedCrash
@@ -373,7 +374,7 @@ class Worker:
     def _live(self) -> dict[str, tuple[int, int]]:
         """(KV, scratch) bytes set aside for the running sequences, by model, and the
         states paused ones hold out of any batch."""
-        live = self._sequences.live()
+        live = live_bytes(self._sequences)
         for name, nbytes in self._admission.held():
             had = live.get(name, (0, 0))
             live[name] = (had[0] + nbytes, had[1])
