@@ -18,18 +18,15 @@ from msgspec import Meta, Struct
 
 from mlxd.protocol import MAX_STOPS, ChatMessage, Chunk, Done, Error, Generate, errors
 
-from .http_server import HttpCall, next_reply, retry_after_headers, server_of, status_for
+from .http_server import (
+    HttpCall,
+    anthropic_type,
+    next_reply,
+    retry_after_headers,
+    server_of,
+    status_for,
+)
 from .responses_api import param_of
-
-_KINDS = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    529: "overloaded_error",
-}
 
 
 class _Block(Struct, kw_only=True):
@@ -69,8 +66,7 @@ class _Bad(Exception):
 
 
 def _error(status: int, message: str) -> web.Response:
-    kind = _KINDS.get(status, "api_error")
-    body = {"type": "error", "error": {"type": kind, "message": message}}
+    body = {"type": "error", "error": {"type": anthropic_type(status), "message": message}}
     # The middleware gives a 503 its Retry-After; 529 is Anthropic's own overloaded.
     headers = retry_after_headers(errors.OVERLOADED) if status == 529 else None
     return web.json_response(body, status=status, headers=headers)
@@ -211,7 +207,7 @@ async def _stream(
             await resp.write(_event("content_block_delta", index=0, delta=delta))
         message = await next_reply(events)
     if isinstance(message, Error):
-        kind = _KINDS.get(_status(message), "api_error")
+        kind = anthropic_type(_status(message))
         await resp.write(_event("error", error={"type": kind, "message": message.message}))
         await resp.write_eof()
         return resp

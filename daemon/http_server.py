@@ -98,10 +98,18 @@ OPENAI_TYPES = {
 }  # fmt: skip
 """OpenAI's error ``type`` by status; any other status is a ``server_error``."""
 
-_ANTHROPIC_KINDS = {
+ANTHROPIC_TYPES = {
     401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+    413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error",
 }  # fmt: skip
+"""Anthropic's error ``type`` by status (529 is its own overloaded, what its SDK retries as
+``OverloadedError``); any other status is an ``invalid_request_error`` below 500 and an
+``api_error`` from 500, a 503 included (docs/HTTP.md's table)."""
+
+
+def anthropic_type(status: int) -> str:
+    default = "invalid_request_error" if status < 500 else "api_error"
+    return ANTHROPIC_TYPES.get(status, default)
 
 
 def error_response(
@@ -115,9 +123,7 @@ def error_response(
     if path.startswith("/api/"):
         body = {"error": message}
     elif path.startswith("/v1/messages"):
-        default = "invalid_request_error" if status < 500 else "api_error"
-        kind = _ANTHROPIC_KINDS.get(status, default)
-        body = {"type": "error", "error": {"type": kind, "message": message}}
+        body = {"type": "error", "error": {"type": anthropic_type(status), "message": message}}
     else:
         kind = OPENAI_TYPES.get(status, "server_error")
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
