@@ -281,9 +281,7 @@ class Admission:
         seq, held = waiting.paused, waiting.held
         assert seq is not None and held is not None
         solo = self._runs_solo(waiting.model)
-        if not solo and (alone := self._sequences.mergeable_solo(waiting.model)) is not None:
-            self._sequences.merge_solo(alone, events)
-        self._sequences.resume(seq, held, waiting.sampler, waiting.processors, solo)
+        self._sequences.resume(seq, held, waiting.sampler, waiting.processors, solo, events)
         waiting.paused = waiting.held = None
 
     # ------------------------------------------------------------------ ends

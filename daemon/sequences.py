@@ -73,11 +73,9 @@ class Sequences:
         self.tokens_generated = 0
         self.decode_steps = 0
         self.prompt_tokens_processed = 0
-        self.merged = 0
         self.changes = 0
         """Counts what changes the memory charged: sequences starting, ending, pausing,
         resuming, or prefilled (their first token)."""
-        """Sequences moved from running alone into their model's batch."""
 
     # ------------------------------------------------------------------ what runs, in bytes
 
@@ -105,16 +103,18 @@ class Sequences:
 
     # ------------------------------------------------------------------ joining, leaving
 
-    def _batch_for(self, loaded: LoadedModel, solo: bool) -> Batch:
+    def _batch_for(self, loaded: LoadedModel, solo: bool, events: list[Event]) -> Batch:
         """Where a new sequence of ``loaded`` runs: alone on ``generate_step`` when the model
         has nothing else running (``solo``: no batching overhead), else in the model's
-        batch."""
+        batch, which the model's sequence running alone (if any) then joins too."""
         if solo:
             eos = frozenset(loaded.tokenizer.eos_token_ids)
             single = SoloGenerator(loaded.model, eos, self.config.prefill_step_size)
             batch = Batch(loaded, single, solo=True)
             self.batches[loaded.name, True] = batch
             return batch
+        if (alone := self.mergeable_solo(loaded)) is not None:
+            self.merge_solo(alone, events)
         batch = self.batches.get((loaded.name, False))
         if batch is not None and not batch.sequences and batch.config is not self.config:
             batch.generator.close()  # built before a reload: take the new sizes
@@ -140,12 +140,12 @@ class Sequences:
         """Start ``waiting`` from the best state the prompt cache has for its prompt, on a
         new ``SoloGenerator`` if ``solo``, else in its model's batch."""
         req, loaded, tokens = waiting.request, waiting.model, waiting.prompt
-        if not solo and (alone := self.mergeable_solo(loaded)) is not None:
-            self.merge_solo(alone, events)
         sink, received_at = waiting.sink, waiting.received_at
         sampler, processors = waiting.sampler, waiting.processors
+        # The batch first: a solo sequence merging into it leaves its state open to forks
+        # (``merge_solo``) before this prompt looks for one.
+        batch = self._batch_for(loaded, solo, events)
         lookup = self._lookup(req, loaded, tokens)
-        batch = self._batch_for(loaded, solo)
         # No decoding past the model's context: what the footprint's span was charged for.
         max_tokens = waiting.footprint.span - len(tokens)
         (uid,) = batch.generator.insert(
@@ -209,9 +209,17 @@ class Sequences:
             seq.lease = None
         return held
 
-    def resume(self, seq: Sequence, held: Held, sampler: Any, processors: Any, solo: bool) -> None:
+    def resume(
+        self,
+        seq: Sequence,
+        held: Held,
+        sampler: Any,
+        processors: Any,
+        solo: bool,
+        events: list[Event],
+    ) -> None:
         """Put a paused sequence back into a batch: it goes on where it was."""
-        batch = self._batch_for(seq.model, solo)
+        batch = self._batch_for(seq.model, solo, events)
         remaining = seq.max_tokens - seq.completion_tokens  # capped at the context
         uid = put_back(batch.generator, held, remaining, sampler, processors)
         seq.model.active += 1
@@ -230,21 +238,19 @@ class Sequences:
         waiting = seq.origin
         forked_from = seq.lease is not None
         held = self.pause(seq, waiting.sampler)
+        seq.model.active -= 1  # it left its generator; resume counts it again
         if held is None:
-            seq.model.active -= 1
             message = "the sequence's state could not be moved into the model's batch"
             events.append(
                 (seq.sink, Error(id=seq.request.id, code=errors.INTERNAL_ERROR, message=message))
             )
             return
-        seq.model.active -= 1  # resume counts it again
-        self.resume(seq, held, waiting.sampler, waiting.processors, solo=False)
+        self.resume(seq, held, waiting.sampler, waiting.processors, False, events)
         if forked_from:
             # Its prompt's state may have come out of the cache whole (taken, not forked),
             # the others of its model forking theirs from it: the moved state (merged into
             # the batch's arrays, never written to) stays open to them.
             seq.lease = self._cache.lease(seq.model.name, seq.prompt, held.state)
-        self.merged += 1
 
     # ------------------------------------------------------------------ a round
 
