@@ -1,14 +1,18 @@
-"""Test helpers: mlx-lm's own in-process reference outputs, and a raw protocol connection."""
+"""Test helpers: mlx-lm's own in-process reference outputs, a raw protocol connection,
+and waiting for the daemon's counters."""
 
 from __future__ import annotations
 
 import functools
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from mlxd.client import Client
 
 
 @functools.cache
@@ -110,3 +114,14 @@ class RawConn:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def wait_for(client: Client, check: Any, timeout: float = 120) -> Any:
+    """Poll ``client.stats()`` until ``check(stats)`` holds; those stats, or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = client.stats()
+        if check(stats):
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"not reached in {timeout} s: {client.stats()}")

@@ -10,28 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import time
 from pathlib import Path
-from typing import Any
 
 import h11
 from conftest import short_tmpdir, start_daemon
-from helpers import reference
-
-from mlxd.client import Client
+from helpers import reference, wait_for
 
 PROMPT = "greedy 0:"
 MAX_TOKENS = 3000  # this prompt runs to the end on the tiny model: ~540 KB of SSE
-
-
-def wait_for(client: Client, check: Any, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = client.stats()
-        if check(stats):
-            return stats
-        time.sleep(0.05)
-    raise AssertionError(f"not reached in {timeout} s: {client.stats()}")
 
 
 def test_an_http_stream_nobody_reads_gives_up_its_batch_place(tiny_model: Path) -> None:

@@ -9,7 +9,6 @@ import shutil
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,7 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import Daemon, short_tmpdir, start_daemon
-from helpers import RawConn, reference
-
-from mlxd.client import Client
+from helpers import RawConn, reference, wait_for
 
 GREEDY = 64
 MAX_TOKENS = 512
@@ -59,16 +56,6 @@ def unread_connection(path: Path) -> RawConn:
 def frame(message: dict[str, Any]) -> bytes:
     payload = msgspec.msgpack.encode(message)
     return struct.pack(">I", len(payload)) + payload
-
-
-def wait_for(client: Client, check: Any, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = client.stats()
-        if check(stats):
-            return stats
-        time.sleep(0.05)
-    raise AssertionError(f"not reached in {timeout} s: {client.stats()}")
 
 
 def test_a_client_that_never_reads_gives_up_its_batch_places(
