@@ -9,6 +9,7 @@ When a sequence ends (done, stop, cancel, shutdown), the generator hands back it
 state and every token in it; that goes into the prompt cache (daemon/cache.py), so the next
 turn or keystroke starts from it, if the request allowed caching, the model is still
 resident and the budget (daemon/memory.py) can make room for it. A warm-up's state is
+stored under exactly its prompt (its prefill samples one token, never sent nor kept) and
 pinned for its ``ttl_s``.
 
 Next-turn keys: a chat reply's state is stored under the tokens the next turn will send
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from mlxd.protocol import Done, Generate, Timings, Usage, Warm
+from mlxd.protocol import Done, Error, Generate, Timings, Usage, Warm, errors
 
 from .cache import PromptCache, cache_bytes, cache_length, settle
 from .memory import MemoryBudget
@@ -41,14 +42,20 @@ if TYPE_CHECKING:
 
 
 def done(seq: Sequence, reason: str) -> Done:
-    """``seq``'s ``done``: its usage and timings so far."""
+    """``seq``'s ``done``: its usage and timings so far. A warm-up's says what its prefill
+    did, and no finish reason unless it was cancelled: it generates nothing."""
     now = time.perf_counter()
     first = seq.first_token_at or now
     decode_s = now - first
+    rate, finish = None, reason if reason == "cancelled" else None
+    if seq.warm is None:
+        n = seq.completion_tokens
+        rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
+        finish = reason
     return Done(
         id=seq.request.id,
-        finish_reason=reason,  # type: ignore[arg-type]
-        stop_sequence=seq.stop.matched if reason == "stop" else None,
+        finish_reason=finish,  # type: ignore[arg-type]
+        stop_sequence=seq.stop.matched if finish == "stop" else None,
         usage=Usage(
             prompt_tokens=len(seq.prompt),
             cached_tokens=seq.cached_tokens,
@@ -58,23 +65,26 @@ def done(seq: Sequence, reason: str) -> Done:
             queue_s=seq.started_at - seq.received_at,
             ttft_s=first - seq.received_at,
             total_s=now - seq.received_at,
-            tokens_per_s=(seq.completion_tokens - 1) / decode_s
-            if seq.completion_tokens > 1 and decode_s > 0
-            else 0.0,
+            tokens_per_s=rate,
         ),
         cache=seq.cache_use,
         fim=fim_mode(seq.request, seq.model),  # type: ignore[arg-type]
     )
 
 
+def _waited(received_at: float, warm: bool) -> Timings:
+    waited = time.perf_counter() - received_at
+    rate = None if warm else 0.0
+    return Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=rate)
+
+
 def cancelled_unstarted(req: Generate | Warm, received_at: float, prompt_tokens: int) -> Done:
     """The end of a request cancelled before it was tokenized or queued."""
-    waited = time.perf_counter() - received_at
     return Done(
         id=req.id,
         finish_reason="cancelled",
         usage=Usage(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=0),
-        timings=Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0),
+        timings=_waited(received_at, isinstance(req, Warm)),
     )
 
 
@@ -83,14 +93,27 @@ def cancelled_before_start(waiting: Waiting) -> Done:
     got)."""
     if waiting.paused is not None:
         return done(waiting.paused, "cancelled")
-    waited = time.perf_counter() - waiting.received_at
     return Done(
         id=waiting.request.id,
         finish_reason="cancelled",
         fim=fim_mode(waiting.request, waiting.model),  # type: ignore[arg-type]
         usage=Usage(prompt_tokens=len(waiting.prompt), cached_tokens=0, completion_tokens=0),
-        timings=Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0),
+        timings=_waited(waiting.received_at, waiting.warm is not None),
     )
+
+
+def warm_refused(seq: Sequence, final: tuple[list[Any], list[int]] | None) -> Error:
+    """Why a warm-up's state was not kept: a cache that cannot be cut back to the prompt
+    (recurrent layers, a rotating window the prompt overflowed), or no room for it."""
+    state = final[0] if final is not None else None
+    if state and cache_length(state) > len(seq.prompt) and not can_trim_prompt_cache(state):
+        message = (
+            f"model {seq.model.name!r} keeps a KV state that cannot be cut back to the prompt, "
+            "so a warm-up of it cannot be stored"
+        )
+        return Error(id=seq.request.id, code=errors.INVALID_REQUEST, message=message)
+    message = "the prefilled state did not fit the prompt cache or the memory budget"
+    return Error(id=seq.request.id, code=errors.INSUFFICIENT_MEMORY, message=message)
 
 
 def return_state(
@@ -114,6 +137,9 @@ def return_state(
     tokens = list(tokens)
     pin = None
     if seq.warm is not None:
+        # Exactly what was warmed: not the token its prefill's logits gave, which the
+        # client never saw (a later generate of the same prompt is then an exact hit).
+        tokens = list(seq.prompt)
         pin = _pin_until(seq.warm)
     elif finished and seq.request.messages is not None:
         tokens, state = _next_turn_key(seq, tokens, state, prefill_step)

@@ -1,9 +1,10 @@
 """Intake: a generate's way from the inbox into the wait queue.
 
-A ``generate`` (or a ``warm``: a one-token generate that streams nothing) is checked
-against the daemon's ``max_tokens`` limit, resolves its model (loading it on this thread
-if need be, its progress reported as the weights are read), has its prompt rendered and
-tokenized (daemon/rendering.py) and joins the wait queue (daemon/admission.py).
+A ``generate`` (or a ``warm``: a one-token generate that streams nothing, its state
+stored under exactly its prompt, daemon/endings.py) is checked against the daemon's
+``max_tokens`` limit, resolves its model (loading it on this thread if need be, its
+progress reported as the weights are read), has its prompt rendered and tokenized
+(daemon/rendering.py) and joins the wait queue (daemon/admission.py).
 
 Big prompts are tokenized on a tokenizer thread (daemon/prompts.py) and come back through
 the inbox as ``Tokenized`` commands, so the worker's rounds go on meanwhile. A cancel marks
@@ -84,7 +85,8 @@ class Intake:
     def warm(self, req: Warm, sink: Any, received_at: float) -> None:
         if self._cache.max_bytes <= 0:
             raise InvalidField("$.type", "the prompt cache is disabled on this daemon")
-        # A one-token generation that streams nothing: the prefill is the point.
+        # A one-token generation that streams nothing: the prefill is the point. Its token
+        # is the step that computes the prompt's last KV; it is neither sent nor stored.
         as_generate = Generate(
             id=req.id,
             model=req.model,

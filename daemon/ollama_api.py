@@ -23,6 +23,7 @@ from aiohttp import web
 
 from mlxd.protocol import (
     ChatMessage,
+    ChatRole,
     Chunk,
     Done,
     Error,
@@ -90,7 +91,7 @@ class GenerateBody(_Common):
 
 
 class Message(msgspec.Struct):
-    role: str
+    role: ChatRole  # as native messages: another role (tool) is a 400 naming it
     content: str = ""
     images: list[Any] | None = None
     tool_calls: list[Any] | None = None

@@ -31,7 +31,7 @@ from mlxd.protocol import CacheUse, Chunk, Error, Generate, errors
 
 from .cache import Lookup, PromptCache, cache_bytes
 from .config import Config
-from .endings import done, return_state
+from .endings import done, return_state, warm_refused
 from .faults import Faults
 from .memory import MemoryBudget
 from .models import LoadedModel, ModelRegistry
@@ -346,9 +346,7 @@ class Sequences:
             final = removed.get(seq.uid)
         cached = self._drop(seq, final, finished=reason != "cancelled")
         if seq.warm is not None and reason != "cancelled" and not cached:
-            message = "the prefilled state did not fit the prompt cache or the memory budget"
-            error = Error(id=seq.request.id, code=errors.INSUFFICIENT_MEMORY, message=message)
-            events.append((seq.sink, error))
+            events.append((seq.sink, warm_refused(seq, final)))
             return
         events.append((seq.sink, done(seq, reason)))
 

@@ -17,7 +17,6 @@ import asyncio
 import collections
 import contextlib
 import os
-import re
 import signal
 import sys
 import time
@@ -31,7 +30,6 @@ import structlog
 from mlxd.protocol import (
     HEADER_SIZE,
     PROTOCOL_VERSION,
-    REQUEST_TYPES,
     Cancel,
     Chunk,
     Done,
@@ -52,6 +50,7 @@ from mlxd.protocol import Encoder as FrameEncoder
 
 from . import __version__, logs, settings
 from .config import Config
+from .refusals import diagnose, first_frame
 from .transport import (
     InheritedSocket,
     SocketLock,
@@ -68,8 +67,6 @@ WRITE_HIGH_WATER = 256 * 1024
 READ_PAUSE_BACKLOG = 1024
 """Replies queued for a client past which its connection stops reading until they are
 written: a client that sends and never reads cannot make the daemon queue without end."""
-_AT_PATH = re.compile(r"- at `(\$[^`]*)`")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
 class _CloseConnection(Exception):
@@ -79,12 +76,32 @@ class _CloseConnection(Exception):
 class _Pending:
     """The loop's handle for one request in flight: the worker's opaque ``sink``."""
 
-    __slots__ = ("conn", "received_at", "request")
+    __slots__ = ("cancelled", "conn", "cut", "received_at", "request", "withheld")
 
     def __init__(self, conn: Connection, request: Any, received_at: float) -> None:
         self.conn = conn
         self.request = request
         self.received_at = received_at
+        self.cancelled = False
+        """Its cancel was answered (or a generate superseding it read): only its end is sent."""
+        self.cut = False
+        self.withheld = 0
+        """Tokens of the chunks not sent since: the worker's step in progress, say."""
+
+    def after_cancel(self, message: Any) -> Any | None:
+        """What of ``message`` goes out once the request is cancelled: its end alone, a
+        ``done`` that says ``cancelled`` and counts only what was sent if output was held
+        back (the worker learns of a cancel between steps, the client at once)."""
+        if isinstance(message, Chunk):
+            self.cut = True
+            self.withheld += len(message.tokens)
+        if not isinstance(message, Done | Error):
+            return None
+        if self.cut and isinstance(message, Done):
+            message.finish_reason, message.stop_sequence = "cancelled", None
+            if message.usage is not None:
+                message.usage.completion_tokens -= self.withheld
+        return message
 
     @property
     def owner(self) -> Connection:
@@ -132,7 +149,7 @@ class Connection:
                 try:
                     request = decode_request(payload)
                 except Exception as exc:  # any decoding failure is the frame's fault
-                    self.send(_diagnose(payload, exc))
+                    self.send(diagnose(payload, exc))
                     continue
                 self._dispatch(request, received_at)
         except (asyncio.IncompleteReadError, ConnectionError, _CloseConnection):
@@ -160,28 +177,9 @@ class Connection:
         return await self.reader.readexactly(length)
 
     async def _handshake(self) -> None:
-        payload = await self._read_frame()
-        try:
-            hello = decode_request(payload)
-        except Exception as exc:
-            self.send(_diagnose(payload, exc))
-            raise _CloseConnection from exc
-        if not isinstance(hello, Hello):
-            self.send(
-                Error(
-                    id=getattr(hello, "id", None),
-                    code=errors.HANDSHAKE_REQUIRED,
-                    message="the first message on a connection must be hello",
-                )
-            )
-            raise _CloseConnection
-        if hello.protocol != PROTOCOL_VERSION:
-            self.send(
-                Error(
-                    code=errors.UNSUPPORTED_VERSION,
-                    message=f"this server speaks protocol {PROTOCOL_VERSION}, not {hello.protocol}",
-                )
-            )
+        hello = first_frame(await self._read_frame())
+        if isinstance(hello, Error):
+            self.send(hello)
             raise _CloseConnection
         config = self.server.config
         self.send(
@@ -203,7 +201,7 @@ class Connection:
         elif isinstance(request, Cancel):
             target = self.pending.get(request.target)
             if target is not None:
-                self.server.worker.cancel(target)
+                self._cancel(target)
             self.send(Done(id=request.id))
         elif request.id in self.pending:
             self.send(
@@ -231,11 +229,15 @@ class Connection:
             superseded = getattr(request, "supersedes", None)
             if superseded is not None and superseded in self.pending:
                 # Queued before the new request, so its place is free when that one comes.
-                self.server.worker.cancel(self.pending[superseded])
+                self._cancel(self.pending[superseded])
             pending = _Pending(self, request, received_at)
             self.pending[request.id] = pending
             self.server.requests_total += 1
             self.server.worker.submit(request, pending, received_at)
+
+    def _cancel(self, pending: _Pending) -> None:
+        pending.cancelled = True  # nothing of it but its end follows (Server._deliver)
+        self.server.worker.cancel(pending)
 
     # ------------------------------------------------------------------ writing
 
@@ -295,41 +297,6 @@ class Connection:
         self.writer.close()
         with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
-
-
-def _diagnose(payload: bytes, exc: Exception) -> Error:
-    """Say precisely why a frame was refused; costs a second decode, on the error path only."""
-    if isinstance(exc.__cause__, RecursionError):
-        return Error(code=errors.INVALID_MESSAGE, message=str(exc))  # decoding again would too
-    try:
-        obj = msgspec.msgpack.decode(payload)
-    except RecursionError:
-        return Error(code=errors.INVALID_MESSAGE, message="the message is nested too deeply")
-    except Exception:
-        return Error(code=errors.INVALID_MESSAGE, message="the frame is not a MessagePack message")
-    if not isinstance(obj, dict):
-        return Error(code=errors.INVALID_MESSAGE, message="a message must be a MessagePack map")
-    raw_id = obj.get("id")
-    rid = raw_id if type(raw_id) is int and 0 <= raw_id < 2**53 else None  # a valid id only
-    kind = obj.get("type")
-    if not isinstance(kind, str) or kind not in REQUEST_TYPES:
-        return Error(
-            id=rid,
-            code=errors.UNKNOWN_MESSAGE_TYPE,
-            message=f"unknown message type {_clip(repr(kind))}",
-        )
-    text = _clip(str(exc))
-    at = _AT_PATH.search(text)
-    missing = _MISSING.search(text)
-    field = at.group(1) if at else "$"
-    if missing:
-        field = f"{field}.{missing.group(1)}"
-    return Error(id=rid, code=errors.INVALID_REQUEST, message=text, field=field)
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    # A refusal quotes the client's input for humans, never all of it: it can be megabytes.
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Server:
@@ -480,6 +447,8 @@ class Server:
     def _deliver(self, sink: _Pending, message: Any) -> None:
         if isinstance(message, WorkerStats):
             message = Done(id=sink.request.id, stats=self._stats(message))
+        if sink.cancelled and (message := sink.after_cancel(message)) is None:
+            return
         conn = sink.conn
         conn.send(message)
         if isinstance(message, Done | Error):

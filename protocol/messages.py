@@ -49,9 +49,15 @@ class Hello(_Message, tag="hello"):
     client: Annotated[str, Meta(max_length=256)] = ""
 
 
-class ChatMessage(Struct, omit_defaults=True, kw_only=True):
-    role: Annotated[str, Meta(min_length=1, max_length=64)]
-    content: str = ""
+ChatRole = Literal["system", "user", "assistant"]
+
+
+class ChatMessage(Struct, kw_only=True):
+    """One turn of a conversation: both keys required. Rendered by the model's chat
+    template, which knows these three roles."""
+
+    role: ChatRole
+    content: str
 
 
 class Generate(_Message, tag="generate"):
@@ -214,14 +220,16 @@ class Usage(Struct, kw_only=True):
     completion_tokens: int
 
 
-class Timings(Struct, kw_only=True):
+class Timings(Struct, kw_only=True, omit_defaults=True):
     queue_s: float
     """From the server receiving the request to the worker starting it."""
     ttft_s: float
-    """From the server receiving the request to the first generated token."""
+    """From the server receiving the request to the first generated token (a ``warm``: to
+    the end of its prefill)."""
     total_s: float
-    tokens_per_s: float
-    """Decode rate: completion tokens after the first, per second after the first."""
+    tokens_per_s: float | None = None
+    """Decode rate: completion tokens after the first, per second after the first. Always
+    set for a ``generate``; absent for a ``warm``, which decodes nothing."""
 
 
 class CacheUse(Struct, kw_only=True, omit_defaults=True):
@@ -384,6 +392,7 @@ __all__ = [
     "CacheUse",
     "Cancel",
     "ChatMessage",
+    "ChatRole",
     "Chunk",
     "ClearCache",
     "Done",

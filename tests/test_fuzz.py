@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlxd.client import MlxdError
-from mlxd.daemon.server import _diagnose
+from mlxd.daemon.refusals import diagnose as _diagnose
 from mlxd.protocol import (
     HEADER_SIZE,
     MAX_STOPS,
