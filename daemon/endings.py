@@ -47,11 +47,9 @@ def done(seq: Sequence, reason: str) -> Done:
     now = time.perf_counter()
     first = seq.first_token_at or now
     decode_s = now - first
-    rate, finish = None, reason if reason == "cancelled" else None
-    if seq.warm is None:
-        n = seq.completion_tokens
-        rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0
-        finish = reason
+    n = seq.completion_tokens
+    rate = (n - 1) / decode_s if n > 1 and decode_s > 0 and seq.warm is None else 0.0
+    finish = reason if seq.warm is None or reason == "cancelled" else None
     return Done(
         id=seq.request.id,
         finish_reason=finish,  # type: ignore[arg-type]
@@ -72,10 +70,9 @@ def done(seq: Sequence, reason: str) -> Done:
     )
 
 
-def _waited(received_at: float, warm: bool) -> Timings:
+def _waited(received_at: float) -> Timings:
     waited = time.perf_counter() - received_at
-    rate = None if warm else 0.0
-    return Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=rate)
+    return Timings(queue_s=waited, ttft_s=waited, total_s=waited, tokens_per_s=0.0)
 
 
 def cancelled_unstarted(req: Generate | Warm, received_at: float, prompt_tokens: int) -> Done:
@@ -84,7 +81,7 @@ def cancelled_unstarted(req: Generate | Warm, received_at: float, prompt_tokens:
         id=req.id,
         finish_reason="cancelled",
         usage=Usage(prompt_tokens=prompt_tokens, cached_tokens=0, completion_tokens=0),
-        timings=_waited(received_at, isinstance(req, Warm)),
+        timings=_waited(received_at),
     )
 
 
@@ -98,7 +95,7 @@ def cancelled_before_start(waiting: Waiting) -> Done:
         finish_reason="cancelled",
         fim=fim_mode(waiting.request, waiting.model),  # type: ignore[arg-type]
         usage=Usage(prompt_tokens=len(waiting.prompt), cached_tokens=0, completion_tokens=0),
-        timings=_waited(waiting.received_at, waiting.warm is not None),
+        timings=_waited(waiting.received_at),
     )
 
 

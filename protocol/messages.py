@@ -220,16 +220,16 @@ class Usage(Struct, kw_only=True):
     completion_tokens: int
 
 
-class Timings(Struct, kw_only=True, omit_defaults=True):
+class Timings(Struct, kw_only=True):
     queue_s: float
     """From the server receiving the request to the worker starting it."""
     ttft_s: float
     """From the server receiving the request to the first generated token (a ``warm``: to
     the end of its prefill)."""
     total_s: float
-    tokens_per_s: float | None = None
-    """Decode rate: completion tokens after the first, per second after the first. Always
-    set for a ``generate``; absent for a ``warm``, which decodes nothing."""
+    tokens_per_s: float
+    """Decode rate: completion tokens after the first, per second after the first (0 with
+    fewer than two, and for a ``warm``, which decodes nothing)."""
 
 
 class CacheUse(Struct, kw_only=True, omit_defaults=True):

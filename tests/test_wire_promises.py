@@ -185,7 +185,8 @@ def test_a_warm_stores_exactly_its_prompt_and_answers_only_documented_fields(
     _, done = conn.recv_until_end(1)
     assert done["type"] == "done", done
     assert set(done) == {"type", "id", "usage", "timings", "cache"}, done
-    assert set(done["timings"]) == {"queue_s", "ttft_s", "total_s"}, done
+    assert set(done["timings"]) == {"queue_s", "ttft_s", "total_s", "tokens_per_s"}, done
+    assert done["timings"]["tokens_per_s"] == 0.0  # it decodes nothing
     assert done["usage"]["completion_tokens"] == 0
     n = done["usage"]["prompt_tokens"]
     conn.close()
