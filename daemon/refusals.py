@@ -33,7 +33,7 @@ def first_frame(payload: bytes) -> Hello | Error:
     """The connection's ``hello``, or the error that refuses it (the connection closes)."""
     try:
         request = decode_request(payload)
-    except msgspec.DecodeError as exc:
+    except Exception as exc:  # any decoding failure is the frame's fault
         raw = _raw_map(payload, exc)
         if isinstance(raw, Error):
             return raw
