@@ -3,15 +3,18 @@ line naming the setting and what is wrong, never a daemon that fails every reque
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import short_tmpdir
+from conftest import short_tmpdir, start_daemon
 
 
 @pytest.fixture
@@ -89,3 +92,25 @@ def test_an_uncached_repo_offline_is_refused_with_the_pull_to_run(
     assert said.startswith("--model coder: org/not-pulled is not in the Hugging Face cache (")
     assert str(base / "hf") in said
     assert said.endswith("run: mlxd pull org/not-pulled (HF_HUB_OFFLINE is set)")
+
+
+def test_a_reload_to_a_broken_model_is_refused_and_the_old_configuration_kept(
+    base: Path, tiny_model: Path
+) -> None:
+    config = base / "config.toml"
+    config.write_text(f'[models]\ntiny = "{tiny_model}"\n')
+    d = start_daemon(base / "mlxd.sock", "--config", str(config), env=_env(base))
+    try:
+        config.write_text(f'[models]\ntiny = "{tiny_model}"\nother = "/nonexistent"\n')
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "config_reload_failed" not in d.log():
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        (line,) = [json.loads(x) for x in d.log().splitlines() if "config_reload_failed" in x]
+        assert line["error"] == f"{config}:3: models.other: /nonexistent does not exist"
+        with d.client() as client:
+            assert [m.name for m in client.models()] == ["tiny"]
+            assert client.generate("hi", max_tokens=2).done.usage.completion_tokens == 2
+    finally:
+        assert d.stop() == 0, d.log()
