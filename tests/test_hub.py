@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,7 +54,9 @@ def test_the_files_fetched_are_those_mlx_lm_fetches() -> None:
     assert ALLOW_PATTERNS == DEFAULT_ALLOW_PATTERNS
 
 
-def test_pull_then_an_offline_daemon_serves_the_cached_repo(base: Path, tiny_model: Path) -> None:
+def test_pull_then_an_offline_daemon_serves_the_cached_repo(
+    base: Path, tiny_model: Path, tiny_model_b: Path
+) -> None:
     with FakeHub({REPO: tiny_model}) as hub:
         pulled = mlxd("pull", REPO, env=hf_env(base, HF_ENDPOINT=hub.url))
         assert pulled.returncode == 0, pulled.stderr
@@ -84,6 +88,20 @@ def test_pull_then_an_offline_daemon_serves_the_cached_repo(base: Path, tiny_mod
         assert [c["repo"] for c in both["cached"]] == [REPO]
         text = mlxd("models", "--socket", str(d.socket), env=offline).stdout.splitlines()
         assert text[0].startswith("coder\tresident ") and text[1].startswith(f"{REPO}\tcached ")
+
+        # A new revision on the Hub: pulled, then SIGHUP, and the daemon serves it.
+        with FakeHub({REPO: tiny_model_b}) as hub:
+            assert mlxd("pull", REPO, env=hf_env(base, HF_ENDPOINT=hub.url)).returncode == 0
+            newer = snapshot.parent / hub.commit(REPO)
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while '"reason": "reconfigured"' not in d.log():  # coder, resident, now stale
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+        with d.client() as client:
+            done = client.generate("def f():", model="coder", max_tokens=12)
+            assert done.tokens == reference(newer, "def f():", 12)[1]
+            assert [m.path for m in client.models()] == [str(newer)]
     finally:
         assert d.stop() == 0, d.log()
         shutil.rmtree(d.socket.parent, ignore_errors=True)
