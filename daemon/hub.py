@@ -94,14 +94,15 @@ def model_dir(repo: str) -> Path:
     """The cached snapshot of ``repo`` with every file mlx-lm would fetch, found without
     the network (as ``mlx_lm.utils.hf_repo_to_path``). Raises ``HubError``
     (``not_in_cache``) when the cache lacks it or holds only part of it."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError
+    from huggingface_hub import errors, snapshot_download
 
+    # An older huggingface_hub has no IncompleteSnapshotError: it returns what is there.
+    incomplete = getattr(errors, "IncompleteSnapshotError", ())
     try:
         path = snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, local_files_only=True)
-    except IncompleteSnapshotError:
+    except incomplete:
         where = f"only partly in the Hugging Face cache ({cache_dir()})"
-    except (OSError, ValueError, HFValidationError):  # LocalEntryNotFoundError is an OSError
+    except (OSError, ValueError):  # LocalEntryNotFoundError, HFValidationError
         where = f"not in the Hugging Face cache ({cache_dir()})"
     else:
         return Path(path)

@@ -113,16 +113,25 @@ def test_serve_downloads_a_repo_the_cache_lacks_before_it_serves(
     with FakeHub({REPO: tiny_model}) as hub:
         env = hf_env(base, HF_ENDPOINT=hub.url)
         d = start_daemon(short_tmpdir() / "mlxd.sock", "--model", f"coder={REPO}", env=env)
-        fetched = [r for r in hub.requests if r.startswith("GET") and r.endswith(".safetensors")]
-    try:
-        assert fetched
-        with d.client() as client:
-            done = client.generate("x = ", max_tokens=8)
-            assert done.tokens == reference(tiny_model, "x = ", 8)[1]
-        assert '"event": "model_downloaded"' in d.log()
-    finally:
-        assert d.stop() == 0, d.log()
-        shutil.rmtree(d.socket.parent, ignore_errors=True)
+        try:
+            fetched = [r for r in hub.requests if r.startswith("GET") and "/resolve/" in r]
+            assert f"GET /{REPO}/resolve/{hub.commit(REPO)}/model.safetensors" in fetched
+            assert '"event": "model_downloaded"' in d.log()
+            asked = len(hub.requests)
+            # Online, and the Hub up: the load, a reload and the listing ask it nothing.
+            with d.client() as client:
+                done = client.generate("x = ", max_tokens=8)
+                assert done.tokens == reference(tiny_model, "x = ", 8)[1]
+                d.proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 30
+                while '"event": "config_reloaded"' not in d.log():
+                    assert time.monotonic() < deadline, d.log()
+                    time.sleep(0.05)
+                assert [m.name for m in client.models()] == ["coder"]
+            assert hub.requests[asked:] == []
+        finally:
+            assert d.stop() == 0, d.log()
+            shutil.rmtree(d.socket.parent, ignore_errors=True)
 
 
 def test_a_repo_the_hub_lacks_is_one_line(base: Path, tiny_model: Path) -> None:
