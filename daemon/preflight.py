@@ -72,7 +72,8 @@ def fetch(missing: list[tuple[str, str]], log: Any) -> None:
         except hub.HubError as exc:
             if exc.code == "download_failed":
                 raise hub.HubError(exc.code, f"{where}: {exc.message}") from None
-            raise ConfigError(f"{where}: {exc.message}") from None
+            # It may have been meant as a directory: say that there is none either.
+            raise ConfigError(f"{where}: {exc.message}; nor is it a directory") from None
         log.info("model_downloaded", repo=repo, path=str(path))
 
 

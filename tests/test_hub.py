@@ -149,6 +149,7 @@ def test_a_repo_the_hub_lacks_is_one_line(base: Path, tiny_model: Path) -> None:
         errors = [x for x in out.stderr.splitlines() if not x.startswith("{")]
         assert errors == [out.stderr.strip().splitlines()[-1]], out.stderr
         assert errors[0].startswith("mlxd: error: invalid_config: --model c: org/nope: no such")
+        assert errors[0].endswith("; nor is it a directory")
     offline = mlxd("pull", REPO, env=hf_env(base, HF_HUB_OFFLINE="1"))
     assert offline.returncode == 1 and "not_in_cache" in offline.stderr
     unreachable = mlxd("pull", REPO, env=hf_env(base, HF_ENDPOINT=hub.url))  # closed by now
