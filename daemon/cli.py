@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_model_arg,
         default=[],
-        metavar="NAME=DIR",
-        help="serve the mlx-lm model directory DIR as NAME (repeatable); none: the demo model",
+        metavar="NAME=DIR|REPO",
+        help="serve the mlx-lm model directory DIR, or the Hugging Face repo REPO (org/name), "
+        "as NAME (repeatable); none: the demo model",
     )
     serve.add_argument("--models-dir", help="a folder whose sub-folders are models, by folder name")
     serve.add_argument("--default-model", help="the model for requests that name none")
@@ -137,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message")
     _sampling_args(chat)
 
-    for name, help in (("models", "list models"), ("stats", "show daemon statistics")):
-        sub = command(name, help)
-        sub.add_argument("--json", action="store_true", help="print one JSON object")
+    stats = command("stats", "show daemon statistics")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    from .hub import add_parsers as add_hub_parsers
+
+    add_hub_parsers(commands, command)  # pull, and models (the daemon's and the cache's)
 
     load = command("load", "load a model and keep it resident")
     load.add_argument("model")
@@ -191,11 +194,12 @@ def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
 def serve(args: argparse.Namespace) -> int:
     import structlog
 
-    from . import blas, logs, settings
+    from . import blas, hub, logs, preflight, settings
 
     flags, env = vars(args), dict(os.environ)
     try:
         loaded = settings.load(flags, env, args.config)
+        missing = preflight.check(loaded, download=True)  # every model source a model
     except settings.ConfigError as exc:
         # Before the socket exists: a service manager sees the failure, clients see no daemon.
         print(f"mlxd: error: invalid_config: {exc}", file=sys.stderr)
@@ -212,10 +216,20 @@ def serve(args: argparse.Namespace) -> int:
     if choice is not None:
         say = log.warning if choice.reason in blas.WARNINGS else log.info
         say("blas_selected", **blas.log_fields(choice, config.blas))
+    try:  # repos the Hugging Face cache lacks, as mlx-lm's load would: before the socket
+        preflight.fetch(missing, log)
+    except settings.ConfigError as exc:
+        print(f"mlxd: error: invalid_config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except hub.HubError as exc:
+        print(f"mlxd: error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
 
     def reload() -> Config:
         # SIGHUP: the file again, under the environment and flags the daemon started with.
-        return settings.load(flags, env, args.config).config
+        loaded = settings.load(flags, env, args.config)
+        preflight.check(loaded, download=False)
+        return loaded.config
 
     code = run_server(config, reload)
     # Everything is closed and flushed by now. Leave without running C++ static destructors:
@@ -345,15 +359,13 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def models(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        infos = client.models()
-    if args.json:
-        print(_json({"models": infos}))
-        return 0
-    for m in infos:
-        state = f"resident {m.bytes / 2**20:.1f} MiB" if m.resident else "not loaded"
-        print(f"{m.name}\t{state}\t{m.path}")
-    return 0
+    from . import hub
+
+    def daemon_models() -> Any:
+        with _client(args) as client:
+            return client.models()
+
+    return hub.models(args, daemon_models)
 
 
 def stats(args: argparse.Namespace) -> int:
@@ -419,6 +431,12 @@ def demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def pull(args: argparse.Namespace) -> int:
+    from .hub import pull
+
+    return pull(args)
+
+
 def service(args: argparse.Namespace) -> int:
     from .service import run
 
@@ -431,6 +449,7 @@ _COMMANDS = {
     "generate": generate,
     "chat": chat,
     "models": models,
+    "pull": pull,
     "stats": stats,
     "load": load,
     "unload": unload,

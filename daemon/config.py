@@ -53,7 +53,8 @@ def default_demo_model_dir() -> Path:
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     socket_path: str = msgspec.field(default_factory=lambda: str(default_socket_path()))
     models: dict[str, str] = {}
-    """Model name -> local mlx-lm model directory."""
+    """Model name -> local mlx-lm model directory, or a Hugging Face repo id (``org/name``:
+    no such path) found in huggingface_hub's cache (``daemon/hub.py``)."""
     models_dir: str | None = None
     """Folder whose sub-folders are models addressable by their folder name."""
     default_model: str | None = None

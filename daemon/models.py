@@ -1,8 +1,9 @@
 """Resident models: name resolution, loading, LRU unloading under a byte budget, keep-alive.
 
-A model name resolves to a local mlx-lm model directory: a configured alias first, then a
-sub-folder of ``models_dir`` (never a path that leaves it). Models load on first use or by
-an explicit ``load``; room for its weights is made by the worker's ``MemoryBudget`` (which
+A model name resolves to a local mlx-lm model directory: a configured alias first (a path,
+or a repo id's snapshot in the Hugging Face cache: daemon/hub.py), then a sub-folder of
+``models_dir`` (never a path that leaves it). Models load on first use or by an explicit
+``load``; room for its weights is made by the worker's ``MemoryBudget`` (which
 may unload least recently used idle models); a model idle past its keep-alive is unloaded
 by ``sweep``. A model with keep-alive -1 (per request, or named in ``pinned_models``) is
 pinned: never unloaded by either.
@@ -18,6 +19,7 @@ thread-local (mlx-lm #1181), so a model must be loaded on the thread that runs i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -39,6 +41,7 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from mlxd.protocol import ModelInfo, errors
 
+from . import hub
 from .config import Config
 from .prompts import max_token_bytes
 
@@ -260,7 +263,7 @@ class ModelRegistry:
         self._on_load = on_load
         self._on_unload = on_unload
         self._make_room = make_room or self._unload_idle_for
-        self._aliases = {name: Path(p).expanduser() for name, p in config.models.items()}
+        self._aliases = dict(config.models)  # name -> source: a path or a repo id
         self._models_dir = Path(config.models_dir).expanduser() if config.models_dir else None
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self.mlx_peak_floor = 0
@@ -272,7 +275,7 @@ class ModelRegistry:
     def reconfigure(self, config: Config) -> None:
         """New aliases, models folder, budget and default keep-alive (a SIGHUP reload)."""
         self._config = config
-        self._aliases = {name: Path(p).expanduser() for name, p in config.models.items()}
+        self._aliases = dict(config.models)
         self._models_dir = Path(config.models_dir).expanduser() if config.models_dir else None
         for m in list(self._resident.values()):
             try:
@@ -293,7 +296,10 @@ class ModelRegistry:
 
     def resolve(self, name: str) -> Path:
         if name in self._aliases:
-            return self._aliases[name]
+            try:
+                return hub.source_dir(self._aliases[name])
+            except hub.HubError as exc:  # a repo removed from the cache since the start
+                raise ModelError(errors.MODEL_LOAD_FAILED, exc.message) from None
         if self._models_dir is not None and name not in ("", ".", "..") and "/" not in name:
             try:
                 candidate = (self._models_dir / name).resolve()
@@ -438,9 +444,11 @@ class ModelRegistry:
     def infos(self) -> list[ModelInfo]:
         infos = [m.info() for m in self._resident.values()]
         known = {i.name for i in infos}
-        for name, path in self._aliases.items():
+        for name, source in self._aliases.items():
             if name not in known:
-                infos.append(ModelInfo(name=name, path=str(path), resident=False))
+                with contextlib.suppress(hub.HubError):  # else the repo id, as it is
+                    source = str(hub.source_dir(source))
+                infos.append(ModelInfo(name=name, path=source, resident=False))
                 known.add(name)
         if self._models_dir is not None and self._models_dir.is_dir():
             for sub in sorted(self._models_dir.iterdir()):

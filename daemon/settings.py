@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 
 from .config import DEMO_MODEL_NAME, Config, default_demo_model_dir
+from .hub import is_repo_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -120,7 +121,7 @@ class FileSchema(_Strict):
     blas: Literal["auto", "system", "bundled"] | None = None
     """Linux: the BLAS MLX multiplies with (daemon/blas.py)."""
     models: dict[str, str] = msgspec.field(default_factory=dict)
-    """Model name -> mlx-lm model directory."""
+    """Model name -> mlx-lm model directory, or Hugging Face repo id (``daemon/hub.py``)."""
     cache: CacheSection = CacheSection()
     limits: LimitsSection = LimitsSection()
     log: LogSection = LogSection()
@@ -288,8 +289,10 @@ def _flatten(
         if s.path and base is not None:
             value = _relative_to(value, base)
         out[s.key] = value
+    # A repo id stays one: relative to the file's folder only what is a path there.
     models = {
-        name: _relative_to(d, base) if base is not None else d for name, d in parsed.models.items()
+        name: d if base is None or is_repo_id(d, base) else _relative_to(d, base)
+        for name, d in parsed.models.items()
     }
     return out, models
 

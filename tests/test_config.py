@@ -83,6 +83,8 @@ def test_config_show_names_each_values_source_file_then_env_then_flag(base: Path
         "[cache]\n"
         'max_bytes = "1G"\n'
     )
+    # It exists: else "models/coder", of the form org/name, would be a Hugging Face repo id.
+    (base / "models" / "coder").mkdir(parents=True)
     out = mlxd(
         "config", "show", "--json", "--config", str(config), "--max-batch-size", "6",
         env={"MLXD_MAX_QUEUED": "20", "MLXD_MAX_BATCH_SIZE": "5", "MLXD_LOG_LEVEL": "WARNING"},
