@@ -197,3 +197,63 @@ def test_a_readme_config_block_parses(block: Block) -> None:
     parsed = settings.tomllib.loads(block.text)
     if "mlxd/config.toml" in block.first_line:
         msgspec.convert(parsed, settings.FileSchema)  # raises on an unknown key or a bad value
+
+
+# ---------------------------------------------------------------- the README's figures
+# What the README says of defaults and choices is what the code does (issue 15, item 19).
+
+README_TEXT = README.read_text(encoding="utf-8")
+PROSE = " ".join(README_TEXT.split())
+"""The README with its line breaks as spaces: a sentence found however it is wrapped."""
+
+
+def _config_block() -> str:
+    return next(b.text for b in BLOCKS if "mlxd/config.toml" in b.first_line)
+
+
+def test_the_readme_states_the_default_budgets() -> None:
+    from mlxd.daemon.config import (
+        default_cache_budget,
+        default_memory_budget,
+        physical_memory_bytes,
+    )
+
+    ram = physical_memory_bytes()
+    memory = round(100 * default_memory_budget() / ram)
+    cache = round(100 * default_cache_budget() / ram)
+    lines = {ln.split("=")[0].strip(): ln for ln in _config_block().splitlines() if "=" in ln}
+    assert f"# default: {memory}% of RAM;" in lines["memory_budget"]
+    assert f"# default: {cache}% of RAM;" in lines["max_bytes"]
+    assert f"Unset, `memory_budget` is {memory}% of the machine's RAM" in PROSE
+    assert f"`cache.max_bytes` is {cache}% of RAM" in PROSE
+
+
+def test_the_readme_lists_every_demo_model_size() -> None:
+    from mlxd.daemon.demo_model import SIZES
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "mlxd.daemon", "demo-model", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    found = re.search(r"--size \{([^}]*)\}", help_text)
+    assert found, help_text
+    choices = found.group(1).split(",")
+    assert set(choices) == set(SIZES)
+    listed = "\\|".join(choices)  # as a Markdown table cell writes "|"
+    assert f"mlxd demo-model --out DIR [--size {listed}]" in README_TEXT
+    for size in choices:
+        assert f"`{size}` (" in README_TEXT, f"the README does not describe --size {size}"
+
+
+def test_the_readme_states_the_linux_socket_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlxd.daemon.service import build_target
+    from mlxd.protocol.paths import default_socket_path
+
+    monkeypatch.delenv("MLXD_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert default_socket_path() == Path(f"/tmp/mlxd-{os.getuid()}/mlxd.sock")
+    assert "`/tmp/mlxd-$UID/mlxd.sock` where `XDG_RUNTIME_DIR` is unset" in PROSE
+    unit = build_target("linux", "/home/you", program=["/home/you/.venv/bin/mlxd"])
+    assert unit.socket == "%t/mlxd/mlxd.sock"
+    assert "On Linux the units' socket is `%t/mlxd/mlxd.sock`" in PROSE
