@@ -3,22 +3,26 @@ connect it refused, never surfaces as an OSError, an anyio error or an exception
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import time
+import traceback
 from pathlib import Path
 
 import anyio
 import pytest
-from conftest import Daemon, short_tmpdir, start_daemon
+from conftest import Daemon, short_tmpdir, start_daemon, wait_idle
 
 from mlxd.client import (
     AsyncClient,
     Client,
     ConnectionClosedError,
+    InvalidRequestError,
     MlxdError,
     OverloadedError,
     RequestTimeoutError,
+    UnknownModelError,
 )
 
 
@@ -103,3 +107,72 @@ def test_the_blocking_clients_timeout_is_an_mlxd_error_and_closes() -> None:
     finally:
         server.close()
         shutil.rmtree(base)
+
+
+# ---------------------------------------------------------------- nothing wrapped in a group
+# The async client's reader runs in a task group entered by ``async with``; that group must
+# not wrap what leaves the block (issue 15, item 9).
+
+
+async def test_an_mlxd_error_leaves_async_with_as_it_is(daemon: Daemon) -> None:
+    with pytest.raises(UnknownModelError) as raised:
+        async with AsyncClient(daemon.socket) as client:
+            await client.load("no-such-model")
+    assert type(raised.value) is UnknownModelError and raised.value.code == "unknown_model"
+    # Its own traceback, down to where the client raised it.
+    frames = [f.name for f in traceback.extract_tb(raised.value.__traceback__)]
+    assert "load" in frames and "_call" in frames, frames
+    with pytest.raises(InvalidRequestError) as invalid:
+        async with AsyncClient(daemon.socket) as client:
+            async for _ in client.stream("hi", max_tokens=10**9):
+                pass
+    assert type(invalid.value) is InvalidRequestError and invalid.value.code == "invalid_request"
+
+
+async def test_the_callers_own_exception_leaves_async_with_as_it_is(daemon: Daemon) -> None:
+    mine = ValueError("mine")
+    with pytest.raises(ValueError) as raised:
+        async with AsyncClient(daemon.socket) as client:
+            await client.ping()
+            raise mine
+    assert raised.value is mine
+    # Also one raised while a stream is in flight (the reader still routing its chunks).
+    with pytest.raises(KeyError):
+        async with AsyncClient(daemon.socket) as client:
+            async for _ in client.stream("def f(", max_tokens=1000):
+                raise KeyError("mine")
+    with daemon.client() as c:
+        wait_idle(c)  # the daemon ended that request when the connection closed
+
+
+async def test_cancelling_and_timeouts_around_async_with_still_behave(daemon: Daemon) -> None:
+    async def first_chunk_then_wait(client: AsyncClient, scope: anyio.CancelScope | None) -> None:
+        async for _ in client.stream("def f(", max_tokens=30000):
+            if scope is not None:
+                scope.cancel()
+            await anyio.sleep_forever()
+
+    with anyio.CancelScope() as scope:
+        async with AsyncClient(daemon.socket) as client:
+            await first_chunk_then_wait(client, scope)
+    assert scope.cancelled_caught
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.5):
+            async with AsyncClient(daemon.socket) as client:
+                await first_chunk_then_wait(client, None)
+
+    async def in_a_task() -> None:
+        async with AsyncClient(daemon.socket) as client:
+            await first_chunk_then_wait(client, None)
+
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(in_a_task(), 0.5)
+    task = asyncio.ensure_future(in_a_task())
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with daemon.client() as c:
+        wait_idle(c)  # each cancelled request ended on the daemon too
+    async with AsyncClient(daemon.socket) as client:
+        assert await client.ping() >= 0

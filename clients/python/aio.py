@@ -7,7 +7,9 @@
 Leaving a ``stream`` early (``break``, an exception, or dropping it) cancels the request
 on the daemon. Every failure is an ``MlxdError`` (never an anyio error, an OSError or an
 exception group): a connection the daemon closed, or that broke, is a
-``ConnectionClosedError``, or the error the daemon said it closed it for.
+``ConnectionClosedError``, or the error the daemon said it closed it for. What leaves an
+``async with AsyncClient()`` block (an ``MlxdError``, the caller's own exception, a
+cancellation) leaves it as it is, not wrapped in the reader's task group's group.
 Threading: one event loop; the client is not shared between threads.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -62,6 +65,9 @@ from ._common import (
 )
 from .exceptions import ConnectionClosedError, DaemonUnavailableError, MlxdError, error_from
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # anyio's dependency there
+
 
 class AsyncClient:
     def __init__(self, socket_path: str | Path | None = None, *, name: str = "mlxd.client") -> None:
@@ -96,11 +102,22 @@ class AsyncClient:
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    ) -> bool:
         assert self._tg is not None and self._stream is not None
         self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(et, e, tb)
-        await self._stream.aclose()
+        try:
+            await self._tg.__aexit__(et, e, tb)
+        except BaseExceptionGroup as group:
+            # The task group wraps the exception leaving the block (an MlxdError, the
+            # caller's own). The reader never raises (it keeps its failure for the requests),
+            # so that exception is all the group holds: returning lets it go on unwrapped,
+            # with its own traceback, and ``except UnknownModelError`` catches it.
+            if e is None or any(inner is not e for inner in group.exceptions):
+                raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()
+        return False
 
     # ------------------------------------------------------------------ requests
 

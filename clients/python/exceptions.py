@@ -6,7 +6,8 @@ from mlxd.protocol import Error, errors
 
 
 class MlxdError(Exception):
-    """A request failed; ``code`` is the daemon's stable error code."""
+    """A request failed; ``code`` is the daemon's stable error code. A code without a
+    subclass of its own (``prompt_too_long``, ``insufficient_memory``, ...) is this class."""
 
     def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(f"{code}: {message}")

@@ -1,15 +1,42 @@
 // node --test, against a real daemon: $MLXD_SOCKET is its socket and $MLXD_VSCODE_EXPECT
-// holds mlx-lm's greedy outputs for the prompts below (tests/test_vscode.py computes them).
+// holds mlx-lm's greedy outputs for the prompts below. Run them with
+// `.venv/bin/python -m pytest tests/test_vscode.py` from the repository root: it starts the
+// daemon, computes the outputs and sets both.
 
 import { strict as assert } from "node:assert";
 import * as fs from "node:fs";
 import * as net from "node:net";
-import { test } from "node:test";
+import { after, test } from "node:test";
 import { Client, Message } from "../src/client";
 import { InlineProvider, Token, defaultSettings, prefixStart } from "../src/provider";
 
-const socket = process.env.MLXD_SOCKET!;
-const expect = JSON.parse(process.env.MLXD_VSCODE_EXPECT ?? "{}");
+function required(name: string): string {
+  const value = process.env[name];
+  if (!value) {
+    // Fail at once: without it every daemon test would fail on its own, or wait on a daemon.
+    throw new Error(
+      `${name} is not set: these tests need a daemon ($MLXD_SOCKET) and mlx-lm's outputs for ` +
+        "their prompts ($MLXD_VSCODE_EXPECT). Run them with " +
+        "`.venv/bin/python -m pytest tests/test_vscode.py` from the repository root.",
+    );
+  }
+  return value;
+}
+
+const socket = required("MLXD_SOCKET");
+const expect = JSON.parse(required("MLXD_VSCODE_EXPECT"));
+
+// Every client a test opens is closed at the end, also when the test failed half-way: an
+// open connection (or a request still streaming) would keep node running.
+const clients: Client[] = [];
+function newClient(...args: ConstructorParameters<typeof Client>): Client {
+  const client = new Client(...args);
+  clients.push(client);
+  return client;
+}
+after(() => {
+  for (const client of clients) client.close();
+});
 
 function token(): Token & { cancel(): void } {
   const listeners: (() => void)[] = [];
@@ -27,7 +54,7 @@ function token(): Token & { cancel(): void } {
 }
 
 test("hello, then a streamed generate equal to mlx-lm's greedy output", async () => {
-  const client = new Client(socket);
+  const client = newClient(socket);
   const chunks: Message[] = [];
   const done = await client.call(
     { type: "generate", prompt: expect.plain.prompt, max_tokens: expect.plain.max_tokens },
@@ -44,7 +71,7 @@ test("hello, then a streamed generate equal to mlx-lm's greedy output", async ()
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 test("supersedes cancels the previous request on the daemon", async () => {
-  const client = new Client(socket);
+  const client = newClient(socket);
   let firstChunk!: () => void;
   const started = new Promise<void>((resolve) => (firstChunk = resolve));
   let firstId!: number;
@@ -67,7 +94,7 @@ test("supersedes cancels the previous request on the daemon", async () => {
 });
 
 test("the inline provider fills in the middle; the next call supersedes its last", async () => {
-  const client = new Client(socket);
+  const client = newClient(socket);
   const settings = { ...defaultSettings, stop: [], debounceMs: 5 };
   const provider = new InlineProvider(client, { ...settings, maxTokens: 4000 });
   // One keystroke's call, still streaming when the next keystroke's comes.
@@ -99,7 +126,7 @@ test("the inline provider fills in the middle; the next call supersedes its last
 
 test("no daemon: requests fail at once, and the state changes only once", async () => {
   const states: string[] = [];
-  const client = new Client(socket + ".missing", 60_000, (s) => states.push(s));
+  const client = newClient(socket + ".missing", 60_000, (s) => states.push(s));
   const ends = await Promise.all([1, 2, 3].map(() => client.call({ type: "ping" })));
   const again = await client.call({ type: "ping" });
   for (const end of [...ends, again]) assert.equal(end.type, "error");
@@ -118,7 +145,7 @@ test(
     await new Promise<void>((resolve) => server.listen(path, resolve));
     fs.chownSync(path, 65534, 65534); // as if nobody had put it there
     try {
-      const client = new Client(path);
+      const client = newClient(path);
       const end = await client.call({ type: "ping" });
       assert.equal(end.code, "permission_denied");
       assert.match(String(end.message), /uid 65534/);
