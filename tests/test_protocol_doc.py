@@ -120,6 +120,9 @@ def _codes_raised_outside_the_wire() -> set[str]:
     codes |= set(
         re.findall(r"ServiceError\(\s*\"(\w+)\"", (ROOT / "daemon/service.py").read_text())
     )
+    hub = (ROOT / "daemon/hub.py").read_text()
+    codes |= set(re.findall(r"HubError\(\s*\"(\w+)\"", hub))
+    codes |= set(re.findall(r"code, why = \"(\w+)\"", hub))
     return codes
 
 
