@@ -54,6 +54,10 @@ DOC_PORT = "127.0.0.1:8642"
 NOT_RUN: dict[str, str] = {
     # how the block's first line starts -> why this test does not run it
     "./dev demo": "set-up: creates .venv and starts a daemon of its own",
+    "mlxd pull mlx-community/": (
+        "needs the network (the Hugging Face Hub); tests/test_hub.py runs pull, models --cached "
+        "and an offline serve against a stand-in hub"
+    ),
     ".venv/bin/mlxd serve --model coder=~/models/qwen-coder": (
         "starts a daemon, on real models a test machine does not have"
     ),
