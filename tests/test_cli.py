@@ -162,7 +162,8 @@ def test_stats_prints_a_readable_summary(daemon: Daemon) -> None:
     lines = text.splitlines()
     # The per-model split: a header, then one row per model with its sizes.
     header = next(i for i, line in enumerate(lines) if line.startswith("per model"))
-    assert lines[header].split()[2:] == ["model", "weights", "live", "KV", "scratch", "cached", "KV"]
+    columns = ["model", "weights", "live", "KV", "scratch", "cached", "KV"]
+    assert lines[header].split()[2:] == columns
     row = next(line for line in lines[header + 1 :] if line.split()[0] == "tiny")
     assert "MiB" in row or "KiB" in row
     # No raw byte count of the budget: sizes are scaled.
