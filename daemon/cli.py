@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--json", action="store_true", help="print each chunk and the done message as JSON lines"
     )
+    gen.add_argument(
+        "--verbose", action="store_true", help="then a line of token counts and speed on stderr"
+    )
 
     chat = command("chat", "chat interactively (an empty line or EOF ends it)")
     chat.add_argument("--system", help="a system message")
@@ -330,6 +333,11 @@ def generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
     if not args.json:
         sys.stdout.write("\n")
+    if args.verbose:
+        from .cli_output import done_summary
+
+        sys.stdout.flush()  # the text first, on a terminal where both are shown
+        print(done_summary(message), file=sys.stderr)
     return 0
 
 
