@@ -5,8 +5,8 @@ each answered with its one reply in the round that reads it.
 unloads it, which closes its generators and drops its prompt-cache entries (the worker's
 ``on_unload``). ``unload`` and ``clear_cache`` of a model the daemon does not know (not
 resident, and no name it serves) are ``unknown_model``, as a ``load`` of it is: a typo must
-not pass for a success. ``stats`` gathers the worker's counters, the cache's and the budget's, and
-MLX's memory figures (``WorkerStats``); the loop adds its connection counters.
+not pass for a success. ``stats`` gathers the worker's counters, the cache's and the
+budget's, and MLX's memory figures (``WorkerStats``); the loop adds its connection counters.
 
 Threading: worker thread only.
 """
