@@ -1,7 +1,8 @@
 """The ``mlxd`` command: ``serve`` runs the daemon; the other commands are clients of it.
 
 Client commands import only ``mlxd.client`` (no MLX), so they start fast. Errors print one
-line, ``mlxd: error: CODE: message``, on stderr and exit non-zero.
+line on stderr: ``mlxd: error: CODE: message``, exit 1, or 78 for a configuration that cannot
+work; a command line argparse refuses, ``mlxd CMD: error: message``, exit 2.
 
 Threading: the main thread only.
 """
@@ -17,13 +18,22 @@ from typing import Any
 
 import msgspec
 
-from mlxd.protocol.paths import default_socket_path
+from mlxd.protocol.paths import default_socket_path, socket_path_problem
 
+from .cli_args import (
+    EXIT_CONFIG,
+    CommandError,
+    Parser,
+    know_parsers,
+    sampling_args,
+    sampling_options,
+    size_arg,
+    version,
+)
 from .config import Config
-from .settings import parse_bytes as _bytes
+from .settings import LOG_LEVELS
 
-EXIT_CONFIG = 78
-"""sysexits' EX_CONFIG: a service manager can tell "fix the file" from a crash."""
+SOCKET_SETTINGS = "--socket (MLXD_SOCKET, or the configuration file's socket)"
 
 
 def _model_arg(text: str) -> tuple[str, str]:
@@ -36,7 +46,8 @@ def _model_arg(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlxd", description="Local LLM inference daemon on MLX")
+    parser = Parser(prog="mlxd", description="Local LLM inference daemon on MLX")
+    parser.add_argument("--version", action="version", version=f"mlxd {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -59,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--models-dir", help="a folder whose sub-folders are models, by folder name")
     serve.add_argument("--default-model", help="the model for requests that name none")
-    serve.add_argument("--memory-budget", type=_bytes, help="weights + KV bytes, e.g. 8G")
+    serve.add_argument("--memory-budget", type=size_arg, help="weights + KV bytes, e.g. 8G")
     serve.add_argument("--keep-alive", type=float, help="idle seconds before unloading; -1 never")
-    serve.add_argument("--max-frame-bytes", type=_bytes, help="largest frame accepted (4M)")
+    serve.add_argument("--max-frame-bytes", type=size_arg, help="largest frame accepted (4M)")
     serve.add_argument("--max-tokens-limit", type=int, help="largest max_tokens allowed (32768)")
     serve.add_argument(
         "--max-prompt-tokens", type=int, help="prompt tokens allowed (default: model context)"
@@ -70,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued", type=int, help="waiting requests before overloaded")
     serve.add_argument("--prefill-batch-size", type=int, help="prompts prefilled together")
     serve.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill step")
-    serve.add_argument("--cache-max-bytes", type=_bytes, help="prompt cache budget; 0 disables")
+    serve.add_argument("--cache-max-bytes", type=size_arg, help="prompt cache budget; 0 disables")
     serve.add_argument("--cache-max-entries", type=int)
     serve.add_argument(
         "--no-cache-persist",
@@ -79,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="do not save the prompt cache on shutdown nor restore it",
     )
-    serve.add_argument("--cache-persist-max-bytes", type=_bytes, help="bytes saved at most")
+    serve.add_argument("--cache-persist-max-bytes", type=size_arg, help="bytes saved at most")
     serve.add_argument("--max-connections", type=int)
     serve.add_argument(
         "--handshake-timeout", type=float, help="seconds a connection has to say hello (5)"
@@ -114,29 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="Linux: preload the system's OpenBLAS when MLX links the reference BLAS (auto, "
         "the default), always (system), or never (bundled)",
     )
-    serve.add_argument("--log-level", help="debug, info (the default), warning, error")
+    serve.add_argument(
+        "--log-level", type=str.lower, choices=LOG_LEVELS, help="info is the default"
+    )
     serve.add_argument("--log-format", choices=["auto", "json", "console"])
 
     config = commands.add_parser("config", help="the daemon's configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser(
         "show",
+        parents=[serve],  # serve's flags, so a typo in one is refused here as there
+        add_help=False,  # serve's -h comes with them
         help="print the effective configuration and where each value came from",
         description="print the effective configuration (defaults < file < MLXD_* < flags) "
-        "and where each value came from; takes the flags of serve",
+        "and where each value came from, as a configuration file serve --config reads; "
+        "takes the flags of serve",
     )
     show.add_argument("--json", action="store_true", help="print one JSON object")
 
     gen = command("generate", "stream a completion to stdout")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
-    _sampling_args(gen)
+    sampling_args(gen)
     gen.add_argument(
         "--json", action="store_true", help="print each chunk and the done message as JSON lines"
+    )
+    gen.add_argument(
+        "--verbose", action="store_true", help="then a line of token counts and speed on stderr"
     )
 
     chat = command("chat", "chat interactively (an empty line or EOF ends it)")
     chat.add_argument("--system", help="a system message")
-    _sampling_args(chat)
+    sampling_args(chat)
 
     stats = command("stats", "show daemon statistics")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
@@ -161,34 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .service import add_parser as add_service_parser
 
     add_service_parser(commands)
+    know_parsers(parser)
     return parser
-
-
-def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model name (default: the daemon's default)")
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--min-p", type=float)
-    parser.add_argument("--repetition-penalty", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
-
-
-def _sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    names = (
-        "model",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "seed",
-        "stop",
-    )
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -205,6 +198,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"mlxd: error: invalid_config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     config = loaded.config
+    problem = _unbindable_socket(config)
+    if problem is not None:  # before anything is created: nothing to clean up
+        print(f"mlxd: error: invalid_config: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     # Before MLX loads (nothing so far imported it): this may re-execute the process.
     choice = blas.select(config.blas, can_reexec=getattr(args, "own_command_line", False))
     if choice is not None and choice.error:
@@ -239,6 +236,21 @@ def serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _unbindable_socket(config: Config) -> str | None:
+    """Why a socket the daemon would bind cannot exist (one line), or None."""
+    from .http_auth import parse_listen
+
+    problem = socket_path_problem(Path(config.socket_path).expanduser())
+    if problem is not None:
+        return f"{problem}: use a shorter {SOCKET_SETTINGS}"
+    try:
+        where = parse_listen(config.http) if config.http else None
+    except ValueError:  # check_http says what is wrong with it
+        where = None
+    problem = socket_path_problem(where) if isinstance(where, Path) else None
+    return None if problem is None else f"{problem}: use a shorter --http unix:PATH"
 
 
 def run_server(config: Config, reload: Callable[[], Config] | None = None) -> int:
@@ -280,10 +292,8 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
 def config_command(args: argparse.Namespace) -> int:
     from . import settings
 
-    serve_args = build_parser().parse_args(["serve", *args.serve_flags])
-
     try:
-        loaded = settings.load(vars(serve_args), os.environ, serve_args.config)
+        loaded = settings.load(vars(args), os.environ, args.config)
     except settings.ConfigError as exc:
         print(f"mlxd: error: invalid_config: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -304,7 +314,17 @@ def _socket(args: argparse.Namespace) -> Path | None:
 def _client(args: argparse.Namespace) -> Any:
     from mlxd.client import Client
 
-    return Client(_socket(args))
+    path = _socket(args)
+    _check_socket_path(path or default_socket_path())
+    return Client(path)
+
+
+def _check_socket_path(path: Path | str) -> None:
+    problem = socket_path_problem(path)
+    if problem is not None:
+        raise CommandError(
+            "invalid_config", f"{problem}: use a shorter {SOCKET_SETTINGS}", EXIT_CONFIG
+        )
 
 
 def _json(obj: Any) -> str:
@@ -319,7 +339,7 @@ def generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     # A bar on stderr if the model loads first, on a terminal only: stdout is the text.
     with _client(args) as client, LoadProgressBar(final_line=False) as bar:
-        for message in client.stream(prompt, on_progress=bar, **_sampling_options(args)):
+        for message in client.stream(prompt, on_progress=bar, **sampling_options(args)):
             if args.json:
                 print(_json(message), flush=True)
             elif isinstance(message, Chunk):
@@ -327,35 +347,19 @@ def generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
     if not args.json:
         sys.stdout.write("\n")
+    if args.verbose:
+        from .cli_output import done_summary
+
+        sys.stdout.flush()  # the text first, on a terminal where both are shown
+        print(done_summary(message), file=sys.stderr)
     return 0
 
 
 def chat(args: argparse.Namespace) -> int:
-    from mlxd.client import Chunk
+    from .cli_chat import run_chat
 
-    from .progressbar import LoadProgressBar
-
-    history: list[dict[str, str]] = []
-    if args.system:
-        history.append({"role": "system", "content": args.system})
-    interactive = sys.stdin.isatty()
-    with _client(args) as client, LoadProgressBar(final_line=False) as bar:
-        while True:
-            if interactive:
-                print("> ", end="", flush=True)
-            line = sys.stdin.readline()
-            if not line.strip():
-                return 0
-            history.append({"role": "user", "content": line.rstrip("\n")})
-            reply = []
-            stream = client.stream(messages=history, on_progress=bar, **_sampling_options(args))
-            for message in stream:
-                if isinstance(message, Chunk):
-                    reply.append(message.text)
-                    sys.stdout.write(message.text)
-                    sys.stdout.flush()
-            sys.stdout.write("\n")
-            history.append({"role": "assistant", "content": "".join(reply)})
+    with _client(args) as client:
+        return run_chat(client, args.system, sampling_options(args))
 
 
 def models(args: argparse.Namespace) -> int:
@@ -374,8 +378,9 @@ def stats(args: argparse.Namespace) -> int:
     if args.json:
         print(_json(result))
         return 0
-    for name, value in msgspec.structs.asdict(result).items():
-        print(f"{name}\t{value}")
+    from .cli_output import stats_summary
+
+    print(stats_summary(result))
     return 0
 
 
@@ -391,8 +396,11 @@ def load(args: argparse.Namespace) -> int:
 
 
 def unload(args: argparse.Namespace) -> int:
+    # An unknown model is the daemon's unknown_model; whether it was resident, its list says.
     with _client(args) as client:
+        resident = any(m.name == args.model and m.resident for m in client.models())
         client.unload(args.model)
+    print(f"{args.model}\t{'unloaded' if resident else 'was not loaded'}")
     return 0
 
 
@@ -405,6 +413,7 @@ def stop(args: argparse.Namespace) -> int:
     from .transport import running_pid
 
     path = _socket(args) or default_socket_path()
+    _check_socket_path(path)
     pid = running_pid(path)
     if pid is None:
         raise DaemonUnavailableError("daemon_unavailable", f"no mlxd is running on {path}")
@@ -420,14 +429,19 @@ def stop(args: argparse.Namespace) -> int:
 
 def clear_cache(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        client.clear_cache(args.model)
+        client.clear_cache(args.model)  # an unknown model is the daemon's unknown_model
+    print(f"cleared the prompt cache of {args.model or 'every model'}")
     return 0
 
 
 def demo_model(args: argparse.Namespace) -> int:
     from .demo_model import build_demo_model
 
-    print(build_demo_model(args.out, size=args.size))
+    try:
+        print(build_demo_model(args.out, size=args.size))
+    except OSError as exc:  # e.g. --out a folder of other files, or one we may not write
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else exc
+        raise CommandError("cannot_write", f"--out: {message}") from None
     return 0
 
 
@@ -464,19 +478,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mlxd.client import MlxdError
 
     parser = build_parser()
-    # `config show` takes serve's flags as they are; every other command takes only its own.
     args, extra = parser.parse_known_args(argv)
+    if extra:  # refused by the (sub)command they were given to, with its usage
+        args.parser.unrecognized(extra)
     # Only a command line that is this process's own may re-execute it (serve's BLAS).
     args.own_command_line = argv is None
-    if args.command == "config":
-        args.serve_flags = extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _COMMANDS[args.command](args)
     except MlxdError as exc:
         print(f"mlxd: error: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
+    except CommandError as exc:
+        print(f"mlxd: error: {exc.code}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -3,8 +3,10 @@ each answered with its one reply in the round that reads it.
 
 ``unload`` first ends the model's running and waiting generates (``cancelled``), then
 unloads it, which closes its generators and drops its prompt-cache entries (the worker's
-``on_unload``). ``stats`` gathers the worker's counters, the cache's and the budget's, and
-MLX's memory figures (``WorkerStats``); the loop adds its connection counters.
+``on_unload``). ``unload`` and ``clear_cache`` of a model the daemon does not know (not
+resident, and no name it serves) are ``unknown_model``, as a ``load`` of it is: a typo must
+not pass for a success. ``stats`` gathers the worker's counters, the cache's and the
+budget's, and MLX's memory figures (``WorkerStats``); the loop adds its connection counters.
 
 Threading: worker thread only.
 """
@@ -83,6 +85,7 @@ class Control:
             loaded = self._models.get(req.model, req.keep_alive, progress)
             return Done(id=req.id, model=loaded.info())
         if isinstance(req, Unload):
+            self._known(req.model)
             self._sequences.cancel_model(req.model, events)
             self._admission.cancel_model(req.model, events)
             self._models.unload(req.model)  # closes its batch (the worker's on_unload)
@@ -90,11 +93,19 @@ class Control:
         if isinstance(req, ListModels):
             return Done(id=req.id, models=self._models.infos())
         if isinstance(req, ClearCache):
+            if req.model is not None:
+                self._known(req.model)
             dropped = self._cache.clear(req.model)
             give_back_buffers()  # the entries' memory goes back to the system, not MLX's pool
             log.info("cache_cleared", model=req.model, entries=dropped)
             return Done(id=req.id)
         return self._stats(req.reset_peak)
+
+    def _known(self, name: str) -> None:
+        """Raises ``unknown_model`` unless ``name`` is resident or is a name the daemon serves
+        (a resident model whose name a reload took away is still known until unloaded)."""
+        if all(m.name != name for m in self._models.resident()):
+            self._models.resolve(name)
 
     def _stats(self, reset_peak: bool = False) -> WorkerStats:
         return WorkerStats(

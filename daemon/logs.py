@@ -22,8 +22,11 @@ _debug = False
 def setup(level: str = "info", fmt: str = "auto") -> None:
     global _debug
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    # Console lines without colours off a terminal (``--log-format console`` to a file).
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     numeric = _level(level)
     _debug = numeric <= logging.DEBUG

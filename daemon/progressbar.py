@@ -16,21 +16,16 @@ from typing import TextIO
 
 from mlxd.protocol import Progress
 
+from .cli_output import human_bytes
+
 BAR_WIDTH = 30
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def render(p: Progress, bar: bool = True) -> str:
     """``loading NAME [#####-----]  50%  1.2 GiB / 2.4 GiB``; without ``bar``, no brackets."""
     fraction = p.done_bytes / p.total_bytes if p.total_bytes else 1.0
     fraction = min(1.0, max(0.0, fraction))
-    sizes = f"{_size(p.done_bytes)} / {_size(p.total_bytes)}"
+    sizes = f"{human_bytes(p.done_bytes)} / {human_bytes(p.total_bytes)}"
     if not bar:
         return f"{p.stage} {p.model}: {fraction:.0%} ({sizes})"
     filled = round(fraction * BAR_WIDTH)

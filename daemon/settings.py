@@ -21,10 +21,12 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 
+from . import toml_out
 from .config import DEMO_MODEL_NAME, Config, default_demo_model_dir
 from .hub import is_repo_id
 
@@ -36,15 +38,20 @@ else:  # pragma: no cover - exercised on 3.10 only
 CONFIG_ENV = "MLXD_CONFIG"
 MODELS_ENV = "MLXD_MODELS"
 
-_SIZE_SUFFIXES = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
+SIZE_HINT = "bytes, or e.g. '512M', '8G'"
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 
 
 def parse_bytes(text: str) -> int:
-    """``8G``, ``512M``, ``1.5g``, ``4GiB`` or a plain byte count."""
-    text = text.strip().lower().removesuffix("b").removesuffix("i")
-    if text and text[-1] in _SIZE_SUFFIXES:
-        return int(float(text[:-1]) * _SIZE_SUFFIXES[text[-1]])
-    return int(text)
+    """``8G``, ``512M``, ``1.5g``, ``4GiB``, ``100B`` or a plain byte count; ValueError for
+    anything else (a negative size among them)."""
+    m = _SIZE.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not a size ({SIZE_HINT})")
+    return int(float(m.group(1)) * _SIZE_SUFFIXES[(m.group(2) or "").lower()])
 
 
 def default_config_path() -> Path:
@@ -93,7 +100,7 @@ class LimitsSection(_Strict):
 
 
 class LogSection(_Strict):
-    level: Literal["debug", "info", "warning", "error", "critical"] | None = None
+    level: LogLevel | None = None
     format: Literal["auto", "json", "console"] | None = None
 
 
@@ -282,10 +289,8 @@ def _flatten(
         if s.size and isinstance(value, str):
             try:
                 value = parse_bytes(value)
-            except ValueError:
-                raise ConfigError(
-                    f"{where(s.key)}: {value!r} is not a size (bytes, or e.g. '512M', '8G')"
-                ) from None
+            except ValueError as exc:
+                raise ConfigError(f"{where(s.key)}: {exc}") from None
         if s.path and base is not None:
             value = _relative_to(value, base)
         out[s.key] = value
@@ -425,8 +430,23 @@ def _error_key(exc: msgspec.ValidationError, raw: dict[str, Any]) -> tuple[str, 
         # msgspec says `$.models[...]` for a dict value: name the entry.
         bad = [n for n, d in (raw.get("models") or {}).items() if not isinstance(d, str)]
         key = f"models.{bad[0]}" if bad else "models"
+    if message.startswith("Invalid enum value") and (choices := _choices(key)):
+        message += f"; expected one of {', '.join(choices)}"
     # TOML cannot say null, so "| null" in msgspec's expected types only confuses.
     return key, message.replace(" | null", "")
+
+
+def _choices(key: str) -> tuple[str, ...]:
+    """The values a ``Literal`` key of ``FileSchema`` may take; () for any other key."""
+    hint: Any = FileSchema
+    for part in key.split("."):
+        try:
+            hint = get_type_hints(hint)[part]
+        except (TypeError, KeyError):
+            return ()
+        if get_origin(hint) in (Union, UnionType):  # X | None: X
+            hint = next((a for a in get_args(hint) if a is not type(None)), hint)
+    return get_args(hint) if get_origin(hint) is Literal else ()
 
 
 _TABLE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
@@ -502,7 +522,10 @@ def keep_restart_only(old: Config, new: Config) -> tuple[Config, list[str]]:
 
 
 def render(loaded: Loaded) -> str:
-    """The effective configuration as TOML (dotted keys), each value's source beside it."""
+    """The effective configuration as a TOML file (dotted keys) that ``load`` reads back as
+    the same configuration, each value's source beside it. Relative paths are written
+    absolute (the file may be read from elsewhere); the built-in demo model, which is what
+    no model at all means, is a comment."""
     where = "found" if loaded.file_found else "not found"
     lines = [f"# file: {loaded.path} ({where}; {loaded.path_from})"]
     config = loaded.config
@@ -511,12 +534,25 @@ def render(loaded: Loaded) -> str:
         source = loaded.sources[s.key]
         if value is None:
             lines.append(f"# {s.key} is not set  # {source}")
-        else:
-            lines.append(f"{s.key} = {_toml_value(value)}  # {source}")
+            continue
+        if s.path:
+            value = _absolute(value)
+        lines.append(f"{s.key} = {toml_out.value(value)}  # {source}")
     for name, directory in config.models.items():
         source = loaded.sources[f"models.{name}"]
-        lines.append(f"models.{_toml_key(name)} = {_toml_value(directory)}  # {source}")
+        if Path(directory).expanduser().is_dir():  # a folder, not a name for the hub
+            directory = _absolute(directory)
+        line = f"models.{toml_out.key(name)} = {toml_out.value(directory)}"
+        if source == "default":
+            lines.append(f"# {line}  # default: the built-in demo model, with no model set")
+        else:
+            lines.append(f"{line}  # {source}")
     return "\n".join(lines)
+
+
+def _absolute(value: str) -> str:
+    p = Path(value).expanduser()
+    return value if p.is_absolute() else str(p.absolute())
 
 
 def as_json(loaded: Loaded) -> dict[str, Any]:
@@ -536,16 +572,3 @@ def as_json(loaded: Loaded) -> dict[str, Any]:
         "file_from": loaded.path_from,
         "settings": settings,
     }
-
-
-def _toml_key(name: str) -> str:
-    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else msgspec.json.encode(name).decode()
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    # A JSON string is a TOML basic string (both escape with backslashes).
-    return msgspec.json.encode(str(value)).decode()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import Daemon, short_tmpdir
-from helpers import chat_tokens, reference
+from helpers import RawConn, chat_tokens, reference
 
 
 def mlxd(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -127,3 +127,45 @@ def test_serve_with_no_model_builds_and_serves_the_demo_model(tmp_path: Path) ->
         assert models["demo"]["resident"] is True
     finally:
         assert d.stop() == 0
+
+
+def test_unload_and_clear_cache_of_an_unknown_model_are_errors(daemon: Daemon) -> None:
+    sock = str(daemon.socket)
+    for command in (["unload", "nope"], ["clear-cache", "--model", "nope"]):
+        out = mlxd(*command, "--socket", sock)
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr == "mlxd: error: unknown_model: unknown model 'nope'\n"
+    # On the wire too: the daemon answers unknown_model, not done.
+    conn = RawConn(daemon.socket)
+    conn.send({"type": "unload", "id": 1, "model": "nope"})
+    conn.send({"type": "clear_cache", "id": 2, "model": "nope"})
+    assert [conn.recv()["code"], conn.recv()["code"]] == ["unknown_model"] * 2
+    conn.close()
+    # A known model says what was done.
+    out = mlxd("clear-cache", "--model", "tiny-b", "--socket", sock)
+    assert (out.returncode, out.stdout) == (0, "cleared the prompt cache of tiny-b\n")
+    assert mlxd("load", "tiny-b", "--socket", sock).returncode == 0
+    out = mlxd("unload", "tiny-b", "--socket", sock)
+    assert (out.returncode, out.stdout) == (0, "tiny-b\tunloaded\n"), out.stderr
+    out = mlxd("unload", "tiny-b", "--socket", sock)
+    assert (out.returncode, out.stdout) == (0, "tiny-b\twas not loaded\n"), out.stderr
+
+
+def test_stats_prints_a_readable_summary(daemon: Daemon) -> None:
+    sock = str(daemon.socket)
+    assert mlxd("generate", "--socket", sock, "--max-tokens", "4", "stats me").returncode == 0
+    out = mlxd("stats", "--socket", sock)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "Stats(" not in text and "{" not in text  # no Python reprs
+    assert "hit rate" in text and any(unit in text for unit in ("KiB", "MiB", "GiB"))
+    lines = text.splitlines()
+    # The per-model split: a header, then one row per model with its sizes.
+    header = next(i for i, line in enumerate(lines) if line.startswith("per model"))
+    columns = ["model", "weights", "live", "KV", "scratch", "cached", "KV"]
+    assert lines[header].split()[2:] == columns
+    row = next(line for line in lines[header + 1 :] if line.split()[0] == "tiny")
+    assert "MiB" in row or "KiB" in row
+    # No raw byte count of the budget: sizes are scaled.
+    stats = json.loads(mlxd("stats", "--socket", sock, "--json").stdout)
+    assert str(stats["memory"]["budget_bytes"]) not in text
