@@ -113,7 +113,7 @@ def test_the_error_table_lists_exactly_the_wire_codes() -> None:
 def _codes_raised_outside_the_wire() -> set[str]:
     """Codes the Python client raises and the CLI prints, read from their sources."""
     codes: set[str] = set()
-    for path in [*(ROOT / "clients" / "python").glob("*.py"), ROOT / "daemon" / "cli.py"]:
+    for path in [*(ROOT / "clients" / "python").glob("*.py"), *(ROOT / "daemon").glob("cli*.py")]:
         text = path.read_text()
         codes |= set(re.findall(r"Error\(\s*\"(\w+)\"", text))
         codes |= set(re.findall(r"mlxd: error: ([a-z_]+):", text))
