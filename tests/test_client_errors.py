@@ -18,6 +18,7 @@ from mlxd.client import (
     AsyncClient,
     Client,
     ConnectionClosedError,
+    DaemonUnavailableError,
     InvalidRequestError,
     MlxdError,
     OverloadedError,
@@ -107,6 +108,20 @@ def test_the_blocking_clients_timeout_is_an_mlxd_error_and_closes() -> None:
     finally:
         server.close()
         shutil.rmtree(base)
+
+
+async def test_a_socket_path_too_long_for_a_unix_socket_is_said_so() -> None:
+    # connect() would fail with "no such file": the client says what is wrong instead.
+    from mlxd.protocol.paths import SUN_PATH_BYTES
+
+    path = Path("/tmp") / ("m" * SUN_PATH_BYTES) / "mlxd.sock"
+    with pytest.raises(DaemonUnavailableError) as raised:
+        Client(path)
+    assert f"at most {SUN_PATH_BYTES - 1}" in raised.value.message, raised.value.message
+    with pytest.raises(DaemonUnavailableError) as raised:
+        async with AsyncClient(path):
+            pass
+    assert f"{len(str(path))} bytes" in raised.value.message, raised.value.message
 
 
 # ---------------------------------------------------------------- nothing wrapped in a group

@@ -13,6 +13,7 @@ import msgspec
 
 from mlxd.protocol import ChatMessage, Done, Generate, Progress, ServerMessage, Warm
 from mlxd.protocol import decode_server_message as _decode
+from mlxd.protocol.paths import socket_path_problem
 
 from .exceptions import DaemonUnavailableError, PermissionDeniedError
 
@@ -31,6 +32,9 @@ def check_socket_owner(path: Path) -> None:
     (in a folder they could write to) would receive our prompts. Strict for root too: root
     talking to another user's daemon is refused like anyone else.
     """
+    problem = socket_path_problem(path)
+    if problem is not None:  # connect would say only "no such file"
+        raise DaemonUnavailableError("daemon_unavailable", problem)
     try:
         owner = os.stat(path).st_uid
     except OSError as exc:
