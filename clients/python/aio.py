@@ -63,6 +63,7 @@ from ._common import (
     generate_request,
     warm_request,
 )
+from ._sockets import AnyioConnection, AsyncioConnection, connect, settled
 from .exceptions import ConnectionClosedError, DaemonUnavailableError, MlxdError, error_from
 
 if sys.version_info < (3, 11):
@@ -78,20 +79,21 @@ class AsyncClient:
         self._routes: dict[int, MemoryObjectSendStream[Any]] = {}
         self._encoder = Encoder()
         self._send_lock = anyio.Lock()
-        self._stream: anyio.abc.SocketStream | None = None
+        self._stream: AsyncioConnection | AnyioConnection | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._closed: MlxdError | None = None
 
     async def __aenter__(self) -> AsyncClient:
         check_socket_owner(self.socket_path)
         try:
-            self._stream = await anyio.connect_unix(self.socket_path)
+            self._stream = await connect(self.socket_path)
         except OSError as exc:
             raise DaemonUnavailableError(
                 "daemon_unavailable", f"no mlxd at {self.socket_path}: {exc.strerror or exc}"
             ) from exc
         try:
             self.welcome = await self._handshake()
+            self._stream = await settled(self._stream)
         except BaseException:
             await self._stream.aclose()
             raise
@@ -240,12 +242,12 @@ class AsyncClient:
         receive = self._route(request.id)
         try:
             await self._write(request)
-            message = await receive.receive()
+            message = await _next(receive)
             # A warm waiting for a place in the batch; a load, or a warm, loading its model.
             while isinstance(message, Queued | Progress):
                 if on_progress is not None and isinstance(message, Progress):
                     on_progress(message)
-                message = await receive.receive()
+                message = await _next(receive)
         except anyio.EndOfStream:
             raise self._closed or ConnectionClosedError("connection_closed", "closed") from None
         finally:
@@ -273,15 +275,8 @@ class AsyncClient:
 
     async def _read(self) -> Any:
         assert self._stream is not None
-        header = await self._receive_exactly(HEADER_SIZE)
-        return decode_server_message(await self._receive_exactly(frame_length(header)))
-
-    async def _receive_exactly(self, n: int) -> bytes:
-        assert self._stream is not None
-        buf = bytearray()
-        while len(buf) < n:
-            buf += await self._stream.receive(n - len(buf))
-        return bytes(buf)
+        header = await self._stream.receive_exactly(HEADER_SIZE)
+        return decode_server_message(await self._stream.receive_exactly(frame_length(header)))
 
     async def _reader(self) -> None:
         try:
@@ -308,6 +303,15 @@ class AsyncClient:
                 )
             for route in self._routes.values():
                 route.close()
+
+
+async def _next(receive: MemoryObjectReceiveStream[Any]) -> Any:
+    """The next message of a request: at once if the reader has already routed it (anyio's
+    ``receive`` first yields to the loop, an iteration per token), else when it comes."""
+    try:
+        return receive.receive_nowait()
+    except anyio.WouldBlock:
+        return await receive.receive()
 
 
 class GenerationStream:
@@ -346,7 +350,7 @@ class GenerationStream:
                 self._end()
                 raise
         try:
-            message = await self._receive.receive()
+            message = await _next(self._receive)
         except anyio.EndOfStream:
             self._end()
             raise self.client._closed or ConnectionClosedError(
@@ -359,7 +363,7 @@ class GenerationStream:
                 self.progress = message
                 if self._on_progress is not None:
                     self._on_progress(message)
-            message = await self._receive.receive()
+            message = await _next(self._receive)
         if isinstance(message, Chunk):
             self.position = None
             return message
