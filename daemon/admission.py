@@ -35,6 +35,7 @@ from mlxd.protocol import Error, Generate, Queued, Warm, errors
 
 from .charges import added_bytes
 from .config import Config
+from .constraints import constraint_for
 from .endings import cancelled_before_start
 from .memory import Footprint, MemoryBudget, generator_bytes
 from .models import LoadedModel, RequestError
@@ -119,6 +120,9 @@ class Admission:
                 "model's weights, even alone",
             )
         sampler, processors = make_sampling(req, loaded.vocab_size)
+        constraint = constraint_for(req.format, loaded)  # compiled here: refused before a place
+        if constraint is not None:
+            processors = [*processors, constraint]  # last: nothing lifts its -inf
         free = max(0, self.config.max_batch_size - self._sequences.running(loaded))
         waiting = self.queued()
         if waiting >= self.config.max_queued + free:

@@ -10,7 +10,7 @@ Threading: pure data; safe from any thread.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from msgspec import Meta, Struct
 
@@ -60,6 +60,35 @@ class ChatMessage(Struct, kw_only=True):
     content: str
 
 
+class _Format(Struct, tag_field="type", kw_only=True):
+    """Base for ``Generate.format``: what the output must match, tagged by ``type``."""
+
+
+class JsonFormat(_Format, tag="json"):
+    """Any JSON object (OpenAI's ``json_object``, Ollama's ``"json"``)."""
+
+
+class JsonSchemaFormat(_Format, tag="json_schema"):
+    """A JSON value valid against ``schema`` (a JSON Schema)."""
+
+    schema: dict[str, Any]
+
+
+class RegexFormat(_Format, tag="regex"):
+    """Text that matches ``pattern`` in full."""
+
+    pattern: Annotated[str, Meta(min_length=1, max_length=65536)]
+
+
+class GrammarFormat(_Format, tag="grammar"):
+    """Text in the language of ``lark``, a Lark grammar (llguidance's dialect)."""
+
+    lark: Annotated[str, Meta(min_length=1, max_length=262144)]
+
+
+Format = Union[JsonFormat, JsonSchemaFormat, RegexFormat, GrammarFormat]  # noqa: UP007
+
+
 class Generate(_Message, tag="generate"):
     """Stream a completion. Exactly one of ``prompt``, ``messages`` or ``tokens`` is given."""
 
@@ -94,6 +123,8 @@ class Generate(_Message, tag="generate"):
     suffix: str | None = None
     """Fill in the middle: ``prompt`` is the text before the cursor, this the text after it.
     Uses the model's FIM tokens when it has them, else drops the suffix (``done.fim`` says)."""
+    format: Format | None = None
+    """Constrain the output token by token to this (daemon/constraints.py)."""
 
 
 class Warm(_Message, tag="warm"):
@@ -399,11 +430,15 @@ __all__ = [
     "Error",
     "FimMode",
     "FinishReason",
+    "Format",
     "Generate",
     "GetHealth",
     "GetStats",
+    "GrammarFormat",
     "Health",
     "Hello",
+    "JsonFormat",
+    "JsonSchemaFormat",
     "ListModels",
     "Load",
     "MemorySplit",
@@ -413,6 +448,7 @@ __all__ = [
     "Priority",
     "Progress",
     "Queued",
+    "RegexFormat",
     "Request",
     "ServerMessage",
     "ServerStats",

@@ -1,0 +1,200 @@
+"""Structured output (``format``): every constrained output parses and validates, through the
+native protocol; constrained and free sequences share a batch, the free ones unchanged; a
+format that does not compile is refused naming its field, and the daemon goes on."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import anyio
+import jsonschema
+import pytest
+from conftest import Daemon
+from helpers import reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlxd.client import AsyncClient, InvalidRequestError
+
+PROMPT = "Answer in JSON:"
+
+
+def _leaf() -> st.SearchStrategy[dict[str, Any]]:
+    integers = st.tuples(st.integers(-1000, 1000), st.integers(0, 500)).map(
+        lambda t: {"type": "integer", "minimum": t[0], "maximum": t[0] + t[1]}
+    )
+    numbers = st.tuples(st.integers(-50, 50), st.integers(1, 100)).map(
+        lambda t: {"type": "number", "minimum": t[0], "maximum": t[0] + t[1]}
+    )
+    enums = st.lists(
+        st.text("abcdefxyz", min_size=1, max_size=6), min_size=1, max_size=4, unique=True
+    ).map(lambda values: {"enum": values})
+    return st.one_of(integers, numbers, enums, st.just({"type": "boolean"}))
+
+
+def _extend(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    arrays = st.tuples(children, st.integers(0, 2), st.integers(0, 2)).map(
+        lambda t: {"type": "array", "items": t[0], "minItems": t[1], "maxItems": t[1] + t[2]}
+    )
+    objects = st.dictionaries(
+        st.text("abcdefghij_", min_size=1, max_size=5), children, min_size=1, max_size=4
+    ).flatmap(
+        lambda props: st.lists(st.sampled_from(sorted(props)), unique=True).map(
+            lambda required: {
+                "type": "object",
+                "properties": props,
+                "required": required,
+                "additionalProperties": False,
+            }
+        )
+    )
+    return st.one_of(arrays, objects)
+
+
+SCHEMAS = st.recursive(_leaf(), _extend, max_leaves=8).map(
+    # The top is an object, as OpenAI's json_schema requires.
+    lambda s: (
+        s
+        if s.get("type") == "object"
+        else {
+            "type": "object",
+            "properties": {"value": s},
+            "required": ["value"],
+            "additionalProperties": False,
+        }
+    )
+)
+
+
+def check(text: str, schema: dict[str, Any]) -> None:
+    jsonschema.validate(json.loads(text), schema)
+
+
+SETTINGS = settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@SETTINGS
+@given(schema=SCHEMAS)
+def test_every_output_validates_against_its_generated_schema(
+    daemon: Daemon, schema: dict[str, Any]
+) -> None:
+    """20 schemas, 10 sampled requests each, all at once: every output is valid."""
+    fmt = {"type": "json_schema", "schema": schema}
+
+    async def main() -> list[Any]:
+        async with AsyncClient(daemon.socket) as client:
+            results: list[Any] = [None] * 10
+
+            async def one(i: int) -> None:
+                results[i] = await client.generate(
+                    PROMPT, format=fmt, max_tokens=400, temperature=1.0, seed=i, cache=False
+                )
+
+            async with anyio.create_task_group() as tg:
+                for i in range(10):
+                    tg.start_soon(one, i)
+            return results
+
+    for result in anyio.run(main):
+        assert result.done.finish_reason == "stop", (schema, result.text)
+        check(result.text, schema)
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"enum": ["ada", "alan", "grace"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+FREE_PROMPTS = [f"# task {i}\n" + "def step(x):\n    return x + 1\n" * (i % 5) for i in range(8)]
+
+
+async def test_constrained_and_free_sequences_share_a_batch(
+    daemon: Daemon, tiny_model: Path
+) -> None:
+    """16 at once, half constrained: the free ones equal their solo runs token for token."""
+    free: dict[int, list[int]] = {}
+    constrained: dict[int, Any] = {}
+    async with AsyncClient(daemon.socket) as client:
+        before = await client.stats()
+
+        async def run_free(i: int) -> None:
+            result = await client.generate(FREE_PROMPTS[i], max_tokens=40, cache=False)
+            free[i] = result.tokens
+
+        async def run_constrained(i: int) -> None:
+            constrained[i] = await client.generate(
+                PROMPT,
+                format={"type": "json_schema", "schema": PERSON},
+                max_tokens=200,
+                temperature=1.0,
+                seed=i,
+                cache=False,
+            )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(run_constrained, i)
+                tg.start_soon(run_free, i)
+        after = await client.stats()
+    for i in range(8):
+        assert free[i] == reference(tiny_model, FREE_PROMPTS[i], 40)[1], i
+        assert constrained[i].done.finish_reason == "stop"
+        check(constrained[i].text, PERSON)
+    tokens = after.tokens_generated - before.tokens_generated
+    steps = after.decode_steps - before.decode_steps
+    assert tokens / steps > 2.0, (tokens, steps)  # really batched
+
+
+@pytest.mark.parametrize(
+    ("fmt", "field"),
+    [
+        ({"type": "json_schema", "schema": {"type": "nonsense"}}, "$.format.schema"),
+        ({"type": "json_schema", "schema": {"$ref": "#/$defs/missing"}}, "$.format.schema"),
+        ({"type": "regex", "pattern": "a(b"}, "$.format.pattern"),
+        ({"type": "grammar", "lark": "start: undefined_rule"}, "$.format.lark"),
+    ],
+)
+def test_a_format_that_does_not_compile_is_refused_naming_it(
+    daemon: Daemon, fmt: dict[str, Any], field: str
+) -> None:
+    with daemon.client() as client:
+        with pytest.raises(InvalidRequestError) as info:
+            client.generate(PROMPT, format=fmt, max_tokens=8)
+        assert info.value.field == field
+        assert "cannot be compiled" in str(info.value)
+        # The daemon goes on serving, constrained and free requests alike.
+        ok = client.generate(PROMPT, format={"type": "regex", "pattern": "(yes|no)"}, max_tokens=8)
+        assert ok.text in ("yes", "no") and ok.done.finish_reason == "stop"
+        assert client.generate(PROMPT, max_tokens=4).done.finish_reason in ("stop", "length")
+
+
+def test_regex_grammar_and_json_formats(daemon: Daemon) -> None:
+    lark = 'start: "(" num ("+" num)* ")"\nnum: /[1-9][0-9]?/'
+    with daemon.client() as client:
+        for seed in range(5):
+            opts: dict[str, Any] = {"temperature": 1.0, "seed": seed, "max_tokens": 60}
+            text = client.generate(
+                PROMPT, format={"type": "regex", "pattern": r"[a-f]{2,5}-[0-9]{3}"}, **opts
+            ).text
+            assert re.fullmatch(r"[a-f]{2,5}-[0-9]{3}", text), text
+            result = client.generate(PROMPT, format={"type": "grammar", "lark": lark}, **opts)
+            if result.done.finish_reason == "stop":
+                assert re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", result.text), result.text
+        # Greedy any-JSON on the test model: an object, or cut off at max_tokens.
+        result = client.generate(PROMPT, format={"type": "json"}, max_tokens=60)
+        assert result.text.startswith("{")
+        if result.done.finish_reason == "stop":
+            assert isinstance(json.loads(result.text), dict)
