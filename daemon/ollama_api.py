@@ -144,9 +144,18 @@ def parse_keep_alive(value: float | str | None) -> float | None:
     return -1.0 if seconds < 0 else min(seconds, 10.0 * 365 * 86400)
 
 
+def _format(value: Any) -> dict[str, Any] | None:
+    """Ollama's ``format`` (``"json"`` or a JSON schema) as the native ``format``."""
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return {"type": "json"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "schema": value}
+    raise BadRequest('format must be "json" or a JSON schema (an object)')
+
+
 def _refuse_unsupported(body: _Common) -> None:
-    if body.format not in (None, ""):
-        raise BadRequest("format (JSON mode, schemas) is not supported by mlxd")
     if body.think not in (None, False):
         raise BadRequest("think is not supported by mlxd")
 
@@ -181,6 +190,9 @@ def build_generate(
     keep = parse_keep_alive(body.keep_alive)
     if keep is not None:
         fields["keep_alive"] = keep
+    fmt = _format(body.format)
+    if fmt is not None:
+        fields["format"] = fmt
     try:
         return msgspec.convert(fields, type=Generate)
     except msgspec.ValidationError as exc:

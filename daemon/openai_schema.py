@@ -12,7 +12,15 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-from mlxd.protocol import MAX_STOPS, ChatMessage, Generate, Usage
+from mlxd.protocol import (
+    MAX_STOPS,
+    ChatMessage,
+    Format,
+    Generate,
+    JsonFormat,
+    JsonSchemaFormat,
+    Usage,
+)
 from mlxd.protocol.messages import KeepAlive, LogitBias, Priority, Probability, Temperature
 
 StopString = Annotated[str, Meta(min_length=1, max_length=1024)]
@@ -66,6 +74,7 @@ class CompletionBody(_Body, kw_only=True):
     echo: bool = False
     best_of: Annotated[int, Meta(ge=1)] | None = None
     logprobs: int | None = None
+    response_format: ResponseFormat | None = None
 
 
 class ContentPart(Struct, kw_only=True):
@@ -81,8 +90,16 @@ class Message(Struct, kw_only=True):
     audio: Any = None
 
 
+class JsonSchemaSpec(Struct, kw_only=True):
+    name: Annotated[str, Meta(max_length=256)] = ""  # accepted, unused
+    description: str | None = None  # accepted, unused
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None  # the schema is always enforced in full (docs/HTTP.md)
+
+
 class ResponseFormat(Struct, kw_only=True):
     type: str
+    json_schema: JsonSchemaSpec | None = None
 
 
 class ChatBody(_Body, kw_only=True):
@@ -254,7 +271,25 @@ def completion_request(rid: int, body: CompletionBody) -> Generate:
         if "prompt" not in fields:
             raise Refused("suffix", "suffix goes with a string prompt")
         fields["suffix"] = body.suffix
-    return Generate(id=rid, **fields)
+    return Generate(id=rid, format=_format(body.response_format), **fields)
+
+
+def _format(response_format: ResponseFormat | None) -> Format | None:
+    """OpenAI's ``response_format`` as the native ``format`` (None for ``text``)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return JsonFormat()
+    if response_format.type == "json_schema":
+        spec = response_format.json_schema
+        if spec is None or spec.schema is None:
+            raise Refused("response_format.json_schema.schema", "json_schema needs a schema")
+        return JsonSchemaFormat(schema=spec.schema)
+    raise Refused(
+        "response_format.type",
+        f"response_format type {response_format.type!r} is not supported "
+        "(text, json_object or json_schema)",
+    )
 
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -292,8 +327,6 @@ def chat_request(rid: int, body: ChatBody) -> Generate:
     for name in ("tool_choice", "function_call"):
         if getattr(body, name) not in (None, "none"):
             raise Refused(name, f"{name} is not supported yet")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise Refused("response_format", "only response_format type text is supported")
     if body.audio is not None or (body.modalities and body.modalities != ["text"]):
         raise Refused("audio" if body.audio is not None else "modalities", "audio is not supported")
     messages = []
@@ -304,7 +337,7 @@ def chat_request(rid: int, body: ChatBody) -> Generate:
         messages.append(ChatMessage(role=role, content=_content(i, m)))
     max_tokens = body.max_completion_tokens or body.max_tokens
     fields = _common(body, max_tokens)
-    return Generate(id=rid, messages=messages, **fields)
+    return Generate(id=rid, messages=messages, format=_format(body.response_format), **fields)
 
 
 def param_of(field: str | None) -> str | None:
@@ -312,6 +345,9 @@ def param_of(field: str | None) -> str | None:
     if not field:
         return None
     name = field.removeprefix("$").removeprefix(".")
+    if name == "format" or name.startswith("format."):
+        schema = name == "format.schema"
+        return "response_format.json_schema.schema" if schema else "response_format"
     return {"tokens": "prompt", "suffix": "suffix"}.get(name, name) or None
 
 
