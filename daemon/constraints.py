@@ -161,8 +161,3 @@ class Constraint:
             if allowed.shape[0] < width:  # logits wider than the tokenizer: padding rows
                 allowed = np.concatenate([allowed, np.zeros(width - allowed.shape[0], np.bool_)])
         return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, logits.dtype))
-
-    @property
-    def done(self) -> bool:
-        """Whether the format is complete (the matcher accepts only the end)."""
-        return self._matcher.is_stopped()

@@ -198,3 +198,35 @@ def test_regex_grammar_and_json_formats(daemon: Daemon) -> None:
         assert result.text.startswith("{")
         if result.done.finish_reason == "stop":
             assert isinstance(json.loads(result.text), dict)
+
+
+def test_an_unknown_format_type_is_refused_naming_it(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        with pytest.raises(InvalidRequestError) as info:
+            client.generate(PROMPT, format={"type": "yaml"}, max_tokens=8)
+        assert info.value.field == "$.format.type"
+
+
+def test_each_distinct_format_is_compiled_once_per_model(tiny_model: Path) -> None:
+    """In process, on the worker's own code: a repeated schema (keys in any order) is the
+    compiled one, copied; each copy starts from the start."""
+    from helpers import _load
+
+    from mlxd.daemon.constraints import constraint_for, formats_of
+    from mlxd.protocol import JsonSchemaFormat, RegexFormat
+
+    model, tokenizer = _load(str(tiny_model))
+
+    class Loaded:  # the two fields of LoadedModel the constraints read
+        def __init__(self) -> None:
+            self.tokenizer = tokenizer
+            self.vocab_size = int(model.args.vocab_size)
+
+    loaded: Any = Loaded()
+    reordered = dict(reversed(list(PERSON.items())))
+    first = constraint_for(JsonSchemaFormat(schema=PERSON), loaded)
+    again = constraint_for(JsonSchemaFormat(schema=reordered), loaded)
+    assert formats_of(loaded).compiles == 1
+    constraint_for(RegexFormat(pattern="[ab]+"), loaded)
+    assert formats_of(loaded).compiles == 2
+    assert first is not None and again is not None and first is not again
