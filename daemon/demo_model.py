@@ -114,6 +114,60 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# Variants whose tokenizer and chat template carry mlx-lm's tool-call and thinking markers,
+# so that tests run mlx-lm's own detection and parsers (tokenizer_utils._infer_thinking,
+# _infer_tool_parser), not a stand-in. Each adds its markers as special tokens (one id
+# each) after SPECIAL_TOKENS, and a template naming them the way the real families do.
+# "qwen3": thinking (<think>...</think>, opened by the generation prompt unless
+# enable_thinking is false, as Qwen3's thinking templates do; reasoning_effort goes into a
+# system line) and Qwen3-Coder's XML tool calls (parser qwen3_coder). "hermes": JSON tool
+# calls in <tool_call> (parser json_tools), no thinking.
+_TOOLS_HEADER = (
+    "{% if tools %}{{ '<|system|>\n# Tools\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}{{ '<|end|>\n' }}{% endif %}"
+)
+_QWEN3_CALL = (
+    "{% for tool_call in message.tool_calls or [] %}"
+    "{{ '<tool_call>\n<function=' + tool_call.function.name + '>\n' }}"
+    "{% for k, v in tool_call.function.arguments.items() %}"
+    "{{ '<parameter=' + k + '>\n' + (v | string) + '\n</parameter>\n' }}{% endfor %}"
+    "{{ '</function>\n</tool_call>' }}{% endfor %}"
+)
+_HERMES_CALL = (
+    "{% for tool_call in message.tool_calls or [] %}"
+    "{{ '<tool_call>\n' }}{{ {'name': tool_call.name or tool_call.function.name, "
+    "'arguments': tool_call.function.arguments} | tojson }}{{ '\n</tool_call>' }}{% endfor %}"
+)
+
+
+def _marker_template(call: str, thinking: bool) -> str:
+    effort = (
+        "{% if reasoning_effort is defined and reasoning_effort %}"
+        "{{ '<|system|>\nReasoning: ' + reasoning_effort + '<|end|>\n' }}{% endif %}"
+    )
+    opening = "{{ '<|assistant|>\n' }}"
+    if thinking:
+        opening += (
+            "{% if enable_thinking is defined and not enable_thinking %}"
+            "{{ '<think>\n\n</think>\n\n' }}{% else %}{{ '<think>\n' }}{% endif %}"
+        )
+    return (
+        (effort if thinking else "") + _TOOLS_HEADER + "{% for message in messages %}"
+        "{{ '<|' + message['role'] + '|>\n' + (message['content'] or '') }}"
+        + call
+        + "{{ '<|end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}" + opening + "{% endif %}"
+    )
+
+
+MARKERS: dict[str, tuple[list[str], str]] = {
+    "qwen3": (
+        ["<think>", "</think>", "<tool_call>", "</tool_call>"],
+        _marker_template(_QWEN3_CALL, thinking=True),
+    ),
+    "hermes": (["<tool_call>", "</tool_call>"], _marker_template(_HERMES_CALL, thinking=False)),
+}
+
 # Enough text for a few-thousand-token BPE while training stays around a second.
 _CORPUS_CHARS = 2_000_000
 # Init, tuned by experiment. With the usual std 0.02 everywhere the residual stream is
@@ -135,20 +189,32 @@ def ensure_demo_model(out_dir: str | Path | None = None) -> Path:
 
 
 def build_demo_model(
-    out_dir: str | Path, *, size: Literal["demo", "tiny", "bench"] = "demo", seed: int = 0
+    out_dir: str | Path,
+    *,
+    size: Literal["demo", "tiny", "bench"] = "demo",
+    seed: int = 0,
+    markers: str | None = None,
 ) -> Path:
-    """Write the model to ``out_dir`` (unless it is already there) and return the path."""
+    """Write the model to ``out_dir`` (unless it is already there) and return the path.
+    ``markers``: one of ``MARKERS`` (a tokenizer and template with tool-call and thinking
+    markers), or None for the plain chat template."""
     if size not in SIZES:
         raise ValueError(f"unknown demo model size {size!r}; expected one of {sorted(SIZES)}")
+    if markers is not None and markers not in MARKERS:
+        raise ValueError(
+            f"unknown demo model markers {markers!r}; expected one of {sorted(MARKERS)}"
+        )
     out = Path(out_dir).expanduser().absolute()
-    want = {"builder": BUILDER_VERSION, "size": size, "seed": seed}
+    want: dict[str, Any] = {"builder": BUILDER_VERSION, "size": size, "seed": seed}
+    if markers is not None:  # absent for the plain builds, so theirs stay valid
+        want["markers"] = markers
     if _is_complete(out, want):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
     try:
-        _write_model(tmp, SIZES[size], seed)
+        _write_model(tmp, SIZES[size], seed, markers)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         # Provenance only: the tokenizer's corpus is this Python's stdlib.
         python = ".".join(map(str, sys.version_info[:3]))
@@ -200,8 +266,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_model(out: Path, config: dict[str, Any], seed: int) -> None:
-    tokenizer = _train_tokenizer(config["vocab_size"])
+def _write_model(out: Path, config: dict[str, Any], seed: int, markers: str | None) -> None:
+    extra, template = MARKERS[markers] if markers is not None else ([], CHAT_TEMPLATE)
+    specials = SPECIAL_TOKENS + extra
+    tokenizer = _train_tokenizer(config["vocab_size"], specials)
     tokenizer.save(str(out / "tokenizer.json"))
     eos_ids = [tokenizer.token_to_id(t) for t in EOS_TOKENS]
     special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -216,7 +284,7 @@ def _write_model(out: Path, config: dict[str, Any], seed: int) -> None:
             # Cleanup would rewrite " ," as "," and break the encode/decode round trip.
             "clean_up_tokenization_spaces": False,
             "model_max_length": config["max_position_embeddings"],
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": template,
         },
     )
     _write_json(
@@ -230,7 +298,7 @@ def _write_model(out: Path, config: dict[str, Any], seed: int) -> None:
             "torch_dtype": "bfloat16",
         },
     )
-    weights = _weights(config, seed, _quiet_ids(tokenizer))
+    weights = _weights(config, seed, _quiet_ids(tokenizer, len(specials)))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
 
 
@@ -238,7 +306,7 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def _train_tokenizer(vocab_size: int) -> Tokenizer:
+def _train_tokenizer(vocab_size: int, specials: list[str]) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     # No prefix space, so decode(encode(s)) == s; the ByteLevel decoder is what makes
     # mlx-lm pick its BPEStreamingDetokenizer.
@@ -246,7 +314,7 @@ def _train_tokenizer(vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         # All 256 bytes, so any text encodes, not only what the corpus contains.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -288,13 +356,13 @@ def _weights(config: dict[str, Any], seed: int, quiet_ids: list[int]) -> dict[st
     return weights
 
 
-def _quiet_ids(tokenizer: Tokenizer) -> list[int]:
+def _quiet_ids(tokenizer: Tokenizer, specials: int) -> list[int]:
     """Special tokens, and tokens that decode to control characters or partial UTF-8."""
     quiet = []
     for i in range(tokenizer.get_vocab_size()):
         text = tokenizer.decode([i], skip_special_tokens=False)
         if (
-            i < len(SPECIAL_TOKENS)
+            i < specials
             or "\ufffd" in text
             or not text.replace("\n", "").replace("\t", "").isprintable()
         ):

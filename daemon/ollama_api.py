@@ -155,11 +155,6 @@ def _format(value: Any) -> dict[str, Any] | None:
     raise BadRequest('format must be "json" or a JSON schema (an object)')
 
 
-def _refuse_unsupported(body: _Common) -> None:
-    if body.think not in (None, False):
-        raise BadRequest("think is not supported by mlxd")
-
-
 def build_generate(
     rid: int, model: str, body: _Common, most_tokens: int, **prompt: Any
 ) -> Generate:
@@ -193,6 +188,11 @@ def build_generate(
     fmt = _format(body.format)
     if fmt is not None:
         fields["format"] = fmt
+    if body.think is not None and "messages" in prompt:
+        # A level ("high", as gpt-oss takes) is thinking on, at that effort.
+        fields["think"] = body.think if isinstance(body.think, bool) else True
+        if isinstance(body.think, str):
+            fields["reasoning_effort"] = body.think
     try:
         return msgspec.convert(fields, type=Generate)
     except msgspec.ValidationError as exc:
@@ -228,15 +228,20 @@ async def _generate(
     reqs = [build_generate(call.next_id(), model, body, most, **p) for p in prompts]
     stream: web.StreamResponse | None = None
     texts: list[str] = []
+    thoughts: list[str] = []
     load_started: float | None = None
     load_s = 0.0
 
-    def piece(text: str) -> dict[str, Any]:
+    def piece(text: str, thinking: str = "") -> dict[str, Any]:
         head: dict[str, Any] = {"model": model, "created_at": now()}
         if chat:
             head["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                head["message"]["thinking"] = thinking
         else:
             head["response"] = text
+            if thinking:
+                head["thinking"] = thinking
         return head
 
     async def line(obj: Any) -> None:
@@ -250,15 +255,16 @@ async def _generate(
                 if message.done_bytes >= message.total_bytes:
                     load_s = time.perf_counter() - load_started
             elif isinstance(message, Chunk):
-                if not message.text:
+                if not message.text and not message.reasoning:
                     continue
                 if not body.stream:
                     texts.append(message.text)
+                    thoughts.append(message.reasoning)
                     continue
                 if stream is None:
                     stream = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
                     await stream.prepare(request)
-                await line({**piece(message.text), "done": False})
+                await line({**piece(message.text, message.reasoning), "done": False})
             elif isinstance(message, Error):
                 untemplated = (
                     message.field == "$.messages" and "no chat template" in message.message
@@ -271,7 +277,8 @@ async def _generate(
                 await stream.write_eof()
                 return stream
             elif isinstance(message, Done):
-                final = {**piece("" if body.stream else "".join(texts)), **_stats(message, load_s)}
+                whole = ("", "") if body.stream else ("".join(texts), "".join(thoughts))
+                final = {**piece(*whole), **_stats(message, load_s)}
                 if stream is None and not body.stream:
                     return json_response(final)
                 if stream is None:
@@ -313,7 +320,6 @@ async def generate(request: web.Request) -> web.StreamResponse:
         body = decode(await request.read(), GenerateBody)
         if not body.model:
             raise BadRequest("model is required")
-        _refuse_unsupported(body)
         if body.images:
             raise BadRequest("images are not supported by mlxd")
         if body.template:
@@ -343,7 +349,6 @@ async def chat(request: web.Request) -> web.StreamResponse:
         body = decode(await request.read(), ChatBody)
         if not body.model:
             raise BadRequest("model is required")
-        _refuse_unsupported(body)
         if body.tools:
             raise BadRequest("tools are not supported by mlxd yet")
         for i, m in enumerate(body.messages):

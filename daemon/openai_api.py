@@ -100,19 +100,25 @@ class _Shape:
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
-    def whole(self, text: str, done: Done) -> msgspec.Struct:
+    def whole(self, text: str, done: Done, reasoning: str = "") -> msgspec.Struct:
         usage = s.usage_of(done.usage)
         if self.chat:
-            choice = s.ChatChoice(0, s.AssistantMessage(text), done.finish_reason)
+            message = s.AssistantMessage("assistant", text, reasoning or None)
+            choice = s.ChatChoice(0, message, done.finish_reason)
             return s.ChatCompletion(self.id, self.created, self.model, [choice], usage)
         c = s.CompletionChoice(0, text, done.finish_reason)
         return s.Completion(self.id, self.created, self.model, [c], usage=usage)
 
     def chunk(
-        self, text: str | None, finish: str | None = None, role: bool = False
+        self,
+        text: str | None,
+        finish: str | None = None,
+        role: bool = False,
+        reasoning: str | None = None,
     ) -> msgspec.Struct:
         if self.chat:
-            delta = s.Delta(role="assistant" if role else None, content=text)
+            role_ = "assistant" if role else None
+            delta = s.Delta(role=role_, content=text, reasoning_content=reasoning)
             choice = s.ChunkChoice(0, delta, finish)
             return s.ChatChunk(self.id, self.created, self.model, [choice])
         c = s.CompletionChoice(0, text or "", finish)
@@ -127,15 +133,17 @@ class _Shape:
 
 async def _whole(call: HttpCall, gen: Generate, shape: _Shape) -> web.Response:
     parts: list[str] = []
+    thoughts: list[str] = []
     async for message in call.events(gen):
         if isinstance(message, Chunk):
             parts.append(message.text)
+            thoughts.append(message.reasoning)
         elif isinstance(message, Error):
             return _native_error(message)
         elif isinstance(message, Done):
             if message.finish_reason == "cancelled":
                 return _cancelled()
-            body = msgspec.json.encode(shape.whole("".join(parts), message))
+            body = msgspec.json.encode(shape.whole("".join(parts), message, "".join(thoughts)))
             return web.Response(body=body, content_type=JSON)
     return error_response(500, "the request ended without a reply", None, "internal_error")
 
@@ -159,6 +167,8 @@ async def _stream(
 
     async for message in call.events(gen):
         if isinstance(message, Chunk):
+            if message.reasoning and shape.chat:
+                await send(shape.chunk(None, reasoning=message.reasoning))
             if message.text:
                 await send(shape.chunk(message.text))
         elif isinstance(message, Error):

@@ -21,7 +21,14 @@ from mlxd.protocol import (
     JsonSchemaFormat,
     Usage,
 )
-from mlxd.protocol.messages import KeepAlive, LogitBias, Priority, Probability, Temperature
+from mlxd.protocol.messages import (
+    KeepAlive,
+    LogitBias,
+    Priority,
+    Probability,
+    ReasoningEffort,
+    Temperature,
+)
 
 StopString = Annotated[str, Meta(min_length=1, max_length=1024)]
 
@@ -115,6 +122,7 @@ class ChatBody(_Body, kw_only=True):
     response_format: ResponseFormat | None = None
     audio: Any = None
     modalities: list[str] | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
 
 # --------------------------------------------------------------------------- responses
@@ -147,9 +155,11 @@ class Completion(Struct):
     usage: OpenAIUsage | None = None
 
 
-class AssistantMessage(Struct):
+class AssistantMessage(Struct, omit_defaults=True):
+    role: str
     content: str
-    role: str = "assistant"
+    reasoning_content: str | None = None
+    """A thinking model's reasoning (left off for a model without it)."""
 
 
 class ChatChoice(Struct):
@@ -171,6 +181,7 @@ class ChatCompletion(Struct):
 class Delta(Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChunkChoice(Struct):
@@ -337,6 +348,8 @@ def chat_request(rid: int, body: ChatBody) -> Generate:
         messages.append(ChatMessage(role=role, content=_content(i, m)))
     max_tokens = body.max_completion_tokens or body.max_tokens
     fields = _common(body, max_tokens)
+    if body.reasoning_effort is not None:
+        fields["reasoning_effort"] = body.reasoning_effort
     return Generate(id=rid, messages=messages, format=_format(body.response_format), **fields)
 
 

@@ -23,6 +23,7 @@ from mlxd.protocol import ChatMessage, Generate, errors
 
 from .models import LoadedModel, ModelError, RequestError
 from .prompts import least_tokens
+from .reasoning import template_switches
 from .sampling import InvalidField
 
 # Fill-in-the-middle token names, each in prefix-suffix-middle (PSM) order: Qwen2.5-Coder
@@ -85,6 +86,8 @@ def prompt_tokens(
         raise InvalidField("$.prompt", "give exactly one of prompt, messages or tokens")
     if req.suffix is not None and req.prompt is None:
         raise InvalidField("$.suffix", "suffix goes with prompt (the text before the cursor)")
+    if not warm and req.messages is None:
+        template_switches(req, tokenizer, loaded.name)  # refuses think without messages
     if req.tokens is not None:
         bad = [t for t in req.tokens if t >= loaded.vocab_size]
         if bad:
@@ -94,9 +97,12 @@ def prompt_tokens(
         if not tokenizer.chat_template:
             raise InvalidField("$.messages", f"model {loaded.name!r} has no chat template")
         messages = _chat(req.messages)
+        switches = template_switches(req, tokenizer, loaded.name) if not warm else {}
         try:
             # A warmed conversation is a prefix of later turns: no generation prompt.
-            tokens = list(tokenizer.apply_chat_template(messages, add_generation_prompt=not warm))
+            tokens = list(
+                tokenizer.apply_chat_template(messages, add_generation_prompt=not warm, **switches)
+            )
         except Exception as exc:  # a template may refuse roles or orders (raise_exception)
             raise InvalidField("$.messages", f"the chat template refused them: {exc}") from exc
     elif req.suffix is not None and (fim := fim_ids(tokenizer)) is not None:

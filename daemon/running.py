@@ -1,6 +1,6 @@
 """What the worker knows of running work: a model's ``Batch`` (the generator its sequences
 decode on, and those sequences) and each ``Sequence`` (one running generate or warm-up:
-its prompt, cache use, stop matcher, detokenizer, counts and times).
+its prompt, cache use, stop matcher, detokenizer and reasoning split, counts and times).
 
 ``Sequences`` (daemon/sequences.py) creates and changes them; admission, endings and the
 profile read them.
@@ -21,6 +21,7 @@ from .cache import Lease
 from .config import Config
 from .memory import Footprint
 from .models import LoadedModel
+from .reasoning import Split
 from .sampling import StopMatcher
 from .solo import SoloGenerator
 
@@ -64,7 +65,8 @@ class Sequence:
     held: int = 0
     """Bytes of the cached state it took, until its prefill merges it into the batch."""
     warm: Warm | None = None
-    detokenizer: Any = None
+    split: Split | None = None
+    """Its detokenizer, and whether its text is reasoning or answer (daemon/reasoning.py)."""
     first_token_at: float | None = None
     completion_tokens: int = 0
     text: list[str] = field(default_factory=list)

@@ -38,6 +38,7 @@ from .models import LoadedModel, ModelRegistry
 from .outbox import Event
 from .pausing import Held, can_pause, put_back, take_out
 from .profiling import PROFILE
+from .reasoning import Split
 from .running import Batch, Sequence, forward_passes
 from .sampling import StopMatcher
 from .solo import SoloGenerator
@@ -186,7 +187,7 @@ class Sequences:
             # A solo sequence grows the state it took in place: its KV charge covers it.
             held=0 if batch.solo or lookup.state is None else cache_bytes(lookup.state),
             warm=waiting.warm,
-            detokenizer=loaded.tokenizer.detokenizer,
+            split=Split(loaded.tokenizer, tokens),
             eos=frozenset(loaded.tokenizer.eos_token_ids),
             origin=waiting,
         )
@@ -300,24 +301,30 @@ class Sequences:
             final = (response.prompt_cache, response.all_tokens)
         else:
             final = None
+        assert seq.split is not None
         if token in seq.eos:
-            seq.detokenizer.finalize()
-            self._finish(seq, "stop", events, seq.detokenizer.last_segment, final=final)
+            reasoning, text = seq.split.finish()
+            self._finish(seq, "stop", events, text, final=final, reasoning=reasoning)
             return
         seq.completion_tokens += 1
         self.tokens_generated += 1
-        seq.detokenizer.add_token(token)
+        # max_tokens counts every generated token, reasoning and answer alike.
+        reasoning, text = seq.split.add(token)
         if seq.completion_tokens >= seq.max_tokens:
-            seq.detokenizer.finalize()
-            text = seq.detokenizer.last_segment
-            self._finish(seq, "length", events, text, [token], final=final)
+            more_reasoning, more_text = seq.split.finish()
+            reasoning, text = reasoning + more_reasoning, text + more_text
+            self._finish(seq, "length", events, text, [token], final=final, reasoning=reasoning)
             return
-        text, stopped = seq.stop.feed(seq.detokenizer.last_segment)
+        # Stop strings are matched in the answer only, as vLLM and Ollama do.
+        text, stopped = seq.stop.feed(text)
         if stopped:
-            self._finish(seq, "stop", events, text, [token], stopped=True, final=final)
+            self._finish(
+                seq, "stop", events, text, [token], stopped=True, final=final, reasoning=reasoning
+            )
         elif seq.warm is None:
             seq.text.append(text)
-            events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=[token])))
+            chunk = Chunk(id=seq.request.id, text=text, tokens=[token], reasoning=reasoning)
+            events.append((seq.sink, chunk))
 
     # ------------------------------------------------------------------ ends
 
@@ -330,6 +337,7 @@ class Sequences:
         tokens: list[int] | None = None,
         stopped: bool = False,
         final: tuple[list[Any], list[int]] | None = None,
+        reasoning: str = "",
     ) -> None:
         """End ``seq``: its last chunk, then ``done``. ``final`` is the (state, tokens) the
         generator returned if it ended the sequence itself; else the state is taken out."""
@@ -338,9 +346,12 @@ class Sequences:
                 text, stopped = seq.stop.feed(text)
                 text += "" if stopped else seq.stop.flush()
                 reason = "stop" if stopped else reason
-            if (text or tokens) and seq.warm is None:
+            if (text or tokens or reasoning) and seq.warm is None:
                 seq.text.append(text)
-                events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=tokens or [])))
+                chunk = Chunk(
+                    id=seq.request.id, text=text, tokens=tokens or [], reasoning=reasoning
+                )
+                events.append((seq.sink, chunk))
         if final is None:
             removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
             final = removed.get(seq.uid)

@@ -33,6 +33,7 @@ KeepAlive = Annotated[float, Meta(ge=-1.0, le=10.0 * 365 * 86400)]
 FinishReason = Literal["stop", "length", "cancelled"]
 Priority = Literal["interactive", "background"]
 FimMode = Literal["tokens", "prefix_only"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 
 class _Message(Struct, tag_field="type", omit_defaults=True, kw_only=True):
@@ -125,6 +126,12 @@ class Generate(_Message, tag="generate"):
     Uses the model's FIM tokens when it has them, else drops the suffix (``done.fim`` says)."""
     format: Format | None = None
     """Constrain the output token by token to this (daemon/constraints.py)."""
+    think: bool | None = None
+    """With ``messages``: false turns a thinking model's thinking off in its chat template
+    (``enable_thinking``); true on a model without thinking markers is ``invalid_request``."""
+    reasoning_effort: ReasoningEffort | None = None
+    """With ``messages``: passed to a chat template that takes ``reasoning_effort``; a
+    template that does not is ``invalid_request``."""
 
 
 class Warm(_Message, tag="warm"):
@@ -243,6 +250,9 @@ class Chunk(_Message, tag="chunk"):
     id: int
     text: str
     tokens: list[int]
+    reasoning: str = ""
+    """A thinking model's reasoning text (between its thinking markers), apart from
+    ``text``, the answer; left off when empty."""
 
 
 class Usage(Struct, kw_only=True):

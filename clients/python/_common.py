@@ -113,3 +113,5 @@ class Completion:
     text: str
     tokens: list[int]
     done: Done
+    reasoning: str = ""
+    """A thinking model's reasoning, apart from ``text`` (the answer)."""

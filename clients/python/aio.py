@@ -141,13 +141,14 @@ class AsyncClient:
 
     async def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         stream = self.stream(prompt, **options)
-        parts, ids = [], []
+        parts, thoughts, ids = [], [], []
         async with stream:
             async for chunk in stream:
                 parts.append(chunk.text)
+                thoughts.append(chunk.reasoning)
                 ids.extend(chunk.tokens)
         assert stream.done is not None
-        return Completion("".join(parts), ids, stream.done)
+        return Completion("".join(parts), ids, stream.done, "".join(thoughts))
 
     async def chat(self, messages: Messages, **options: Any) -> Completion:
         return await self.generate(messages=messages, **options)

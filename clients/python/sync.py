@@ -148,13 +148,15 @@ class Client:
 
     def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         parts: list[str] = []
+        thoughts: list[str] = []
         ids: list[int] = []
         for message in self.stream(prompt, **options):
             if isinstance(message, Chunk):
                 parts.append(message.text)
+                thoughts.append(message.reasoning)
                 ids.extend(message.tokens)
             else:
-                return Completion("".join(parts), ids, message)
+                return Completion("".join(parts), ids, message, "".join(thoughts))
         raise ConnectionClosedError("connection_closed", "the stream ended without done")
 
     def chat(self, messages: Messages, **options: Any) -> Completion:
