@@ -223,11 +223,7 @@ class HttpCall:
                 while isinstance(message, Chunk) and not self._events.empty():
                     following = self._events.get_nowait()
                     if isinstance(following, Chunk) and following.id == message.id:
-                        message = Chunk(
-                            id=message.id,
-                            text=message.text + following.text,
-                            tokens=message.tokens + following.tokens,
-                        )
+                        message.absorb(following)
                     else:
                         carry = following
                         break

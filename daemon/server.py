@@ -251,8 +251,7 @@ class Connection:
         last = self._queue[-1] if self._queue else None
         if isinstance(message, Chunk) and isinstance(last, Chunk) and last.id == message.id:
             # The reader is slow: merge rather than grow one frame per token.
-            last.text += message.text
-            last.tokens.extend(message.tokens)
+            last.absorb(message)
         elif isinstance(message, Progress) and isinstance(last, Progress) and last.id == message.id:
             self._queue[-1] = message  # only the latest figure is worth writing
         else:

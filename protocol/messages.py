@@ -254,6 +254,13 @@ class Chunk(_Message, tag="chunk"):
     """A thinking model's reasoning text (between its thinking markers), apart from
     ``text``, the answer; left off when empty."""
 
+    def absorb(self, later: Chunk) -> None:
+        """Append ``later`` (the next chunk of the same request) to this one: a stream that
+        fell behind sends what piled up as one chunk. Every per-token field joins here."""
+        self.text += later.text
+        self.tokens.extend(later.tokens)
+        self.reasoning += later.reasoning
+
 
 class Usage(Struct, kw_only=True):
     prompt_tokens: int

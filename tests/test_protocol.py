@@ -74,3 +74,30 @@ def test_out_of_range_values_are_refused_at_decode(bad: dict[str, object]) -> No
 def test_error_codes_are_stable_strings() -> None:
     assert errors.INVALID_REQUEST == "invalid_request"
     assert "frame_too_large" in errors.ALL_CODES
+
+
+def test_a_chunk_absorbs_every_per_token_field_of_the_next() -> None:
+    # Both streams that fell behind (native and HTTP) merge chunks with Chunk.absorb: a
+    # field it forgot would be lost from every merged chunk, under load only.
+    import msgspec
+
+    from mlxd.protocol import Chunk
+
+    def sample(kind: object, n: int) -> object:
+        if kind is str or kind == msgspec.inspect.StrType():
+            return f"s{n}"
+        if isinstance(kind, msgspec.inspect.ListType):
+            return [sample(kind.item_type, n)]
+        if isinstance(kind, msgspec.inspect.IntType):
+            return n
+        if isinstance(kind, msgspec.inspect.FloatType):
+            return float(n)
+        return None
+
+    info = msgspec.inspect.type_info(Chunk)
+    fields = [f for f in info.fields if f.name != "id"]
+    first = Chunk(id=1, **{f.name: sample(f.type, 1) for f in fields})
+    second = Chunk(id=1, **{f.name: sample(f.type, 2) for f in fields})
+    first.absorb(second)
+    for f in fields:
+        assert getattr(first, f.name) == sample(f.type, 1) + sample(f.type, 2), f.name  # type: ignore[operator]
