@@ -227,6 +227,7 @@ class HttpCall:
                             id=message.id,
                             text=message.text + following.text,
                             tokens=message.tokens + following.tokens,
+                            logprobs=_joined(message.logprobs, following.logprobs),
                         )
                     else:
                         carry = following
@@ -250,6 +251,11 @@ class HttpCall:
         async for message in self.events(request):
             last = message
         return last
+
+
+def _joined(first: list[Any] | None, then: list[Any] | None) -> list[Any] | None:
+    """Two merged chunks' logprobs: one per token of the merged chunk, in order."""
+    return None if first is None or then is None else first + then
 
 
 async def next_reply(events: AsyncIterator[Any]) -> Any:

@@ -27,12 +27,13 @@ import mlx.core as mx
 import structlog
 from mlx_lm.generate import BatchGenerator
 
-from mlxd.protocol import CacheUse, Chunk, Error, Generate, errors
+from mlxd.protocol import CacheUse, Chunk, Error, Generate, TokenLogprob, errors
 
 from .cache import Lookup, PromptCache, cache_bytes
 from .config import Config
 from .endings import done, return_state, warm_refused
 from .faults import Faults
+from .logprobs import of_round, requested
 from .memory import MemoryBudget
 from .models import LoadedModel, ModelRegistry
 from .outbox import Event
@@ -269,6 +270,7 @@ class Sequences:
                 # beside the filtered batch's new ones (a whole second copy of the batch).
                 ended = [r.prompt_cache for r in responses if r.finish_reason and r.prompt_cache]
                 mx.eval([c.state for state in ended for c in state])
+                logprobs = of_round(batch.sequences, responses)
                 if PROFILE is not None:
                     spent = time.perf_counter() - began
                     PROFILE.stepped(forward_passes(batch), spent, len(responses))
@@ -287,11 +289,14 @@ class Sequences:
             for response in responses:
                 seq = batch.sequences.get(response.uid)
                 if seq is not None:
-                    self._step(seq, response, events)
+                    self._step(seq, response, events, logprobs.get(response.uid))
         return events
 
-    def _step(self, seq: Sequence, response: Any, events: list[Event]) -> None:
+    def _step(
+        self, seq: Sequence, response: Any, events: list[Event], logprob: TokenLogprob | None
+    ) -> None:
         token = response.token
+        lps = None if logprob is None else [logprob]
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             self.changes += 1
@@ -302,6 +307,7 @@ class Sequences:
             final = None
         if token in seq.eos:
             seq.detokenizer.finalize()
+            # Not sent, nor its logprob: ``_finish`` gives the last chunk an empty list.
             self._finish(seq, "stop", events, seq.detokenizer.last_segment, final=final)
             return
         seq.completion_tokens += 1
@@ -310,14 +316,15 @@ class Sequences:
         if seq.completion_tokens >= seq.max_tokens:
             seq.detokenizer.finalize()
             text = seq.detokenizer.last_segment
-            self._finish(seq, "length", events, text, [token], final=final)
+            self._finish(seq, "length", events, text, [token], final=final, lps=lps)
             return
         text, stopped = seq.stop.feed(seq.detokenizer.last_segment)
         if stopped:
-            self._finish(seq, "stop", events, text, [token], stopped=True, final=final)
+            self._finish(seq, "stop", events, text, [token], True, final, lps)
         elif seq.warm is None:
             seq.text.append(text)
-            events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=[token])))
+            chunk = Chunk(id=seq.request.id, text=text, tokens=[token], logprobs=lps)
+            events.append((seq.sink, chunk))
 
     # ------------------------------------------------------------------ ends
 
@@ -330,6 +337,7 @@ class Sequences:
         tokens: list[int] | None = None,
         stopped: bool = False,
         final: tuple[list[Any], list[int]] | None = None,
+        lps: list[TokenLogprob] | None = None,
     ) -> None:
         """End ``seq``: its last chunk, then ``done``. ``final`` is the (state, tokens) the
         generator returned if it ended the sequence itself; else the state is taken out."""
@@ -340,7 +348,10 @@ class Sequences:
                 reason = "stop" if stopped else reason
             if (text or tokens) and seq.warm is None:
                 seq.text.append(text)
-                events.append((seq.sink, Chunk(id=seq.request.id, text=text, tokens=tokens or [])))
+                if lps is None and requested(seq.request):
+                    lps = []  # text held back, released with no token of its own
+                chunk = Chunk(id=seq.request.id, text=text, tokens=tokens or [], logprobs=lps)
+                events.append((seq.sink, chunk))
         if final is None:
             removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
             final = removed.get(seq.uid)

@@ -253,6 +253,8 @@ class Connection:
             # The reader is slow: merge rather than grow one frame per token.
             last.text += message.text
             last.tokens.extend(message.tokens)
+            if last.logprobs is not None and message.logprobs is not None:
+                last.logprobs.extend(message.logprobs)  # still one per token, in order
         elif isinstance(message, Progress) and isinstance(last, Progress) and last.id == message.id:
             self._queue[-1] = message  # only the latest figure is worth writing
         else:
