@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import mlx.core as mx
 import pytest
 from conftest import Daemon
-from helpers import RawConn, _load, wait_for
+from helpers import RawConn, _load, reference_logprobs, wait_for
 
 from mlxd.client import AsyncClient
 
@@ -30,18 +29,8 @@ def close(a: float, b: float) -> bool:
 def expected(
     model_dir: Path, prompt: str, generated: list[int], bias: dict[int, float] | None = None
 ) -> list[list[float]]:
-    """mlx-lm's log-softmax over the vocabulary at each generated token's step: the model
-    run once over the prompt and the tokens before it, ``bias`` added as mlx-lm's
-    ``logit_bias`` processor does."""
-    model, tokenizer = _load(str(model_dir))
-    prompt_ids = tokenizer.encode(prompt)
-    ids = mx.array([prompt_ids + generated[:-1]])
-    logits = model(ids)[0, len(prompt_ids) - 1 :, :]
-    if bias:
-        keys = mx.array(list(bias))
-        logits[:, keys] += mx.array(list(bias.values()), dtype=logits.dtype)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return logprobs.astype(mx.float32).tolist()
+    _, tokenizer = _load(str(model_dir))
+    return reference_logprobs(model_dir, tokenizer.encode(prompt), generated, bias)
 
 
 def check(rows: list[list[float]], tokens: list[int], entries: list[Any], k: int) -> None:
