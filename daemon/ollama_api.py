@@ -30,6 +30,7 @@ from mlxd.protocol import (
     Generate,
     Load,
     Progress,
+    TokenLogprob,
     Unload,
 )
 
@@ -47,6 +48,7 @@ from .ollama_models import (
     show,
     tags,
 )
+from .openai_logprobs import token_string
 
 OLLAMA_VERSION = "0.6.0"
 """The Ollama API version reported to clients (they check it for features)."""
@@ -78,6 +80,8 @@ class _Common(msgspec.Struct):
     keep_alive: float | str | None = None
     format: Any = None
     think: bool | str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None  # only with logprobs
 
 
 class GenerateBody(_Common):
@@ -181,6 +185,8 @@ def build_generate(
     keep = parse_keep_alive(body.keep_alive)
     if keep is not None:
         fields["keep_alive"] = keep
+    if body.logprobs:
+        fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     try:
         return msgspec.convert(fields, type=Generate)
     except msgspec.ValidationError as exc:
@@ -216,6 +222,7 @@ async def _generate(
     reqs = [build_generate(call.next_id(), model, body, most, **p) for p in prompts]
     stream: web.StreamResponse | None = None
     texts: list[str] = []
+    logprobs: list[dict[str, Any]] = []
     load_started: float | None = None
     load_s = 0.0
 
@@ -238,15 +245,18 @@ async def _generate(
                 if message.done_bytes >= message.total_bytes:
                     load_s = time.perf_counter() - load_started
             elif isinstance(message, Chunk):
-                if not message.text:
+                if not message.text and not message.logprobs:
                     continue
+                lps = [_logprob(e) for e in message.logprobs or ()]
                 if not body.stream:
                     texts.append(message.text)
+                    logprobs += lps
                     continue
                 if stream is None:
                     stream = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
                     await stream.prepare(request)
-                await line({**piece(message.text), "done": False})
+                extra = {"logprobs": lps} if lps else {}
+                await line({**piece(message.text), **extra, "done": False})
             elif isinstance(message, Error):
                 untemplated = (
                     message.field == "$.messages" and "no chat template" in message.message
@@ -260,6 +270,8 @@ async def _generate(
                 return stream
             elif isinstance(message, Done):
                 final = {**piece("" if body.stream else "".join(texts)), **_stats(message, load_s)}
+                if req.logprobs and not body.stream:
+                    final["logprobs"] = logprobs
                 if stream is None and not body.stream:
                     return json_response(final)
                 if stream is None:
@@ -269,6 +281,16 @@ async def _generate(
                 await stream.write_eof()
                 return stream
     raise AssertionError("a generate ended without done or error")
+
+
+def _logprob(entry: TokenLogprob) -> dict[str, Any]:
+    """Ollama's shape of a token's logprob (its ``bytes`` as OpenAI's, a list of ints)."""
+    top = [
+        {"token": token_string(a.bytes), "logprob": a.logprob, "bytes": list(a.bytes)}
+        for a in entry.top_logprobs
+    ]
+    return {"token": token_string(entry.bytes), "logprob": entry.logprob,
+            "bytes": list(entry.bytes), "top_logprobs": top}  # fmt: skip
 
 
 async def _load_or_unload(

@@ -230,3 +230,34 @@ def _ids_of(tokenizer: Any, lps: list[dict[str, Any]]) -> list[int]:
                 data = token.encode()
             out.append(encoder[data])
     return out
+
+
+def test_ollama_logprobs_generate_and_chat(http_daemon: HttpDaemon, tiny_model: Path) -> None:
+    import ollama
+
+    client = ollama.Client(host=http_daemon.base_url, timeout=120)
+    options = {"temperature": 0, "num_predict": 10}
+    whole = client.generate(
+        model="tiny", prompt=PROMPT, raw=True, options=options, logprobs=True, top_logprobs=2
+    )
+    assert whole.logprobs is not None
+    _, tokenizer = _load(str(tiny_model))
+    _, ids = reference(tiny_model, PROMPT, len(whole.logprobs))
+    rows = reference_logprobs(tiny_model, tokenizer.encode(PROMPT), ids)
+    raws = token_bytes(tiny_model, ids)
+    for entry, row, token, raw in zip(whole.logprobs, rows, ids, raws, strict=True):
+        assert close(entry.logprob, row[token]) and entry.token == raw.decode(errors="replace")
+        assert entry.top_logprobs is not None and len(entry.top_logprobs) == 2
+        assert close(entry.top_logprobs[0].logprob, max(row))
+    parts = client.chat(
+        model="tiny", messages=CHAT, options=options, logprobs=True, top_logprobs=1, stream=True
+    )
+    streamed = [lp for part in parts for lp in part.logprobs or []]
+    prompt = chat_tokens(tiny_model, CHAT)
+    _, ids = reference(tiny_model, prompt, len(streamed))
+    rows = reference_logprobs(tiny_model, prompt, ids)
+    assert len(streamed) == len(ids)
+    for entry, row, token in zip(streamed, rows, ids, strict=True):
+        assert close(entry.logprob, row[token])
+    plain = client.generate(model="tiny", prompt=PROMPT, raw=True, options=options)
+    assert plain.logprobs is None
