@@ -30,6 +30,7 @@ from mlxd.protocol import (
     Generate,
     Load,
     Progress,
+    TokenLogprob,
     Unload,
 )
 
@@ -47,6 +48,7 @@ from .ollama_models import (
     show,
     tags,
 )
+from .openai_logprobs import token_string
 
 OLLAMA_VERSION = "0.6.0"
 """The Ollama API version reported to clients (they check it for features)."""
@@ -78,6 +80,8 @@ class _Common(msgspec.Struct):
     keep_alive: float | str | None = None
     format: Any = None
     think: bool | str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None  # only with logprobs
 
 
 class GenerateBody(_Common):
@@ -193,6 +197,8 @@ def build_generate(
         fields["think"] = body.think if isinstance(body.think, bool) else True
         if isinstance(body.think, str):
             fields["reasoning_effort"] = body.think
+    if body.logprobs:
+        fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     try:
         return msgspec.convert(fields, type=Generate)
     except msgspec.ValidationError as exc:
@@ -229,6 +235,7 @@ async def _generate(
     stream: web.StreamResponse | None = None
     texts: list[str] = []
     thoughts: list[str] = []
+    logprobs: list[dict[str, Any]] = []
     load_started: float | None = None
     load_s = 0.0
 
@@ -255,16 +262,19 @@ async def _generate(
                 if message.done_bytes >= message.total_bytes:
                     load_s = time.perf_counter() - load_started
             elif isinstance(message, Chunk):
-                if not message.text and not message.reasoning:
+                if not message.text and not message.reasoning and not message.logprobs:
                     continue
+                lps = [_logprob(e) for e in message.logprobs or ()]
                 if not body.stream:
                     texts.append(message.text)
                     thoughts.append(message.reasoning)
+                    logprobs += lps
                     continue
                 if stream is None:
                     stream = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
                     await stream.prepare(request)
-                await line({**piece(message.text, message.reasoning), "done": False})
+                extra = {"logprobs": lps} if lps else {}
+                await line({**piece(message.text, message.reasoning), **extra, "done": False})
             elif isinstance(message, Error):
                 untemplated = (
                     message.field == "$.messages" and "no chat template" in message.message
@@ -279,6 +289,8 @@ async def _generate(
             elif isinstance(message, Done):
                 whole = ("", "") if body.stream else ("".join(texts), "".join(thoughts))
                 final = {**piece(*whole), **_stats(message, load_s)}
+                if req.logprobs and not body.stream:
+                    final["logprobs"] = logprobs
                 if stream is None and not body.stream:
                     return json_response(final)
                 if stream is None:
@@ -288,6 +300,16 @@ async def _generate(
                 await stream.write_eof()
                 return stream
     raise AssertionError("a generate ended without done or error")
+
+
+def _logprob(entry: TokenLogprob) -> dict[str, Any]:
+    """Ollama's shape of a token's logprob (its ``bytes`` as OpenAI's, a list of ints)."""
+    top = [
+        {"token": token_string(a.bytes), "logprob": a.logprob, "bytes": list(a.bytes)}
+        for a in entry.top_logprobs
+    ]
+    return {"token": token_string(entry.bytes), "logprob": entry.logprob,
+            "bytes": list(entry.bytes), "top_logprobs": top}  # fmt: skip
 
 
 async def _load_or_unload(

@@ -20,10 +20,11 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from mlxd.protocol import Chunk, Done, Error, Generate, ListModels, errors
+from mlxd.protocol import Chunk, Done, Error, Generate, ListModels, TokenLogprob, errors
 
 from . import openai_schema as s
 from .http_server import OPENAI_TYPES, HttpCall, server_of, status_for
+from .openai_logprobs import LogprobShaper
 
 JSON = "application/json"
 
@@ -99,14 +100,22 @@ class _Shape:
         self.model = model
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
+        self._logprobs = LogprobShaper()
 
-    def whole(self, text: str, done: Done, reasoning: str = "") -> msgspec.Struct:
+    def _shaped(self, entries: list[TokenLogprob] | None) -> Any:
+        if entries is None:
+            return None
+        return self._logprobs.chat(entries) if self.chat else self._logprobs.completion(entries)
+
+    def whole(
+        self, text: str, done: Done, reasoning: str = "", lps: list[TokenLogprob] | None = None
+    ) -> msgspec.Struct:
         usage = s.usage_of(done.usage)
         if self.chat:
             message = s.AssistantMessage("assistant", text, reasoning or None)
-            choice = s.ChatChoice(0, message, done.finish_reason)
+            choice = s.ChatChoice(0, message, done.finish_reason, self._shaped(lps))
             return s.ChatCompletion(self.id, self.created, self.model, [choice], usage)
-        c = s.CompletionChoice(0, text, done.finish_reason)
+        c = s.CompletionChoice(0, text, done.finish_reason, self._shaped(lps))
         return s.Completion(self.id, self.created, self.model, [c], usage=usage)
 
     def chunk(
@@ -115,13 +124,14 @@ class _Shape:
         finish: str | None = None,
         role: bool = False,
         reasoning: str | None = None,
+        lps: list[TokenLogprob] | None = None,
     ) -> msgspec.Struct:
         if self.chat:
             role_ = "assistant" if role else None
             delta = s.Delta(role=role_, content=text, reasoning_content=reasoning)
-            choice = s.ChunkChoice(0, delta, finish)
+            choice = s.ChunkChoice(0, delta, finish, self._shaped(lps))
             return s.ChatChunk(self.id, self.created, self.model, [choice])
-        c = s.CompletionChoice(0, text or "", finish)
+        c = s.CompletionChoice(0, text or "", finish, self._shaped(lps))
         return s.Completion(self.id, self.created, self.model, [c])
 
     def usage_chunk(self, done: Done) -> msgspec.Struct:
@@ -134,16 +144,20 @@ class _Shape:
 async def _whole(call: HttpCall, gen: Generate, shape: _Shape) -> web.Response:
     parts: list[str] = []
     thoughts: list[str] = []
+    lps: list[TokenLogprob] | None = [] if gen.logprobs else None
     async for message in call.events(gen):
         if isinstance(message, Chunk):
             parts.append(message.text)
             thoughts.append(message.reasoning)
+            if lps is not None and message.logprobs:
+                lps += message.logprobs
         elif isinstance(message, Error):
             return _native_error(message)
         elif isinstance(message, Done):
             if message.finish_reason == "cancelled":
                 return _cancelled()
-            body = msgspec.json.encode(shape.whole("".join(parts), message, "".join(thoughts)))
+            whole = shape.whole("".join(parts), message, "".join(thoughts), lps)
+            body = msgspec.json.encode(whole)
             return web.Response(body=body, content_type=JSON)
     return error_response(500, "the request ended without a reply", None, "internal_error")
 
@@ -169,7 +183,9 @@ async def _stream(
         if isinstance(message, Chunk):
             if message.reasoning and shape.chat:
                 await send(shape.chunk(None, reasoning=message.reasoning))
-            if message.text:
+            if message.logprobs:  # tokens whose text is held back still have theirs
+                await send(shape.chunk(message.text, lps=message.logprobs))
+            elif message.text:
                 await send(shape.chunk(message.text))
         elif isinstance(message, Error):
             if response is None:

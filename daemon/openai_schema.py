@@ -14,6 +14,7 @@ from msgspec import Meta, Struct
 
 from mlxd.protocol import (
     MAX_STOPS,
+    MAX_TOP_LOGPROBS,
     ChatMessage,
     Format,
     Generate,
@@ -30,7 +31,10 @@ from mlxd.protocol.messages import (
     Temperature,
 )
 
+from .openai_logprobs import ChatLogprobs, CompletionLogprobs
+
 StopString = Annotated[str, Meta(min_length=1, max_length=1024)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class Refused(Exception):
@@ -80,7 +84,7 @@ class CompletionBody(_Body, kw_only=True):
     suffix: str | None = None
     echo: bool = False
     best_of: Annotated[int, Meta(ge=1)] | None = None
-    logprobs: int | None = None
+    logprobs: TopLogprobs | None = None
     response_format: ResponseFormat | None = None
 
 
@@ -113,7 +117,7 @@ class ChatBody(_Body, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -143,7 +147,7 @@ class CompletionChoice(Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(Struct):
@@ -166,7 +170,7 @@ class ChatChoice(Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(Struct):
@@ -188,7 +192,7 @@ class ChunkChoice(Struct):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatChunk(Struct):
@@ -262,9 +266,9 @@ def completion_request(rid: int, body: CompletionBody) -> Generate:
         raise Refused("echo", "echo is not supported")
     if body.best_of is not None and body.best_of > 1:
         raise Refused("best_of", "best_of > 1 is not supported")
-    if body.logprobs is not None:
-        raise Refused("logprobs", "logprobs are not supported yet")
     fields = _common(body, body.max_tokens)
+    if body.logprobs is not None:
+        fields.update(logprobs=True, top_logprobs=body.logprobs)
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], str | list):
@@ -328,10 +332,8 @@ def _content(i: int, message: Message) -> str:
 
 
 def chat_request(rid: int, body: ChatBody) -> Generate:
-    if body.logprobs or body.top_logprobs is not None:
-        raise Refused(
-            "logprobs" if body.logprobs else "top_logprobs", "logprobs are not supported yet"
-        )
+    if body.top_logprobs is not None and not body.logprobs:
+        raise Refused("top_logprobs", "top_logprobs needs logprobs: true")
     for name in ("tools", "functions"):
         if getattr(body, name):
             raise Refused(name, f"{name} are not supported yet")
@@ -350,6 +352,8 @@ def chat_request(rid: int, body: ChatBody) -> Generate:
     fields = _common(body, max_tokens)
     if body.reasoning_effort is not None:
         fields["reasoning_effort"] = body.reasoning_effort
+    if body.logprobs:
+        fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     return Generate(id=rid, messages=messages, format=_format(body.response_format), **fields)
 
 

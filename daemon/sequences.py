@@ -27,12 +27,13 @@ import mlx.core as mx
 import structlog
 from mlx_lm.generate import BatchGenerator
 
-from mlxd.protocol import CacheUse, Chunk, Error, Generate, errors
+from mlxd.protocol import CacheUse, Chunk, Error, Generate, TokenLogprob, errors
 
 from .cache import Lookup, PromptCache, cache_bytes
 from .config import Config
 from .endings import done, return_state, warm_refused
 from .faults import Faults
+from .logprobs import of_round, requested
 from .memory import MemoryBudget
 from .models import LoadedModel, ModelRegistry
 from .outbox import Event
@@ -270,6 +271,7 @@ class Sequences:
                 # beside the filtered batch's new ones (a whole second copy of the batch).
                 ended = [r.prompt_cache for r in responses if r.finish_reason and r.prompt_cache]
                 mx.eval([c.state for state in ended for c in state])
+                logprobs = of_round(batch.sequences, responses)
                 if PROFILE is not None:
                     spent = time.perf_counter() - began
                     PROFILE.stepped(forward_passes(batch), spent, len(responses))
@@ -288,11 +290,14 @@ class Sequences:
             for response in responses:
                 seq = batch.sequences.get(response.uid)
                 if seq is not None:
-                    self._step(seq, response, events)
+                    self._step(seq, response, events, logprobs.get(response.uid))
         return events
 
-    def _step(self, seq: Sequence, response: Any, events: list[Event]) -> None:
+    def _step(
+        self, seq: Sequence, response: Any, events: list[Event], logprob: TokenLogprob | None
+    ) -> None:
         token = response.token
+        lps = None if logprob is None else [logprob]
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             self.changes += 1
@@ -313,17 +318,21 @@ class Sequences:
         if seq.completion_tokens >= seq.max_tokens:
             more_reasoning, more_text = seq.split.finish()
             reasoning, text = reasoning + more_reasoning, text + more_text
-            self._finish(seq, "length", events, text, [token], final=final, reasoning=reasoning)
+            self._finish(
+                seq, "length", events, text, [token], final=final, reasoning=reasoning, lps=lps
+            )
             return
         # Stop strings are matched in the answer only, as vLLM and Ollama do.
         text, stopped = seq.stop.feed(text)
         if stopped:
             self._finish(
-                seq, "stop", events, text, [token], stopped=True, final=final, reasoning=reasoning
+                seq, "stop", events, text, [token], True, final, reasoning=reasoning, lps=lps
             )
         elif seq.warm is None:
             seq.text.append(text)
-            chunk = Chunk(id=seq.request.id, text=text, tokens=[token], reasoning=reasoning)
+            chunk = Chunk(
+                id=seq.request.id, text=text, tokens=[token], reasoning=reasoning, logprobs=lps
+            )
             events.append((seq.sink, chunk))
 
     # ------------------------------------------------------------------ ends
@@ -338,6 +347,7 @@ class Sequences:
         stopped: bool = False,
         final: tuple[list[Any], list[int]] | None = None,
         reasoning: str = "",
+        lps: list[TokenLogprob] | None = None,
     ) -> None:
         """End ``seq``: its last chunk, then ``done``. ``final`` is the (state, tokens) the
         generator returned if it ended the sequence itself; else the state is taken out."""
@@ -348,8 +358,14 @@ class Sequences:
                 reason = "stop" if stopped else reason
             if (text or tokens or reasoning) and seq.warm is None:
                 seq.text.append(text)
+                if lps is None and requested(seq.request):
+                    lps = []  # text held back, released with no token of its own
                 chunk = Chunk(
-                    id=seq.request.id, text=text, tokens=tokens or [], reasoning=reasoning
+                    id=seq.request.id,
+                    text=text,
+                    tokens=tokens or [],
+                    reasoning=reasoning,
+                    logprobs=lps,
                 )
                 events.append((seq.sink, chunk))
         if final is None:

@@ -31,6 +31,8 @@ class SoloResponse:
     finish_reason: str | None
     prompt_cache: list[Any] | None
     all_tokens: list[int] | None
+    logprobs: mx.array | None = None
+    """The log-probabilities the token was sampled from (daemon/logprobs.py)."""
 
 
 class SoloGenerator:
@@ -78,7 +80,7 @@ class SoloGenerator:
         return self._state
 
     def next(self) -> tuple[list[Any], list[SoloResponse]]:
-        token, _ = next(self._steps)
+        token, logprobs = next(self._steps)
         self._tokens.append(token)
         self._generated += 1
         finish = None
@@ -87,9 +89,9 @@ class SoloGenerator:
         elif self._generated >= self._max_tokens:
             finish = "length"
         if finish is None:
-            return [], [SoloResponse(0, token, None, None, None)]
+            return [], [SoloResponse(0, token, None, None, None, logprobs)]
         self.close()
-        return [], [SoloResponse(0, token, finish, self._state, self._tokens)]
+        return [], [SoloResponse(0, token, finish, self._state, self._tokens, logprobs)]
 
     def remove(
         self, uids: list[int], return_prompt_caches: bool = False

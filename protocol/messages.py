@@ -22,6 +22,9 @@ DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 MAX_STOPS = 64
 """Stop strings per request: each is matched against every new token's text."""
 
+MAX_TOP_LOGPROBS = 20
+"""Alternatives per token a ``generate`` may ask for (OpenAI's limit too)."""
+
 RequestId = Annotated[int, Meta(ge=0, le=2**53 - 1)]  # 2**53: exact in a JavaScript number
 ModelName = Annotated[str, Meta(min_length=1, max_length=512)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -29,6 +32,8 @@ Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
 LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 KeepAlive = Annotated[float, Meta(ge=-1.0, le=10.0 * 365 * 86400)]
+
+Bytes = bytes  # a field named ``bytes`` would shadow the type in its Struct's annotations
 
 FinishReason = Literal["stop", "length", "cancelled"]
 Priority = Literal["interactive", "background"]
@@ -132,6 +137,10 @@ class Generate(_Message, tag="generate"):
     reasoning_effort: ReasoningEffort | None = None
     """With ``messages``: passed to a chat template that takes ``reasoning_effort``; a
     template that does not is ``invalid_request``."""
+    logprobs: bool = False
+    """Each chunk carries the log-probability of each of its tokens (``Chunk.logprobs``)."""
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] = 0
+    """The most likely tokens at each step, this many of them (implies ``logprobs``)."""
 
 
 class Warm(_Message, tag="warm"):
@@ -253,6 +262,8 @@ class Chunk(_Message, tag="chunk"):
     reasoning: str = ""
     """A thinking model's reasoning text (between its thinking markers), apart from
     ``text``, the answer; left off when empty."""
+    logprobs: list[TokenLogprob] | None = None
+    """Only when the request asked for ``logprobs``: one per token of ``tokens``, in order."""
 
     def absorb(self, later: Chunk) -> None:
         """Append ``later`` (the next chunk of the same request) to this one: a stream that
@@ -260,6 +271,26 @@ class Chunk(_Message, tag="chunk"):
         self.text += later.text
         self.tokens.extend(later.tokens)
         self.reasoning += later.reasoning
+        if self.logprobs is not None and later.logprobs is not None:
+            self.logprobs.extend(later.logprobs)  # still one per token, in order
+
+
+class TopLogprob(Struct, kw_only=True):
+    """A candidate token at one step: its id, log-probability and bytes."""
+
+    token: int
+    logprob: float
+    bytes: Bytes
+
+
+class TokenLogprob(Struct, kw_only=True):
+    """A generated token's log-probability in the distribution it was sampled from, and the
+    ``top_logprobs`` most likely tokens of that distribution (most likely first)."""
+
+    token: int
+    logprob: float
+    bytes: Bytes
+    top_logprobs: list[TopLogprob] = []
 
 
 class Usage(Struct, kw_only=True):
@@ -434,6 +465,7 @@ ServerMessage = Union[Welcome, Queued, Progress, Chunk, Done, Error]  # noqa: UP
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "MAX_STOPS",
+    "MAX_TOP_LOGPROBS",
     "PROTOCOL_VERSION",
     "REQUEST_TYPES",
     "CacheStats",
@@ -470,6 +502,8 @@ __all__ = [
     "ServerMessage",
     "ServerStats",
     "Timings",
+    "TokenLogprob",
+    "TopLogprob",
     "Unload",
     "Usage",
     "Warm",

@@ -41,6 +41,23 @@ def reference(model_dir: Path, prompt: str | list[int], max_tokens: int) -> tupl
     return text, ids
 
 
+def reference_logprobs(
+    model_dir: Path, prompt: list[int], generated: list[int], bias: dict[int, float] | None = None
+) -> list[list[float]]:
+    """mlx-lm's log-softmax over the vocabulary at each generated token's step, in this
+    process: the model run once over the prompt and the tokens before it, in its own dtype
+    (as mlx-lm's generators compute it), ``bias`` added as its ``logit_bias`` processor does."""
+    import mlx.core as mx
+
+    model, _ = _load(str(model_dir))
+    logits = model(mx.array([prompt + generated[:-1]]))[0, len(prompt) - 1 :, :]
+    if bias:
+        keys = mx.array(list(bias))
+        logits[:, keys] += mx.array(list(bias.values()), dtype=logits.dtype)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return logprobs.astype(mx.float32).tolist()
+
+
 def chat_tokens(model_dir: Path, messages: list[dict[str, str]]) -> list[int]:
     _, tokenizer = _load(str(model_dir))
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))

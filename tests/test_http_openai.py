@@ -191,7 +191,7 @@ def test_bad_input_gets_openai_errors(sdk: openai.OpenAI, http_daemon: HttpDaemo
     _refused(
         lambda: chat(model="tiny", messages=msgs, presence_penalty=0.5), 400, "presence_penalty"
     )
-    _refused(lambda: chat(model="tiny", messages=msgs, logprobs=True), 400, "logprobs")
+    _refused(lambda: chat(model="tiny", messages=msgs, top_logprobs=2), 400, "top_logprobs")
     tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     _refused(lambda: chat(model="tiny", messages=msgs, tools=tools), 400, "tools")
     image: Any = [

@@ -84,7 +84,10 @@ def test_a_chunk_absorbs_every_per_token_field_of_the_next() -> None:
     from mlxd.protocol import Chunk
 
     def sample(kind: object, n: int) -> object:
-        if kind is str or kind == msgspec.inspect.StrType():
+        # A value of ``kind`` that differs with ``n``: lists and strings, to be joined.
+        if isinstance(kind, msgspec.inspect.UnionType):  # X | None: an X
+            (kind,) = [t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType)]
+        if isinstance(kind, msgspec.inspect.StrType):
             return f"s{n}"
         if isinstance(kind, msgspec.inspect.ListType):
             return [sample(kind.item_type, n)]
@@ -92,7 +95,11 @@ def test_a_chunk_absorbs_every_per_token_field_of_the_next() -> None:
             return n
         if isinstance(kind, msgspec.inspect.FloatType):
             return float(n)
-        return None
+        if isinstance(kind, msgspec.inspect.BytesType):
+            return bytes([n])
+        if isinstance(kind, msgspec.inspect.StructType):
+            return kind.cls(**{f.name: sample(f.type, n) for f in kind.fields if f.required})
+        raise AssertionError(f"no sample for {kind}")
 
     info = msgspec.inspect.type_info(Chunk)
     fields = [f for f in info.fields if f.name != "id"]
