@@ -14,6 +14,8 @@ from .framing import (
 )
 from .messages import *  # noqa: F403
 from .messages import __all__ as _messages_all
+from .options import *  # noqa: F403
+from .options import __all__ as _options_all
 
 __all__ = [
     "HEADER_SIZE",
@@ -23,4 +25,5 @@ __all__ = [
     "errors",
     "frame_length",
     *_messages_all,
+    *_options_all,
 ]

@@ -4,15 +4,33 @@ Each message is a MessagePack map whose ``"type"`` field names it (a msgspec tag
 union), so a peer decodes one ``Union`` type once and dispatches on the class.
 Field constraints live here too (``Meta``), so out-of-range values are refused while
 decoding, with the offending field named, before any part of the daemon sees them.
+The request options and per-token records of structured output, logprobs and reasoning
+live in protocol/options.py; the messages here use them.
 
 Threading: pure data; safe from any thread.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 from msgspec import Meta, Struct
+
+# All of protocol/options.py, so that ``from mlxd.protocol.messages import X`` goes on
+# working for the names that were defined here before it was split out.
+from .options import (  # noqa: F401
+    MAX_TOP_LOGPROBS,
+    Bytes,
+    Format,
+    GrammarFormat,
+    JsonFormat,
+    JsonSchemaFormat,
+    ReasoningEffort,
+    RegexFormat,
+    TokenLogprob,
+    TopLogprob,
+    _Format,
+)
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; a server refuses a ``hello`` with another version."""
@@ -22,9 +40,6 @@ DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 MAX_STOPS = 64
 """Stop strings per request: each is matched against every new token's text."""
 
-MAX_TOP_LOGPROBS = 20
-"""Alternatives per token a ``generate`` may ask for (OpenAI's limit too)."""
-
 RequestId = Annotated[int, Meta(ge=0, le=2**53 - 1)]  # 2**53: exact in a JavaScript number
 ModelName = Annotated[str, Meta(min_length=1, max_length=512)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -33,12 +48,9 @@ Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
 LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 KeepAlive = Annotated[float, Meta(ge=-1.0, le=10.0 * 365 * 86400)]
 
-Bytes = bytes  # a field named ``bytes`` would shadow the type in its Struct's annotations
-
 FinishReason = Literal["stop", "length", "cancelled"]
 Priority = Literal["interactive", "background"]
 FimMode = Literal["tokens", "prefix_only"]
-ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 
 class _Message(Struct, tag_field="type", omit_defaults=True, kw_only=True):
@@ -64,35 +76,6 @@ class ChatMessage(Struct, kw_only=True):
 
     role: ChatRole
     content: str
-
-
-class _Format(Struct, tag_field="type", kw_only=True):
-    """Base for ``Generate.format``: what the output must match, tagged by ``type``."""
-
-
-class JsonFormat(_Format, tag="json"):
-    """Any JSON object (OpenAI's ``json_object``, Ollama's ``"json"``)."""
-
-
-class JsonSchemaFormat(_Format, tag="json_schema"):
-    """A JSON value valid against ``schema`` (a JSON Schema)."""
-
-    schema: dict[str, Any]
-
-
-class RegexFormat(_Format, tag="regex"):
-    """Text that matches ``pattern`` in full."""
-
-    pattern: Annotated[str, Meta(min_length=1, max_length=65536)]
-
-
-class GrammarFormat(_Format, tag="grammar"):
-    """Text in the language of ``lark``, a Lark grammar (llguidance's dialect)."""
-
-    lark: Annotated[str, Meta(min_length=1, max_length=262144)]
-
-
-Format = Union[JsonFormat, JsonSchemaFormat, RegexFormat, GrammarFormat]  # noqa: UP007
 
 
 class Generate(_Message, tag="generate"):
@@ -275,24 +258,6 @@ class Chunk(_Message, tag="chunk"):
             self.logprobs.extend(later.logprobs)  # still one per token, in order
 
 
-class TopLogprob(Struct, kw_only=True):
-    """A candidate token at one step: its id, log-probability and bytes."""
-
-    token: int
-    logprob: float
-    bytes: Bytes
-
-
-class TokenLogprob(Struct, kw_only=True):
-    """A generated token's log-probability in the distribution it was sampled from, and the
-    ``top_logprobs`` most likely tokens of that distribution (most likely first)."""
-
-    token: int
-    logprob: float
-    bytes: Bytes
-    top_logprobs: list[TopLogprob] = []
-
-
 class Usage(Struct, kw_only=True):
     prompt_tokens: int
     cached_tokens: int
@@ -465,7 +430,6 @@ ServerMessage = Union[Welcome, Queued, Progress, Chunk, Done, Error]  # noqa: UP
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "MAX_STOPS",
-    "MAX_TOP_LOGPROBS",
     "PROTOCOL_VERSION",
     "REQUEST_TYPES",
     "CacheStats",
@@ -479,15 +443,11 @@ __all__ = [
     "Error",
     "FimMode",
     "FinishReason",
-    "Format",
     "Generate",
     "GetHealth",
     "GetStats",
-    "GrammarFormat",
     "Health",
     "Hello",
-    "JsonFormat",
-    "JsonSchemaFormat",
     "ListModels",
     "Load",
     "MemorySplit",
@@ -497,13 +457,10 @@ __all__ = [
     "Priority",
     "Progress",
     "Queued",
-    "RegexFormat",
     "Request",
     "ServerMessage",
     "ServerStats",
     "Timings",
-    "TokenLogprob",
-    "TopLogprob",
     "Unload",
     "Usage",
     "Warm",
