@@ -27,9 +27,9 @@ from mlxd.protocol.messages import (
     LogitBias,
     Priority,
     Probability,
-    ReasoningEffort,
     Temperature,
 )
+from mlxd.protocol.options import ReasoningEffort
 
 from .openai_logprobs import ChatLogprobs, CompletionLogprobs
 

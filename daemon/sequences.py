@@ -12,8 +12,8 @@ batching overhead; once others of its model come, it moves into their batch
 
 ``Sequences`` owns the generators (``batches``) and the running sequences (``active``):
 it starts what admission (daemon/admission.py) lets in, takes out and puts back what it
-pauses, steps them, and ends them (daemon/endings.py). Others only read ``active``,
-``batches`` and the counters.
+pauses, steps them (each new token made a chunk or an ending by daemon/stepping.py), and
+ends them (daemon/endings.py). Others only read ``active``, ``batches`` and the counters.
 
 Threading: worker thread only.
 """
@@ -27,13 +27,13 @@ import mlx.core as mx
 import structlog
 from mlx_lm.generate import BatchGenerator
 
-from mlxd.protocol import CacheUse, Chunk, Error, Generate, TokenLogprob, errors
+from mlxd.protocol import CacheUse, Error, Generate, TokenLogprob, errors
 
 from .cache import Lookup, PromptCache, cache_bytes
 from .config import Config
 from .endings import done, return_state, warm_refused
 from .faults import Faults
-from .logprobs import of_round, requested
+from .logprobs import of_round
 from .memory import MemoryBudget
 from .models import LoadedModel, ModelRegistry
 from .outbox import Event
@@ -43,6 +43,7 @@ from .reasoning import Split
 from .running import Batch, Sequence, forward_passes
 from .sampling import StopMatcher
 from .solo import SoloGenerator
+from .stepping import Ending, advance, last_chunk
 
 if TYPE_CHECKING:
     from .admission import Waiting
@@ -296,8 +297,6 @@ class Sequences:
     def _step(
         self, seq: Sequence, response: Any, events: list[Event], logprob: TokenLogprob | None
     ) -> None:
-        token = response.token
-        lps = None if logprob is None else [logprob]
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             self.changes += 1
@@ -306,68 +305,28 @@ class Sequences:
             final = (response.prompt_cache, response.all_tokens)
         else:
             final = None
-        assert seq.split is not None
-        if token in seq.eos:
-            reasoning, text = seq.split.finish()
-            self._finish(seq, "stop", events, text, final=final, reasoning=reasoning)
-            return
-        seq.completion_tokens += 1
-        self.tokens_generated += 1
-        # max_tokens counts every generated token, reasoning and answer alike.
-        reasoning, text = seq.split.add(token)
-        if seq.completion_tokens >= seq.max_tokens:
-            more_reasoning, more_text = seq.split.finish()
-            reasoning, text = reasoning + more_reasoning, text + more_text
-            self._finish(
-                seq, "length", events, text, [token], final=final, reasoning=reasoning, lps=lps
-            )
-            return
-        # Stop strings are matched in the answer only, as vLLM and Ollama do.
-        text, stopped = seq.stop.feed(text)
-        if stopped:
-            self._finish(
-                seq, "stop", events, text, [token], True, final, reasoning=reasoning, lps=lps
-            )
-        elif seq.warm is None:
-            seq.text.append(text)
-            chunk = Chunk(
-                id=seq.request.id, text=text, tokens=[token], reasoning=reasoning, logprobs=lps
-            )
-            events.append((seq.sink, chunk))
+        counted = seq.completion_tokens
+        step = advance(seq, response.token, logprob)
+        self.tokens_generated += seq.completion_tokens - counted  # not an end-of-sequence token
+        if isinstance(step, Ending):
+            self._finish(seq, step, events, final)
+        elif step is not None:
+            events.append((seq.sink, step))
 
     # ------------------------------------------------------------------ ends
 
     def _finish(
         self,
         seq: Sequence,
-        reason: str,
+        ending: Ending,
         events: list[Event],
-        text: str = "",
-        tokens: list[int] | None = None,
-        stopped: bool = False,
         final: tuple[list[Any], list[int]] | None = None,
-        reasoning: str = "",
-        lps: list[TokenLogprob] | None = None,
     ) -> None:
         """End ``seq``: its last chunk, then ``done``. ``final`` is the (state, tokens) the
         generator returned if it ended the sequence itself; else the state is taken out."""
-        if reason != "cancelled":
-            if not stopped:
-                text, stopped = seq.stop.feed(text)
-                text += "" if stopped else seq.stop.flush()
-                reason = "stop" if stopped else reason
-            if (text or tokens or reasoning) and seq.warm is None:
-                seq.text.append(text)
-                if lps is None and requested(seq.request):
-                    lps = []  # text held back, released with no token of its own
-                chunk = Chunk(
-                    id=seq.request.id,
-                    text=text,
-                    tokens=tokens or [],
-                    reasoning=reasoning,
-                    logprobs=lps,
-                )
-                events.append((seq.sink, chunk))
+        reason, chunk = last_chunk(seq, ending)
+        if chunk is not None:
+            events.append((seq.sink, chunk))
         if final is None:
             removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
             final = removed.get(seq.uid)
@@ -401,12 +360,12 @@ class Sequences:
         """End ``sink``'s running sequence, if any, with ``done`` (``cancelled``)."""
         seq = self.active.get(sink)
         if seq is not None:
-            self._finish(seq, "cancelled", events)
+            self._finish(seq, Ending("cancelled"), events)
 
     def cancel_model(self, name: str, events: list[Event]) -> None:
         """End model ``name``'s running sequences with ``done`` (``cancelled``)."""
         for seq in [s for s in self.active.values() if s.model.name == name]:
-            self._finish(seq, "cancelled", events)
+            self._finish(seq, Ending("cancelled"), events)
 
     def end_all(self, code: str, message: str, events: list[Event]) -> None:
         """End every running sequence with an ``error`` (its state still cached)."""

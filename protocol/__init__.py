@@ -14,6 +14,10 @@ from .framing import (
 )
 from .messages import *  # noqa: F403
 from .messages import __all__ as _messages_all
+from .options import *  # noqa: F403
+from .options import __all__ as _options_all
+from .reports import *  # noqa: F403
+from .reports import __all__ as _reports_all
 
 __all__ = [
     "HEADER_SIZE",
@@ -23,4 +27,6 @@ __all__ = [
     "errors",
     "frame_length",
     *_messages_all,
+    *_options_all,
+    *_reports_all,
 ]

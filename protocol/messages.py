@@ -4,15 +4,45 @@ Each message is a MessagePack map whose ``"type"`` field names it (a msgspec tag
 union), so a peer decodes one ``Union`` type once and dispatches on the class.
 Field constraints live here too (``Meta``), so out-of-range values are refused while
 decoding, with the offending field named, before any part of the daemon sees them.
+The request options and per-token records of structured output, logprobs and reasoning
+live in protocol/options.py, the records a ``done`` reports (usage, timings, cache use,
+models, health, stats) in protocol/reports.py; the messages here use them.
 
 Threading: pure data; safe from any thread.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 from msgspec import Meta, Struct
+
+# All of protocol/options.py and protocol/reports.py, so that ``from mlxd.protocol.messages
+# import X`` goes on working for the names that were defined here before they were split out.
+from .options import (  # noqa: F401
+    MAX_TOP_LOGPROBS,
+    Bytes,
+    Format,
+    GrammarFormat,
+    JsonFormat,
+    JsonSchemaFormat,
+    ReasoningEffort,
+    RegexFormat,
+    TokenLogprob,
+    TopLogprob,
+    _Format,
+)
+from .reports import (  # noqa: F401
+    CacheStats,
+    CacheUse,
+    Health,
+    MemorySplit,
+    MemoryStats,
+    ModelInfo,
+    ServerStats,
+    Timings,
+    Usage,
+)
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; a server refuses a ``hello`` with another version."""
@@ -22,9 +52,6 @@ DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024
 MAX_STOPS = 64
 """Stop strings per request: each is matched against every new token's text."""
 
-MAX_TOP_LOGPROBS = 20
-"""Alternatives per token a ``generate`` may ask for (OpenAI's limit too)."""
-
 RequestId = Annotated[int, Meta(ge=0, le=2**53 - 1)]  # 2**53: exact in a JavaScript number
 ModelName = Annotated[str, Meta(min_length=1, max_length=512)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -33,12 +60,9 @@ Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
 LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 KeepAlive = Annotated[float, Meta(ge=-1.0, le=10.0 * 365 * 86400)]
 
-Bytes = bytes  # a field named ``bytes`` would shadow the type in its Struct's annotations
-
 FinishReason = Literal["stop", "length", "cancelled"]
 Priority = Literal["interactive", "background"]
 FimMode = Literal["tokens", "prefix_only"]
-ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 
 class _Message(Struct, tag_field="type", omit_defaults=True, kw_only=True):
@@ -64,35 +88,6 @@ class ChatMessage(Struct, kw_only=True):
 
     role: ChatRole
     content: str
-
-
-class _Format(Struct, tag_field="type", kw_only=True):
-    """Base for ``Generate.format``: what the output must match, tagged by ``type``."""
-
-
-class JsonFormat(_Format, tag="json"):
-    """Any JSON object (OpenAI's ``json_object``, Ollama's ``"json"``)."""
-
-
-class JsonSchemaFormat(_Format, tag="json_schema"):
-    """A JSON value valid against ``schema`` (a JSON Schema)."""
-
-    schema: dict[str, Any]
-
-
-class RegexFormat(_Format, tag="regex"):
-    """Text that matches ``pattern`` in full."""
-
-    pattern: Annotated[str, Meta(min_length=1, max_length=65536)]
-
-
-class GrammarFormat(_Format, tag="grammar"):
-    """Text in the language of ``lark``, a Lark grammar (llguidance's dialect)."""
-
-    lark: Annotated[str, Meta(min_length=1, max_length=262144)]
-
-
-Format = Union[JsonFormat, JsonSchemaFormat, RegexFormat, GrammarFormat]  # noqa: UP007
 
 
 class Generate(_Message, tag="generate"):
@@ -275,161 +270,6 @@ class Chunk(_Message, tag="chunk"):
             self.logprobs.extend(later.logprobs)  # still one per token, in order
 
 
-class TopLogprob(Struct, kw_only=True):
-    """A candidate token at one step: its id, log-probability and bytes."""
-
-    token: int
-    logprob: float
-    bytes: Bytes
-
-
-class TokenLogprob(Struct, kw_only=True):
-    """A generated token's log-probability in the distribution it was sampled from, and the
-    ``top_logprobs`` most likely tokens of that distribution (most likely first)."""
-
-    token: int
-    logprob: float
-    bytes: Bytes
-    top_logprobs: list[TopLogprob] = []
-
-
-class Usage(Struct, kw_only=True):
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-
-
-class Timings(Struct, kw_only=True):
-    queue_s: float
-    """From the server receiving the request to the worker starting it."""
-    ttft_s: float
-    """From the server receiving the request to the first generated token (a ``warm``: to
-    the end of its prefill)."""
-    total_s: float
-    tokens_per_s: float
-    """Decode rate: completion tokens after the first, per second after the first (0 with
-    fewer than two, and for a ``warm``, which decodes nothing)."""
-
-
-class CacheUse(Struct, kw_only=True, omit_defaults=True):
-    """How a generate used the prompt cache."""
-
-    kind: Literal["exact", "shorter", "longer", "miss", "bypass"]
-    """exact: the whole prompt was cached; shorter: a cached prompt was a prefix of it;
-    longer: a longer cached sequence was trimmed back to the shared prefix; miss: nothing
-    reusable (see ``miss_reason``); bypass: the request asked not to use the cache."""
-    miss_reason: str | None = None
-
-
-class CacheStats(Struct, kw_only=True):
-    hits: dict[str, int]
-    """Lookups by kind: exact, shorter, longer, miss."""
-    tokens_reused: int
-    tokens_processed: int
-    entries: int
-    bytes: int
-    max_bytes: int
-    bytes_by_model: dict[str, int]
-    evictions: int
-    forks: int
-    """Lookups served by forking a live sequence's state (copy-on-write)."""
-
-
-class MemorySplit(Struct, kw_only=True):
-    """One model's share of the memory budget, in bytes."""
-
-    weights: int
-    live_kv: int
-    """Set aside for its running sequences' KV: prompt plus max_tokens each, as the KV
-    arrays lay it out (a batch pads each sequence to its longest)."""
-    cached_kv: int
-    scratch: int = 0
-    """Set aside for its running sequences' transient buffers (prefill activations and
-    attention scores, a step's copies)."""
-
-
-class MemoryStats(Struct, kw_only=True):
-    """The one budget that weights, live KV and cached KV share, by the daemon's accounting,
-    and what MLX itself reports (which also counts temporaries of the step in progress)."""
-
-    budget_bytes: int
-    usable_bytes: int
-    """The budget less a headroom for what the accounting does not see: what the
-    accounted total (``used_bytes``) is held under."""
-    used_bytes: int
-    peak_used_bytes: int
-    weights_bytes: int
-    live_kv_bytes: int
-    cached_kv_bytes: int
-    pinned_kv_bytes: int
-    by_model: dict[str, MemorySplit]
-    scratch_bytes: int = 0
-    """Set aside for MLX's transient buffers of the running sequences (in ``used_bytes``)."""
-    mlx_active_bytes: int
-    mlx_peak_bytes: int
-    """Since the daemon started, or since the last ``stats`` with ``reset_peak``."""
-    evicted_entries: int
-    """Prompt-cache entries dropped to make room under the budget (not by the cache's cap)."""
-    unloaded_models: int
-    """Models unloaded to make room under the budget."""
-    mlx_cache_bytes: int = 0
-    """MLX's buffer cache: freed arrays' memory MLX keeps for reuse (not in
-    ``mlx_active_bytes``), bounded by the budget's headroom and given back when idle."""
-
-
-class ModelInfo(Struct, kw_only=True, omit_defaults=True):
-    name: str
-    path: str
-    resident: bool
-    bytes: int = 0
-    """Bytes of weights in memory (0 when not resident)."""
-    last_used: float | None = None
-    """Unix time of the last request that used it."""
-    keep_alive_s: float | None = None
-    """Seconds of idleness after which it is unloaded; -1 never (pinned resident)."""
-    active_sequences: int = 0
-    pinned: bool = False
-    """Never unloaded: by keep-alive, nor to make room under the memory budget."""
-
-
-class Health(Struct, kw_only=True):
-    status: Literal["ok", "draining", "stalled", "dead"] = "ok"
-    """``ok`` serves; ``draining`` is shutting down; ``stalled`` and ``dead`` are about to exit
-    non-zero (the worker is stuck in one round past the stall timeout, or gone)."""
-    worker_alive: bool
-    worker_busy_s: float
-    """Seconds the worker has been inside its current round (loading a model, a long step)."""
-    queued: int
-    active_sequences: int
-    models_resident: list[str]
-    uptime_s: float
-
-
-class ServerStats(Struct, kw_only=True):
-    uptime_s: float
-    connections: int
-    requests_in_flight: int
-    requests_total: int
-    requests_completed: int
-    requests_cancelled: int
-    requests_failed: int
-    active_sequences: int
-    queued: int
-    tokens_generated: int
-    decode_steps: int
-    """Batched forward passes of decoding; tokens_generated / decode_steps is the mean batch."""
-    prompt_tokens_processed: int
-    models_resident: int
-    memory_active_bytes: int
-    memory_peak_bytes: int
-    worker_alive: bool
-    cache: CacheStats | None = None
-    memory: MemoryStats | None = None
-    sequences_preempted: int = 0
-    """Times a running sequence left its batch, state kept, because its connection's
-    replies piled up unread; it resumed where it was once they were read."""
-
-
 class Done(_Message, tag="done"):
     """The successful end of request ``id``; which fields are set depends on the request."""
 
@@ -465,11 +305,8 @@ ServerMessage = Union[Welcome, Queued, Progress, Chunk, Done, Error]  # noqa: UP
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "MAX_STOPS",
-    "MAX_TOP_LOGPROBS",
     "PROTOCOL_VERSION",
     "REQUEST_TYPES",
-    "CacheStats",
-    "CacheUse",
     "Cancel",
     "ChatMessage",
     "ChatRole",
@@ -479,33 +316,19 @@ __all__ = [
     "Error",
     "FimMode",
     "FinishReason",
-    "Format",
     "Generate",
     "GetHealth",
     "GetStats",
-    "GrammarFormat",
-    "Health",
     "Hello",
-    "JsonFormat",
-    "JsonSchemaFormat",
     "ListModels",
     "Load",
-    "MemorySplit",
-    "MemoryStats",
-    "ModelInfo",
     "Ping",
     "Priority",
     "Progress",
     "Queued",
-    "RegexFormat",
     "Request",
     "ServerMessage",
-    "ServerStats",
-    "Timings",
-    "TokenLogprob",
-    "TopLogprob",
     "Unload",
-    "Usage",
     "Warm",
     "Welcome",
 ]
