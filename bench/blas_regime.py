@@ -41,15 +41,22 @@ Figure = tuple[str, float | str]
 the label says otherwise), or a verdict in words (``0.97x PASS``), shown as it is."""
 
 
-def add_argument(parser: Any) -> None:
+def add_argument(parser: Any, default: str = "both") -> None:
     parser.add_argument(
         "--blas",
         choices=CHOICES,
-        default="both",
+        default=default,
         help="the BLAS MLX multiplies with, in the benchmark and in every server it starts: "
         "reference (the Linux wheel's), openblas (the system's, preloaded) or both, one "
-        "after the other, side by side (default)",
+        f"after the other, side by side (default: {default})",
     )
+
+
+def openblas_or_reference() -> str:
+    """``openblas`` where it is installed (Linux), else ``reference``: the default of a
+    benchmark whose target is set in the OpenBLAS regime."""
+    on_linux = sys.platform.startswith("linux")
+    return "openblas" if on_linux and blas.system_blas() is not None else "reference"
 
 
 def child_regime() -> str | None:
