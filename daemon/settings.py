@@ -26,7 +26,6 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 import msgspec
 
-from . import toml_out
 from .config import DEMO_MODEL_NAME, Config, default_demo_model_dir
 from .hub import is_repo_id
 
@@ -526,6 +525,8 @@ def render(loaded: Loaded) -> str:
     the same configuration, each value's source beside it. Relative paths are written
     absolute (the file may be read from elsewhere); the built-in demo model, which is what
     no model at all means, is a comment."""
+    import tomlkit  # here, not at import: every CLI command imports this module
+
     where = "found" if loaded.file_found else "not found"
     lines = [f"# file: {loaded.path} ({where}; {loaded.path_from})"]
     config = loaded.config
@@ -537,12 +538,12 @@ def render(loaded: Loaded) -> str:
             continue
         if s.path:
             value = _absolute(value)
-        lines.append(f"{s.key} = {toml_out.value(value)}  # {source}")
+        lines.append(f"{s.key} = {tomlkit.item(value).as_string()}  # {source}")
     for name, directory in config.models.items():
         source = loaded.sources[f"models.{name}"]
         if Path(directory).expanduser().is_dir():  # a folder, not a name for the hub
             directory = _absolute(directory)
-        line = f"models.{toml_out.key(name)} = {toml_out.value(directory)}"
+        line = f"models.{tomlkit.key(name).as_string()} = {tomlkit.item(directory).as_string()}"
         if source == "default":
             lines.append(f"# {line}  # default: the built-in demo model, with no model set")
         else:

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomlkit
 
-from mlxd.daemon import settings, toml_out
+from mlxd.daemon import settings
 from mlxd.daemon.cli import build_parser
 
 if sys.version_info >= (3, 11):
@@ -132,6 +133,6 @@ def test_a_relative_path_is_written_as_the_path_it_means(tmp_path: Path) -> None
 )
 def test_each_value_reads_back_through_tomllib_as_it_was(value: object) -> None:
     key = 'a "key".with dots'
-    parsed = tomllib.loads(f"{toml_out.key(key)} = {toml_out.value(value)}\n")
+    parsed = tomllib.loads(f"{tomlkit.key(key).as_string()} = {tomlkit.item(value).as_string()}\n")
     assert parsed == {key: value}
     assert type(parsed[key]) is type(value)
