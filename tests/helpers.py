@@ -1,18 +1,34 @@
 """Test helpers: mlx-lm's own in-process reference outputs, a raw protocol connection,
-and waiting for the daemon's counters."""
+waiting for the daemon's counters, and the ``mlxd`` command run in a clean environment."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import h11  # httpcore's, under the openai SDK: an HTTP/1.1 client with nothing hidden
 import msgspec
 
 from mlxd.client import Client
+
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
+"""This environment less every ``MLXD_*`` variable: no stray setting reaches a command."""
+
+
+def mlxd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``mlxd ARGS`` run to its end, in ``CLEAN_ENV`` plus ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlxd.daemon", *args],
+        capture_output=True, text=True, timeout=120, env={**CLEAN_ENV, **(env or {})},
+    )  # fmt: skip
 
 
 @functools.cache
@@ -131,6 +147,42 @@ class RawConn:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class UnreadHttpStream:
+    """A streamed POST to the HTTP API on the Unix socket ``path``, from a client that
+    reads nothing (a 4 KiB receive buffer) until ``events``, which reads it all."""
+
+    def __init__(self, path: Path, target: str, request: dict[str, Any]) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(120)
+        self.sock.connect(str(path))
+        body = json.dumps(request).encode()
+        self._conn = h11.Connection(h11.CLIENT)
+        headers = [("Host", "mlxd"), ("Content-Type", "application/json"),
+                   ("Content-Length", str(len(body))), ("Connection", "close")]  # fmt: skip
+        send = self._conn.send
+        self.sock.sendall(send(h11.Request(method="POST", target=target, headers=headers)))
+        self.sock.sendall(send(h11.Data(data=body)) + send(h11.EndOfMessage()))
+
+    def events(self) -> list[dict[str, Any]]:
+        """Read the whole reply (it must be a 200): its server-sent events' JSON, in order,
+        less the final ``[DONE]``."""
+        raw = b""
+        while chunk := self.sock.recv(65536):
+            raw += chunk
+        self.sock.close()
+        self._conn.receive_data(raw)
+        self._conn.receive_data(b"")
+        data = b""
+        while not isinstance(event := self._conn.next_event(), h11.EndOfMessage | h11.PAUSED):
+            if isinstance(event, h11.Response):
+                assert event.status_code == 200
+            elif isinstance(event, h11.Data):
+                data += event.data
+        return [json.loads(line[6:]) for line in data.decode().splitlines()
+                if line.startswith("data: ") and line != "data: [DONE]"]  # fmt: skip
 
 
 def wait_for(client: Client, check: Any, timeout: float = 120) -> Any:

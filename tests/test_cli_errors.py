@@ -6,23 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 from conftest import short_tmpdir
+from helpers import mlxd
 
 from mlxd.protocol.paths import SUN_PATH_BYTES
-
-_CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-
-
-def mlxd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlxd.daemon", *args],
-        capture_output=True, text=True, timeout=120, env={**_CLEAN_ENV, **(env or {})},
-    )  # fmt: skip
 
 
 def one_line(out: subprocess.CompletedProcess[str]) -> str:

@@ -16,19 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Daemon, short_tmpdir, wait_ready
-from helpers import RawConn, reference
+from helpers import CLEAN_ENV, RawConn, mlxd, reference
 
 from mlxd.client import Chunk, Done, InvalidRequestError
-
-# No stray user configuration or MLXD_* variable may leak into these daemons.
-_CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-
-
-def mlxd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlxd.daemon", *args],
-        capture_output=True, text=True, timeout=120, env={**_CLEAN_ENV, **(env or {})},
-    )  # fmt: skip
 
 
 def serve(socket: Path, *args: str, env: dict[str, str] | None = None) -> Daemon:
@@ -38,7 +28,7 @@ def serve(socket: Path, *args: str, env: dict[str, str] | None = None) -> Daemon
     with open(name, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlxd.daemon", "serve", *args],
-            stdout=log, stderr=subprocess.STDOUT, env={**_CLEAN_ENV, **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT, env={**CLEAN_ENV, **(env or {})},
         )  # fmt: skip
     daemon = Daemon(socket, proc, Path(name), list(args))
     wait_ready(daemon)
@@ -175,7 +165,7 @@ def test_an_invalid_file_names_the_key_and_its_line_and_no_daemon_starts(
     out = subprocess.run(
         [sys.executable, "-m", "mlxd.daemon", "serve", "--config", str(config),
          "--socket", str(sock), "--model", f"tiny={tiny_model}"],
-        capture_output=True, text=True, timeout=60, env=_CLEAN_ENV,
+        capture_output=True, text=True, timeout=60, env=CLEAN_ENV,
     )  # fmt: skip
     assert out.returncode == 78  # EX_CONFIG: a service manager need not restart it
     assert out.stdout == ""

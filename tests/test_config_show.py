@@ -3,13 +3,13 @@ is the same configuration, whatever the values and wherever they came from."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tomlkit
+from helpers import CLEAN_ENV
 
 from mlxd.daemon import settings
 from mlxd.daemon.cli import build_parser
@@ -19,15 +19,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-_CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
-
 
 def shown_then_loaded(
     tmp_path: Path, flags: list[str], env: dict[str, str]
 ) -> tuple[settings.Loaded, settings.Loaded, str]:
     """(the configuration from ``flags`` and ``env``, the one ``config show``'s output gives
     loaded as a file, that output)."""
-    env = {**_CLEAN_ENV, **env}
+    env = {**CLEAN_ENV, **env}
     out = subprocess.run(
         [sys.executable, "-m", "mlxd.daemon", "config", "show", *flags],
         capture_output=True, text=True, timeout=60, env=env,
@@ -38,7 +36,7 @@ def shown_then_loaded(
     args = build_parser().parse_args(["serve", *flags])
     original = settings.load(vars(args), env, args.config)
     # serve --config saved, nothing else: the file alone must say it all.
-    again = settings.load({}, _CLEAN_ENV, str(saved))
+    again = settings.load({}, CLEAN_ENV, str(saved))
     return original, again, out.stdout
 
 
@@ -101,13 +99,13 @@ def test_a_relative_path_is_written_as_the_path_it_means(tmp_path: Path) -> None
     out = subprocess.run(
         [sys.executable, "-m", "mlxd.daemon", "config", "show", "--config", str(empty),
          "--state-dir", "here/state"],
-        capture_output=True, text=True, timeout=60, env=_CLEAN_ENV, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60, env=CLEAN_ENV, cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     saved = tmp_path / "elsewhere" / "shown.toml"
     saved.parent.mkdir()
     saved.write_text(out.stdout)
-    again = settings.load({}, _CLEAN_ENV, str(saved))
+    again = settings.load({}, CLEAN_ENV, str(saved))
     assert again.config.state_dir == str(tmp_path / "here" / "state")
 
 

@@ -5,19 +5,16 @@ process; a stream whose events were merged still carries every token's, in order
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import h11
 import openai
 import pytest
 from conftest import HttpDaemon, short_tmpdir, start_daemon
-from helpers import _load, chat_tokens, reference, reference_logprobs, wait_for
+from helpers import UnreadHttpStream, _load, chat_tokens, reference, reference_logprobs, wait_for
 
 PROMPT = "def parse(line):\n"
 CHAT = [{"role": "user", "content": "Say something about sockets."}]
@@ -167,35 +164,13 @@ def test_a_merged_stream_carries_every_tokens_logprobs(tiny_model: Path) -> None
     try:
         _, tokenizer = _load(str(tiny_model))
         bias = {t: -100.0 for t in tokenizer.eos_token_ids}  # it runs to max_tokens
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(120)
-        sock.connect(str(http))
         logit_bias = {str(t): b for t, b in bias.items()}
         request = {"prompt": PROMPT, "max_tokens": 1500, "stream": True, "temperature": 0,
                    "logprobs": 20, "logit_bias": logit_bias}  # fmt: skip
-        body = json.dumps(request).encode()
-        conn = h11.Connection(h11.CLIENT)
-        headers = [("Host", "mlxd"), ("Content-Type", "application/json"),
-                   ("Content-Length", str(len(body))), ("Connection", "close")]  # fmt: skip
-        sock.sendall(
-            conn.send(h11.Request(method="POST", target="/v1/completions", headers=headers))
-        )
-        sock.sendall(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        stream = UnreadHttpStream(http, "/v1/completions", request)
         with d.client() as c:
             wait_for(c, lambda s: s.sequences_preempted >= 1)
-        raw = b""
-        while chunk := sock.recv(65536):
-            raw += chunk
-        sock.close()
-        conn.receive_data(raw)
-        conn.receive_data(b"")
-        data = b""
-        while not isinstance(event := conn.next_event(), h11.EndOfMessage | h11.PAUSED):
-            if isinstance(event, h11.Data):
-                data += event.data
-        events = [json.loads(line[6:]) for line in data.decode().splitlines()
-                  if line.startswith("data: ") and line != "data: [DONE]"]  # fmt: skip
+        events = stream.events()
         lps = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
         assert any(len(lp["tokens"]) > 1 for lp in lps), "nothing was merged"
         values = [v for lp in lps for v in lp["token_logprobs"]]

@@ -7,14 +7,11 @@ reads nothing soon makes the daemon's writes wait.
 
 from __future__ import annotations
 
-import json
 import shutil
-import socket
 from pathlib import Path
 
-import h11
 from conftest import short_tmpdir, start_daemon
-from helpers import reference, wait_for
+from helpers import UnreadHttpStream, reference, wait_for
 
 PROMPT = "greedy 0:"
 MAX_TOKENS = 3000  # this prompt runs to the end on the tiny model: ~540 KB of SSE
@@ -29,20 +26,8 @@ def test_an_http_stream_nobody_reads_gives_up_its_batch_place(tiny_model: Path) 
     )  # fmt: skip
     try:
         expected = reference(tiny_model, PROMPT, MAX_TOKENS)[0]
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(120)
-        sock.connect(str(http))
-        body = json.dumps(
-            {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True, "temperature": 0}
-        ).encode()
-        conn = h11.Connection(h11.CLIENT)
-        headers = [("Host", "mlxd"), ("Content-Type", "application/json"),
-                   ("Content-Length", str(len(body))), ("Connection", "close")]  # fmt: skip
-        sock.sendall(
-            conn.send(h11.Request(method="POST", target="/v1/completions", headers=headers))
-        )
-        sock.sendall(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        request = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True, "temperature": 0}
+        stream = UnreadHttpStream(http, "/v1/completions", request)
         with d.client() as c:
             # Unread, its one place in the batch goes to others...
             wait_for(c, lambda s: s.sequences_preempted >= 1)
@@ -50,21 +35,7 @@ def test_an_http_stream_nobody_reads_gives_up_its_batch_place(tiny_model: Path) 
             assert done.finish_reason == "length"
             # ...while it still has its own work in flight.
             assert c.stats().requests_in_flight >= 2
-        text, raw = [], b""
-        while chunk := sock.recv(65536):
-            raw += chunk
-        sock.close()
-        conn.receive_data(raw)
-        conn.receive_data(b"")
-        data = b""
-        while not isinstance(event := conn.next_event(), h11.EndOfMessage | h11.PAUSED):
-            if isinstance(event, h11.Response):
-                assert event.status_code == 200
-            elif isinstance(event, h11.Data):
-                data += event.data
-        for line in data.decode().splitlines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                text.append(json.loads(line[6:])["choices"][0]["text"])
+        text = [event["choices"][0]["text"] for event in stream.events()]
         assert "".join(text) == expected
         assert d.stop() == 0, d.log()
     finally:
