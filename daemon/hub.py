@@ -1,5 +1,7 @@
 """Models by name: Hugging Face repo ids, resolved through ``huggingface_hub``'s cache as
-mlx-lm's own ``load`` does; ``mlxd pull`` and the cache's part of ``mlxd models``.
+mlx-lm's own ``load`` does; ``mlxd pull`` and the cache's part of ``mlxd models``; and the
+one rule for a name that is a folder of ``models_dir`` (``folder_in``), which the registry
+serves and ``mlxd serve`` checks at start.
 
 A model source (a ``[models]`` value, ``--model NAME=SOURCE``) is a repo id when it names
 no existing path and has the form ``namespace/name`` (mlx-lm's rule: ``load`` downloads
@@ -112,6 +114,20 @@ def model_dir(repo: str) -> Path:
 def source_dir(source: str) -> Path:
     """A model source's directory: the path itself, or a repo id's cached snapshot."""
     return model_dir(source) if is_repo_id(source) else Path(source).expanduser()
+
+
+def folder_in(models_dir: Path, name: str) -> Path | None:
+    """The folder ``name`` names directly inside ``models_dir``, if there is one: never a
+    path out of it (``..``, a slash)."""
+    if name in ("", ".", "..") or "/" in name:
+        return None
+    try:
+        candidate = (models_dir / name).resolve()
+        if candidate.parent == models_dir.resolve() and candidate.is_dir():
+            return candidate
+    except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+        pass
+    return None
 
 
 def download(repo: str, progress: bool = True) -> Path:

@@ -300,13 +300,9 @@ class ModelRegistry:
                 return hub.source_dir(self._aliases[name])
             except hub.HubError as exc:  # a repo removed from the cache since the start
                 raise ModelError(errors.MODEL_LOAD_FAILED, exc.message) from None
-        if self._models_dir is not None and name not in ("", ".", "..") and "/" not in name:
-            try:
-                candidate = (self._models_dir / name).resolve()
-                if candidate.parent == self._models_dir.resolve() and candidate.is_dir():
-                    return candidate
-            except (OSError, ValueError):  # a NUL byte, a name too long for the file system
-                pass
+        folder = hub.folder_in(self._models_dir, name) if self._models_dir is not None else None
+        if folder is not None:
+            return folder
         raise ModelError(errors.UNKNOWN_MODEL, f"unknown model {name!r}")
 
     def get(

@@ -49,7 +49,7 @@ def check(loaded: Loaded, *, download: bool) -> list[tuple[str, str]]:
         raise ConfigError(f"{_where(loaded, 'models_dir')}: {config.models_dir} {what}")
     name = config.default_model
     if name is not None and name not in config.models:
-        folder = models_dir / name if models_dir is not None and "/" not in name else None
+        folder = hub.folder_in(models_dir, name) if models_dir is not None else None
         if folder is None or not (folder / "config.json").is_file():
             known = ", ".join(config.models) or "none"
             inside = f" nor a model folder in {config.models_dir}" if models_dir else ""
