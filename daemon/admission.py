@@ -44,6 +44,7 @@ from .pausing import Held, can_pause
 from .running import Sequence
 from .sampling import make_sampling
 from .sequences import Sequences
+from .tools import forced_constraint, forced_format, tool_ban
 
 # One logger for all the worker thread does.
 log = structlog.get_logger("mlxd.worker")
@@ -120,7 +121,11 @@ class Admission:
                 "model's weights, even alone",
             )
         sampler, processors = make_sampling(req, loaded.vocab_size)
+        if (ban := tool_ban(req, loaded.tokenizer, loaded.vocab_size)) is not None:
+            processors = [*processors, ban]
         constraint = constraint_for(req.format, loaded)  # compiled here: refused before a place
+        if (tool_format := forced_format(req)) is not None:
+            constraint = forced_constraint(*tool_format, loaded)
         if constraint is not None:
             processors = [*processors, constraint]  # last: nothing lifts its -inf
         free = max(0, self.config.max_batch_size - self._sequences.running(loaded))

@@ -167,7 +167,7 @@ def _next_turn_key(
     the state back to where they agree and prefill the rendered rest, a few tokens."""
     assert seq.request.messages is not None
     reply = "".join(seq.text)
-    rendered = next_turn_tokens(seq.request.messages, reply, seq.model.tokenizer)
+    rendered = next_turn_tokens(seq.request, reply, seq.tool_calls, seq.model.tokenizer)
     if rendered is None:
         return tokens, state
     held = min(len(tokens), cache_length(state))

@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mlxd.protocol import ChatMessage, Generate, errors
+from mlxd.protocol import ChatMessage, Generate, ToolCall, errors
 
 from .models import LoadedModel, ModelError, RequestError
 from .prompts import least_tokens
 from .reasoning import template_switches
 from .sampling import InvalidField
+from .tools import template_messages, template_tools, tool_dicts
 
 # Fill-in-the-middle token names, each in prefix-suffix-middle (PSM) order: Qwen2.5-Coder
 # and the demo models; StarCoder; DeepSeek-Coder (its "hole" marks the suffix's place).
@@ -71,10 +72,6 @@ def fim_mode(req: Generate, loaded: LoadedModel) -> str | None:
     return "tokens" if fim_ids(loaded.tokenizer) is not None else "prefix_only"
 
 
-def _chat(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
-
-
 def prompt_tokens(
     req: Generate, loaded: LoadedModel, max_prompt_tokens: int | None, warm: bool = False
 ) -> list[int]:
@@ -88,6 +85,7 @@ def prompt_tokens(
         raise InvalidField("$.suffix", "suffix goes with prompt (the text before the cursor)")
     if not warm and req.messages is None:
         template_switches(req, tokenizer, loaded.name)  # refuses think without messages
+        template_tools(req, tokenizer, loaded.name)  # and tools
     if req.tokens is not None:
         bad = [t for t in req.tokens if t >= loaded.vocab_size]
         if bad:
@@ -96,8 +94,10 @@ def prompt_tokens(
     elif req.messages is not None:
         if not tokenizer.chat_template:
             raise InvalidField("$.messages", f"model {loaded.name!r} has no chat template")
-        messages = _chat(req.messages)
+        messages = template_messages(req.messages)
         switches = template_switches(req, tokenizer, loaded.name) if not warm else {}
+        if not warm and (tools := template_tools(req, tokenizer, loaded.name)) is not None:
+            switches["tools"] = tools
         try:
             # A warmed conversation is a prefix of later turns: no generation prompt.
             tokens = list(
@@ -150,13 +150,16 @@ def refuse_oversized(req: Generate, loaded: LoadedModel, max_prompt_tokens: int 
 
 
 def next_turn_tokens(
-    messages: Sequence[ChatMessage], reply: str, tokenizer: Any
+    req: Generate, reply: str, calls: Sequence[ToolCall], tokenizer: Any
 ) -> list[int] | None:
-    """The tokens a chat's next turn starts with: the history plus ``reply``, rendered by
-    the template; None if the template refuses them."""
-    history = _chat(messages)
-    history.append({"role": "assistant", "content": reply})
+    """The tokens a chat's next turn starts with: ``req``'s history plus ``reply`` and the
+    ``calls`` it made, rendered by the template with the same tools; None if the template
+    refuses them."""
+    assert req.messages is not None
+    reply_turn = ChatMessage(role="assistant", content=reply)
+    history = template_messages([*req.messages, reply_turn], calls)
+    tools = {"tools": tool_dicts(req.tools)} if req.tools else {}
     try:
-        return list(tokenizer.apply_chat_template(history, add_generation_prompt=False))
+        return list(tokenizer.apply_chat_template(history, add_generation_prompt=False, **tools))
     except Exception:  # a template may refuse; the generated tokens still make a key
         return None

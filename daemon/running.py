@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from mlx_lm.generate import BatchGenerator
 
-from mlxd.protocol import CacheUse, Generate, Warm
+from mlxd.protocol import CacheUse, Generate, ToolCall, Warm
 
 from .cache import Lease
+from .channels import Split
 from .config import Config
 from .memory import Footprint
 from .models import LoadedModel
-from .reasoning import Split
 from .sampling import StopMatcher
 from .solo import SoloGenerator
 
@@ -66,11 +66,13 @@ class Sequence:
     """Bytes of the cached state it took, until its prefill merges it into the batch."""
     warm: Warm | None = None
     split: Split | None = None
-    """Its detokenizer, and whether its text is reasoning or answer (daemon/reasoning.py)."""
+    """Its detokenizer, and which channel its text goes to (daemon/channels.py)."""
     first_token_at: float | None = None
     completion_tokens: int = 0
     text: list[str] = field(default_factory=list)
     """What was streamed, for the next turn's key."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The calls it made, for ``done`` and the next turn's key."""
     eos: frozenset[int] = field(default_factory=frozenset)
     origin: Waiting | None = None
     """Its queue entry: where it goes back to (with its sampler) if its owner is paused."""

@@ -30,6 +30,7 @@ from mlx_lm.generate import BatchGenerator
 from mlxd.protocol import CacheUse, Error, Generate, TokenLogprob, errors
 
 from .cache import Lookup, PromptCache, cache_bytes
+from .channels import Split
 from .config import Config
 from .endings import done, return_state, warm_refused
 from .faults import Faults
@@ -39,11 +40,11 @@ from .models import LoadedModel, ModelRegistry
 from .outbox import Event
 from .pausing import Held, can_pause, put_back, take_out
 from .profiling import PROFILE
-from .reasoning import Split
 from .running import Batch, Sequence, forward_passes
 from .sampling import StopMatcher
 from .solo import SoloGenerator
 from .stepping import Ending, advance, last_chunk
+from .tools import reader_for
 
 if TYPE_CHECKING:
     from .admission import Waiting
@@ -189,7 +190,7 @@ class Sequences:
             # A solo sequence grows the state it took in place: its KV charge covers it.
             held=0 if batch.solo or lookup.state is None else cache_bytes(lookup.state),
             warm=waiting.warm,
-            split=Split(loaded.tokenizer, tokens),
+            split=Split(loaded.tokenizer, tokens, reader_for(req, loaded.tokenizer)),
             eos=frozenset(loaded.tokenizer.eos_token_ids),
             origin=waiting,
         )

@@ -18,6 +18,8 @@ from .options import *  # noqa: F403
 from .options import __all__ as _options_all
 from .reports import *  # noqa: F403
 from .reports import __all__ as _reports_all
+from .tools import *  # noqa: F403
+from .tools import __all__ as _tools_all
 
 __all__ = [
     "HEADER_SIZE",
@@ -29,4 +31,5 @@ __all__ = [
     *_messages_all,
     *_options_all,
     *_reports_all,
+    *_tools_all,
 ]

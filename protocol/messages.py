@@ -43,6 +43,7 @@ from .reports import (  # noqa: F401
     Timings,
     Usage,
 )
+from .tools import MAX_TOOLS, NamedToolChoice, Tool, ToolCall, ToolChoice, ToolFunction  # noqa: F401
 
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change; a server refuses a ``hello`` with another version."""
@@ -60,7 +61,7 @@ Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
 LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 KeepAlive = Annotated[float, Meta(ge=-1.0, le=10.0 * 365 * 86400)]
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 Priority = Literal["interactive", "background"]
 FimMode = Literal["tokens", "prefix_only"]
 
@@ -79,15 +80,20 @@ class Hello(_Message, tag="hello"):
     client: Annotated[str, Meta(max_length=256)] = ""
 
 
-ChatRole = Literal["system", "user", "assistant"]
+ChatRole = Literal["system", "user", "assistant", "tool"]
 
 
-class ChatMessage(Struct, kw_only=True):
-    """One turn of a conversation: both keys required. Rendered by the model's chat
-    template, which knows these three roles."""
+class ChatMessage(Struct, kw_only=True, omit_defaults=True):
+    """One turn of a conversation, rendered by the model's chat template: ``role`` and
+    ``content`` required. An assistant turn may carry the ``tool_calls`` it made; a
+    ``tool`` turn is a call's result, ``tool_call_id`` naming the call it answers."""
 
     role: ChatRole
     content: str
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Annotated[str, Meta(max_length=256)] | None = None
+    name: Annotated[str, Meta(max_length=256)] | None = None
+    """A ``tool`` turn: the function whose result it is (templates that want it)."""
 
 
 class Generate(_Message, tag="generate"):
@@ -136,6 +142,11 @@ class Generate(_Message, tag="generate"):
     """Each chunk carries the log-probability of each of its tokens (``Chunk.logprobs``)."""
     top_logprobs: Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     """The most likely tokens at each step, this many of them (implies ``logprobs``)."""
+    tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
+    """With ``messages``: functions the model may call, passed to its chat template; its
+    calls come back parsed, in ``Chunk.tool_calls`` (daemon/tools.py)."""
+    tool_choice: ToolChoice | None = None
+    """Whether and which tool the model must call; absent: ``auto``."""
 
 
 class Warm(_Message, tag="warm"):
@@ -259,6 +270,9 @@ class Chunk(_Message, tag="chunk"):
     ``text``, the answer; left off when empty."""
     logprobs: list[TokenLogprob] | None = None
     """Only when the request asked for ``logprobs``: one per token of ``tokens``, in order."""
+    tool_calls: list[ToolCall] | None = None
+    """Calls the model made, each whole, in the chunk whose token completed it; the text
+    of a call is in neither ``text`` nor ``reasoning``."""
 
     def absorb(self, later: Chunk) -> None:
         """Append ``later`` (the next chunk of the same request) to this one: a stream that
@@ -268,6 +282,8 @@ class Chunk(_Message, tag="chunk"):
         self.reasoning += later.reasoning
         if self.logprobs is not None and later.logprobs is not None:
             self.logprobs.extend(later.logprobs)  # still one per token, in order
+        if later.tool_calls:
+            self.tool_calls = [*(self.tool_calls or []), *later.tool_calls]
 
 
 class Done(_Message, tag="done"):

@@ -97,6 +97,8 @@ def test_a_chunk_absorbs_every_per_token_field_of_the_next() -> None:
             return float(n)
         if isinstance(kind, msgspec.inspect.BytesType):
             return bytes([n])
+        if isinstance(kind, msgspec.inspect.DictType):  # a tool call's arguments
+            return {f"k{n}": n}
         if isinstance(kind, msgspec.inspect.StructType):
             return kind.cls(**{f.name: sample(f.type, n) for f in kind.fields if f.required})
         raise AssertionError(f"no sample for {kind}")

@@ -283,7 +283,7 @@ def test_a_bad_logit_bias_entry_is_named_by_its_key(
 
 CHAT_REFUSALS = [
     ([{"role": "robot", "content": "hi"}], "$.messages[0].role"),
-    ([{"role": "tool", "content": "hi"}], "$.messages[0].role"),
+    ([{"role": "function", "content": "hi"}], "$.messages[0].role"),
     ([{"role": "user", "content": "hi"}, {"role": "user"}], "$.messages[1].content"),
     ([{"role": "user", "content": None}], "$.messages[0].content"),
 ]

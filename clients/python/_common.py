@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
 import msgspec
 
-from mlxd.protocol import ChatMessage, Done, Generate, Progress, ServerMessage, Warm
+from mlxd.protocol import ChatMessage, Done, Generate, Progress, ServerMessage, ToolCall, Warm
 from mlxd.protocol import decode_server_message as _decode
 from mlxd.protocol.paths import socket_path_problem
 
@@ -115,3 +115,5 @@ class Completion:
     done: Done
     reasoning: str = ""
     """A thinking model's reasoning, apart from ``text`` (the answer)."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The tool calls the model made (a request with ``tools``), parsed."""

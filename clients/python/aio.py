@@ -141,14 +141,15 @@ class AsyncClient:
 
     async def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         stream = self.stream(prompt, **options)
-        parts, thoughts, ids = [], [], []
+        parts, thoughts, ids, calls = [], [], [], []
         async with stream:
             async for chunk in stream:
                 parts.append(chunk.text)
                 thoughts.append(chunk.reasoning)
                 ids.extend(chunk.tokens)
+                calls.extend(chunk.tool_calls or ())
         assert stream.done is not None
-        return Completion("".join(parts), ids, stream.done, "".join(thoughts))
+        return Completion("".join(parts), ids, stream.done, "".join(thoughts), calls)
 
     async def chat(self, messages: Messages, **options: Any) -> Completion:
         return await self.generate(messages=messages, **options)

@@ -39,6 +39,7 @@ from mlxd.protocol import (
     Progress,
     Queued,
     ServerStats,
+    ToolCall,
     Unload,
     Welcome,
     frame_length,
@@ -150,13 +151,15 @@ class Client:
         parts: list[str] = []
         thoughts: list[str] = []
         ids: list[int] = []
+        calls: list[ToolCall] = []
         for message in self.stream(prompt, **options):
             if isinstance(message, Chunk):
                 parts.append(message.text)
                 thoughts.append(message.reasoning)
                 ids.extend(message.tokens)
+                calls.extend(message.tool_calls or ())
             else:
-                return Completion("".join(parts), ids, message, "".join(thoughts))
+                return Completion("".join(parts), ids, message, "".join(thoughts), calls)
         raise ConnectionClosedError("connection_closed", "the stream ended without done")
 
     def chat(self, messages: Messages, **options: Any) -> Completion:
