@@ -20,11 +20,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from mlxd.protocol import Chunk, Done, Error, Generate, ListModels, TokenLogprob, errors
+from mlxd.protocol import Chunk, Done, Error, Generate, ListModels, TokenLogprob, ToolCall, errors
 
 from . import openai_schema as s
 from .http_server import OPENAI_TYPES, HttpCall, server_of, status_for
 from .openai_logprobs import LogprobShaper
+from .openai_tools import call_fragments, calls_out
 
 JSON = "application/json"
 
@@ -108,11 +109,18 @@ class _Shape:
         return self._logprobs.chat(entries) if self.chat else self._logprobs.completion(entries)
 
     def whole(
-        self, text: str, done: Done, reasoning: str = "", lps: list[TokenLogprob] | None = None
+        self,
+        text: str,
+        done: Done,
+        reasoning: str = "",
+        lps: list[TokenLogprob] | None = None,
+        calls: list[ToolCall] | None = None,
     ) -> msgspec.Struct:
         usage = s.usage_of(done.usage)
         if self.chat:
-            message = s.AssistantMessage("assistant", text, reasoning or None)
+            content = None if calls and not text else text  # null beside calls, as OpenAI's
+            message = s.AssistantMessage("assistant", content, reasoning or None)
+            message.tool_calls = calls_out(calls or [])
             choice = s.ChatChoice(0, message, done.finish_reason, self._shaped(lps))
             return s.ChatCompletion(self.id, self.created, self.model, [choice], usage)
         c = s.CompletionChoice(0, text, done.finish_reason, self._shaped(lps))
@@ -125,10 +133,11 @@ class _Shape:
         role: bool = False,
         reasoning: str | None = None,
         lps: list[TokenLogprob] | None = None,
+        calls: list[s.DeltaCall] | None = None,
     ) -> msgspec.Struct:
         if self.chat:
             role_ = "assistant" if role else None
-            delta = s.Delta(role=role_, content=text, reasoning_content=reasoning)
+            delta = s.Delta(role=role_, content=text, reasoning_content=reasoning, tool_calls=calls)
             choice = s.ChunkChoice(0, delta, finish, self._shaped(lps))
             return s.ChatChunk(self.id, self.created, self.model, [choice])
         c = s.CompletionChoice(0, text or "", finish, self._shaped(lps))
@@ -145,10 +154,12 @@ async def _whole(call: HttpCall, gen: Generate, shape: _Shape) -> web.Response:
     parts: list[str] = []
     thoughts: list[str] = []
     lps: list[TokenLogprob] | None = [] if gen.logprobs else None
+    calls: list[ToolCall] = []
     async for message in call.events(gen):
         if isinstance(message, Chunk):
             parts.append(message.text)
             thoughts.append(message.reasoning)
+            calls += message.tool_calls or ()
             if lps is not None and message.logprobs:
                 lps += message.logprobs
         elif isinstance(message, Error):
@@ -156,7 +167,7 @@ async def _whole(call: HttpCall, gen: Generate, shape: _Shape) -> web.Response:
         elif isinstance(message, Done):
             if message.finish_reason == "cancelled":
                 return _cancelled()
-            whole = shape.whole("".join(parts), message, "".join(thoughts), lps)
+            whole = shape.whole("".join(parts), message, "".join(thoughts), lps, calls)
             body = msgspec.json.encode(whole)
             return web.Response(body=body, content_type=JSON)
     return error_response(500, "the request ended without a reply", None, "internal_error")
@@ -179,6 +190,7 @@ async def _stream(
         data = event if isinstance(event, bytes) else msgspec.json.encode(event)
         await response.write(b"data: " + data + b"\n\n")
 
+    sent_calls = 0
     async for message in call.events(gen):
         if isinstance(message, Chunk):
             if message.reasoning and shape.chat:
@@ -187,6 +199,10 @@ async def _stream(
                 await send(shape.chunk(message.text, lps=message.logprobs))
             elif message.text:
                 await send(shape.chunk(message.text))
+            for tool_call in message.tool_calls or ():
+                for fragment in call_fragments(tool_call, sent_calls):
+                    await send(shape.chunk(None, calls=[fragment]))
+                sent_calls += 1
         elif isinstance(message, Error):
             if response is None:
                 return _native_error(message)

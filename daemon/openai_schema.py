@@ -32,18 +32,19 @@ from mlxd.protocol.messages import (
 from mlxd.protocol.options import ReasoningEffort
 
 from .openai_logprobs import ChatLogprobs, CompletionLogprobs
+from .openai_tools import (
+    CallOut,
+    DeltaCall,
+    MessageToolCall,
+    Refused,
+    ToolChoiceObject,
+    ToolSpec,
+    history_calls,
+    tool_fields,
+)
 
 StopString = Annotated[str, Meta(min_length=1, max_length=1024)]
 TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
-
-
-class Refused(Exception):
-    """A request field mlxd does not serve, or a value it cannot take: a 400 naming ``param``."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
 
 
 # --------------------------------------------------------------------------- requests
@@ -96,8 +97,9 @@ class ContentPart(Struct, kw_only=True):
 class Message(Struct, kw_only=True):
     role: str
     content: str | list[ContentPart] | None = None
-    name: str | None = None  # accepted, unused
-    tool_calls: list[Any] | None = None
+    name: str | None = None  # a tool turn: the function's (templates that want it)
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
     audio: Any = None
 
 
@@ -118,11 +120,11 @@ class ChatBody(_Body, kw_only=True):
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: str | ToolChoiceObject | None = None
     functions: list[Any] | None = None
     function_call: Any = None
-    parallel_tool_calls: bool | None = None  # accepted, meaningless without tools
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     audio: Any = None
     modalities: list[str] | None = None
@@ -161,9 +163,11 @@ class Completion(Struct):
 
 class AssistantMessage(Struct, omit_defaults=True):
     role: str
-    content: str
+    content: str | None
+    """None (null) when the reply is only tool calls, as OpenAI's."""
     reasoning_content: str | None = None
     """A thinking model's reasoning (left off for a model without it)."""
+    tool_calls: list[CallOut] | None = None
 
 
 class ChatChoice(Struct):
@@ -186,6 +190,7 @@ class Delta(Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaCall] | None = None
 
 
 class ChunkChoice(Struct):
@@ -307,12 +312,13 @@ def _format(response_format: ResponseFormat | None) -> Format | None:
     )
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {
+    "system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+    "tool": "tool",
+}  # fmt: skip
 
 
 def _content(i: int, message: Message) -> str:
-    if message.tool_calls:
-        raise Refused(f"messages[{i}].tool_calls", "tool calls are not supported yet")
     if message.audio is not None:
         raise Refused(f"messages[{i}].audio", "audio is not supported")
     content = message.content
@@ -334,12 +340,12 @@ def _content(i: int, message: Message) -> str:
 def chat_request(rid: int, body: ChatBody) -> Generate:
     if body.top_logprobs is not None and not body.logprobs:
         raise Refused("top_logprobs", "top_logprobs needs logprobs: true")
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise Refused(name, f"{name} are not supported yet")
-    for name in ("tool_choice", "function_call"):
-        if getattr(body, name) not in (None, "none"):
-            raise Refused(name, f"{name} is not supported yet")
+    if body.functions:
+        raise Refused("functions", "functions (deprecated by OpenAI) are not supported: use tools")
+    if body.function_call not in (None, "none"):
+        raise Refused(
+            "function_call", "function_call (deprecated) is not supported: use tool_choice"
+        )
     if body.audio is not None or (body.modalities and body.modalities != ["text"]):
         raise Refused("audio" if body.audio is not None else "modalities", "audio is not supported")
     messages = []
@@ -347,9 +353,21 @@ def chat_request(rid: int, body: ChatBody) -> Generate:
         role = _ROLES.get(m.role)
         if role is None:
             raise Refused(f"messages[{i}].role", f"role {m.role!r} is not supported")
-        messages.append(ChatMessage(role=role, content=_content(i, m)))
+        calls = history_calls(i, m.tool_calls) if m.tool_calls else None
+        name = m.name if role == "tool" else None
+        turn = ChatMessage(
+            role=role,
+            content=_content(i, m),
+            tool_calls=calls,
+            tool_call_id=m.tool_call_id,
+            name=name,
+        )
+        messages.append(turn)
     max_tokens = body.max_completion_tokens or body.max_tokens
     fields = _common(body, max_tokens)
+    fields.update(tool_fields(body.tools, body.tool_choice))
+    if body.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = body.parallel_tool_calls
     if body.reasoning_effort is not None:
         fields["reasoning_effort"] = body.reasoning_effort
     if body.logprobs:
@@ -365,6 +383,8 @@ def param_of(field: str | None) -> str | None:
     if name == "format" or name.startswith("format."):
         schema = name == "format.schema"
         return "response_format.json_schema.schema" if schema else "response_format"
+    if name.startswith("tool_choice"):
+        return "tool_choice"
     return {"tokens": "prompt", "suffix": "suffix"}.get(name, name) or None
 
 

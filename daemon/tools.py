@@ -138,7 +138,9 @@ def forced_format(req: Generate) -> tuple[JsonSchemaFormat, str] | None:
         }
         for t in req.tools
     ]
-    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not req.parallel_tool_calls:
+        schema["maxItems"] = 1
     return JsonSchemaFormat(schema=schema), "$.tools"
 
 

@@ -147,6 +147,9 @@ class Generate(_Message, tag="generate"):
     calls come back parsed, in ``Chunk.tool_calls`` (daemon/tools.py)."""
     tool_choice: ToolChoice | None = None
     """Whether and which tool the model must call; absent: ``auto``."""
+    parallel_tool_calls: bool = True
+    """False: ``tool_choice`` ``required`` makes exactly one call (not enforced for ``auto``:
+    the model's own format is not constrained)."""
 
 
 class Warm(_Message, tag="warm"):

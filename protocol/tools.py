@@ -32,10 +32,11 @@ class ToolFunction(Struct, kw_only=True, omit_defaults=True):
 
 
 class Tool(Struct, kw_only=True):
-    """One tool offered to the model; ``function`` is the only type."""
+    """One tool offered to the model; ``function`` is the only type. (The fields in
+    OpenAI's order: a template that writes tools as JSON writes them as clients send them.)"""
 
-    function: ToolFunction
     type: Literal["function"] = "function"
+    function: ToolFunction
 
 
 class ToolCall(Struct, kw_only=True):

@@ -198,8 +198,8 @@ def test_bad_input_gets_openai_errors(sdk: openai.OpenAI, http_daemon: HttpDaemo
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
     ]
     _refused(lambda: chat(model="tiny", messages=image), 400, "messages[0].content[0].type")
-    tool_role: Any = [{"role": "tool", "content": "x", "tool_call_id": "1"}]
-    _refused(lambda: chat(model="tiny", messages=tool_role), 400, "messages[0].role")
+    function_role: Any = [{"role": "function", "content": "x", "name": "f"}]
+    _refused(lambda: chat(model="tiny", messages=function_role), 400, "messages[0].role")
     with_type = {"extra_body": {"temperature": "hot"}}
     _refused(lambda: chat(model="tiny", messages=msgs, **with_type), 400, "temperature")
     _refused(lambda: chat(model="tiny", messages=msgs, top_p=3), 400, "top_p")
