@@ -93,6 +93,7 @@ class Intake:
             prompt=req.prompt,
             messages=req.messages,
             tokens=req.tokens,
+            tools=req.tools,
             max_tokens=1,
             keep_alive=req.keep_alive,
             priority=req.priority,

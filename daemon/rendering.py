@@ -85,7 +85,7 @@ def prompt_tokens(
         raise InvalidField("$.suffix", "suffix goes with prompt (the text before the cursor)")
     if not warm and req.messages is None:
         template_switches(req, tokenizer, loaded.name)  # refuses think without messages
-        template_tools(req, tokenizer, loaded.name)  # and tools
+    tools = template_tools(req, tokenizer, loaded.name)  # and tools without them
     if req.tokens is not None:
         bad = [t for t in req.tokens if t >= loaded.vocab_size]
         if bad:
@@ -96,7 +96,7 @@ def prompt_tokens(
             raise InvalidField("$.messages", f"model {loaded.name!r} has no chat template")
         messages = template_messages(req.messages)
         switches = template_switches(req, tokenizer, loaded.name) if not warm else {}
-        if not warm and (tools := template_tools(req, tokenizer, loaded.name)) is not None:
+        if tools is not None:  # a warm-up's too: the tools are most of a prompt's prefix
             switches["tools"] = tools
         try:
             # A warmed conversation is a prefix of later turns: no generation prompt.

@@ -164,6 +164,9 @@ class Warm(_Message, tag="warm"):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     tokens: list[Annotated[int, Meta(ge=0)]] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=MAX_TOOLS)] | None = None
+    """With ``messages``: the tools a later chat will offer (the template writes them
+    first, so they are part of the prefix)."""
     pin: bool = False
     ttl_s: Annotated[float, Meta(gt=0.0, le=10.0 * 365 * 86400)] | None = None
     keep_alive: KeepAlive | None = None

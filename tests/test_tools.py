@@ -341,3 +341,14 @@ def _model_dir(daemon: HttpDaemon, name: str) -> Path:
         if arg.startswith(f"{name}="):
             return Path(arg.split("=", 1)[1])
     raise AssertionError(name)
+
+
+def test_a_warm_up_with_tools_is_the_prefix_of_a_chat_that_offers_them(
+    tools_daemon: HttpDaemon,
+) -> None:
+    system = [{"role": "system", "content": "You are a weather bot. " * 8}]
+    with tools_daemon.client() as c:
+        warmed = c.warm(messages=system, tools=TOOLS, model="qwen3")
+        r = c.chat([*system, *ASK], tools=TOOLS, model="qwen3", max_tokens=2)
+    assert r.done.cache.kind == "shorter"
+    assert r.done.usage.cached_tokens == warmed.usage.prompt_tokens
