@@ -1,12 +1,15 @@
-"""The Ollama-compatible HTTP API: an adapter from Ollama's request and response shapes
-onto the native requests and events (see daemon/http_server.py; docs/HTTP.md says what
-is served, refused and ignored).
+"""The Ollama-compatible HTTP API: its handlers, from Ollama's requests (translated into
+native ones by daemon/ollama_requests.py) to the native events and back in Ollama's
+shapes (see daemon/http_server.py; docs/HTTP.md says what is served, refused and ignored).
 
 Bodies are msgspec ``Struct``\\s; unknown fields and unknown ``options`` are ignored, as
-Ollama ignores them. Errors are Ollama's ``{"error": "..."}`` with the status its clients
-expect (``status_for``). ``/api/generate`` and ``/api/chat`` stream NDJSON unless
-``stream`` is false; the response starts with the first token, so an error before it
-(unknown model, bad field) still gets its status.
+Ollama ignores them. A chat's tool calls (native ``Chunk.tool_calls``) are
+``message.tool_calls``, arguments as an object, each in the object of the chunk that
+completed it; ``done_reason`` stays ``stop`` after calls, as Ollama says. Errors are
+Ollama's ``{"error": "..."}`` with the status its clients expect (``status_for``).
+``/api/generate`` and ``/api/chat`` stream NDJSON unless ``stream`` is false; the
+response starts with the first token, so an error before it (unknown model, bad field)
+still gets its status.
 
 Threading: event loop only; never calls MLX (model facts are read on a thread,
 ``daemon/ollama_info.py``).
@@ -170,8 +173,8 @@ async def _generate(
 
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:
-    """Ollama's shape of a call: its arguments an object; the native id beside it (newer
-    Ollama sends one; its SDKs ignore it)."""
+    """Ollama's shape of a call, arguments an object; the native id beside it, an extra
+    field its SDK ignores (a tool turn may answer by it)."""
     return {"id": call.id, "function": {"name": call.name, "arguments": call.arguments}}
 
 
