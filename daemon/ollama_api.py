@@ -1,12 +1,15 @@
-"""The Ollama-compatible HTTP API: an adapter from Ollama's request and response shapes
-onto the native requests and events (see daemon/http_server.py; docs/HTTP.md says what
-is served, refused and ignored).
+"""The Ollama-compatible HTTP API: its handlers, from Ollama's requests (translated into
+native ones by daemon/ollama_requests.py) to the native events and back in Ollama's
+shapes (see daemon/http_server.py; docs/HTTP.md says what is served, refused and ignored).
 
 Bodies are msgspec ``Struct``\\s; unknown fields and unknown ``options`` are ignored, as
-Ollama ignores them. Errors are Ollama's ``{"error": "..."}`` with the status its clients
-expect (``status_for``). ``/api/generate`` and ``/api/chat`` stream NDJSON unless
-``stream`` is false; the response starts with the first token, so an error before it
-(unknown model, bad field) still gets its status.
+Ollama ignores them. A chat's tool calls (native ``Chunk.tool_calls``) are
+``message.tool_calls``, arguments as an object, each in the object of the chunk that
+completed it; ``done_reason`` stays ``stop`` after calls, as Ollama says. Errors are
+Ollama's ``{"error": "..."}`` with the status its clients expect (``status_for``).
+``/api/generate`` and ``/api/chat`` stream NDJSON unless ``stream`` is false; the
+response starts with the first token, so an error before it (unknown model, bad field)
+still gets its status.
 
 Threading: event loop only; never calls MLX (model facts are read on a thread,
 ``daemon/ollama_info.py``).
@@ -14,7 +17,6 @@ Threading: event loop only; never calls MLX (model facts are read on a thread,
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -23,14 +25,13 @@ from aiohttp import web
 
 from mlxd.protocol import (
     ChatMessage,
-    ChatRole,
     Chunk,
     Done,
     Error,
-    Generate,
     Load,
     Progress,
     TokenLogprob,
+    ToolCall,
     Unload,
 )
 
@@ -48,6 +49,14 @@ from .ollama_models import (
     show,
     tags,
 )
+from .ollama_requests import (
+    ChatBody,
+    CommonBody,
+    GenerateBody,
+    build_generate,
+    chat_messages,
+    parse_keep_alive,
+)
 from .openai_logprobs import token_string
 
 OLLAMA_VERSION = "0.6.0"
@@ -59,159 +68,12 @@ NOT_SERVED = ("pull", "push", "create", "copy", "delete", "embed", "embeddings",
 SERVED = ("version", "tags", "ps", "show", "generate", "chat")
 
 
-class Options(msgspec.Struct):
-    """The ``options`` mlxd maps; any other (num_ctx, mirostat, ...) is ignored."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    num_predict: int | None = None
-    stop: list[str] | str | None = None
-    seed: int | None = None
-    repeat_penalty: float | None = None
-    repeat_last_n: int | None = None
-
-
-class _Common(msgspec.Struct):
-    model: str = ""
-    stream: bool = True
-    options: Options | None = None
-    keep_alive: float | str | None = None
-    format: Any = None
-    think: bool | str | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None  # only with logprobs
-
-
-class GenerateBody(_Common):
-    prompt: str = ""
-    suffix: str | None = None
-    system: str | None = None
-    raw: bool = False
-    template: str | None = None
-    images: list[Any] | None = None
-    context: list[int] | None = None
-
-
-class Message(msgspec.Struct):
-    role: ChatRole  # as native messages: another role (tool) is a 400 naming it
-    content: str = ""
-    images: list[Any] | None = None
-    tool_calls: list[Any] | None = None
-
-
-class ChatBody(_Common):
-    messages: list[Message] = []
-    tools: list[Any] | None = None
-
-
-_OPTION_NAMES = {
-    "temperature": "options.temperature",
-    "top_p": "options.top_p",
-    "top_k": "options.top_k",
-    "min_p": "options.min_p",
-    "max_tokens": "options.num_predict",
-    "stop": "options.stop",
-    "seed": "options.seed",
-    "repetition_penalty": "options.repeat_penalty",
-    "repetition_context_size": "options.repeat_last_n",
-}
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_keep_alive(value: float | str | None) -> float | None:
-    """Seconds, as the native ``keep_alive`` takes them: a number of seconds, or a Go
-    duration string (``"5m"``, ``"1h30m"``, ``"-1s"``); any negative is -1 (forever)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = None
-        if seconds is None:
-            sign = -1.0 if text.startswith("-") else 1.0
-            body = text.lstrip("+-")
-            parts = _DURATION.findall(body)
-            if not body or "".join(n + u for n, u in parts) != body:
-                raise BadRequest(f"keep_alive {value!r}: expected seconds or a duration like '5m'")
-            seconds = sign * sum(float(n) * _UNIT[u] for n, u in parts)
-    else:
-        seconds = float(value)
-    if seconds != seconds:
-        raise BadRequest("keep_alive must be a number")
-    return -1.0 if seconds < 0 else min(seconds, 10.0 * 365 * 86400)
-
-
-def _format(value: Any) -> dict[str, Any] | None:
-    """Ollama's ``format`` (``"json"`` or a JSON schema) as the native ``format``."""
-    if value in (None, ""):
-        return None
-    if value == "json":
-        return {"type": "json"}
-    if isinstance(value, dict):
-        return {"type": "json_schema", "schema": value}
-    raise BadRequest('format must be "json" or a JSON schema (an object)')
-
-
-def build_generate(
-    rid: int, model: str, body: _Common, most_tokens: int, **prompt: Any
-) -> Generate:
-    """The native request for ``body``'s model, options and keep-alive, with the prompt
-    fields given; validated by the native constraints (a bad value: 400 naming it).
-    ``num_predict`` absent or under 1 is Ollama's "until the context is full": the
-    daemon's ``most_tokens`` (max_tokens_limit), which the worker caps at the context."""
-    o = body.options or Options()
-    fields: dict[str, Any] = {"id": rid, "model": model, **prompt, "max_tokens": most_tokens}
-    for name, value in (
-        ("temperature", o.temperature),
-        ("top_p", o.top_p),
-        ("top_k", o.top_k),
-        ("min_p", o.min_p),
-    ):
-        if value is not None:
-            fields[name] = value
-    if o.num_predict is not None and o.num_predict > 0:
-        fields["max_tokens"] = o.num_predict
-    if o.stop:
-        fields["stop"] = [o.stop] if isinstance(o.stop, str) else [s for s in o.stop if s]
-    if o.seed is not None and o.seed >= 0:
-        fields["seed"] = o.seed
-    if o.repeat_penalty is not None and o.repeat_penalty > 0 and o.repeat_penalty != 1.0:
-        fields["repetition_penalty"] = o.repeat_penalty
-    if o.repeat_last_n is not None and o.repeat_last_n > 0:
-        fields["repetition_context_size"] = o.repeat_last_n
-    keep = parse_keep_alive(body.keep_alive)
-    if keep is not None:
-        fields["keep_alive"] = keep
-    fmt = _format(body.format)
-    if fmt is not None:
-        fields["format"] = fmt
-    if body.think is not None and "messages" in prompt:
-        # A level ("high", as gpt-oss takes) is thinking on, at that effort.
-        fields["think"] = body.think if isinstance(body.think, bool) else True
-        if isinstance(body.think, str):
-            fields["reasoning_effort"] = body.think
-    if body.logprobs:
-        fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
-    try:
-        return msgspec.convert(fields, type=Generate)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        for native, ours in _OPTION_NAMES.items():
-            text = text.replace(f"`$.{native}`", f"`$.{ours}`")
-        raise BadRequest(text) from None
-
-
 def _stats(done: Done, load_s: float) -> dict[str, Any]:
     """Ollama's final-message fields, durations in nanoseconds."""
     usage, t = done.usage, done.timings
-    fields: dict[str, Any] = {"done": True, "done_reason": done.finish_reason or "stop"}
+    # Ollama says stop when the model called tools (only its OpenAI API says tool_calls).
+    reason = "stop" if done.finish_reason in (None, "tool_calls") else done.finish_reason
+    fields: dict[str, Any] = {"done": True, "done_reason": reason}
     if t is not None:
         ns = 1_000_000_000
         fields["total_duration"] = int(t.total_s * ns)
@@ -225,7 +87,7 @@ def _stats(done: Done, load_s: float) -> dict[str, Any]:
 
 
 async def _generate(
-    request: web.Request, body: _Common, model: str, prompts: list[dict[str, Any]], chat: bool
+    request: web.Request, body: CommonBody, model: str, prompts: list[dict[str, Any]], chat: bool
 ) -> web.StreamResponse:
     """Run the native generate for the first of ``prompts`` (the next one if the model
     has no chat template), answering in Ollama's shape, streamed or not."""
@@ -236,15 +98,20 @@ async def _generate(
     texts: list[str] = []
     thoughts: list[str] = []
     logprobs: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
     load_started: float | None = None
     load_s = 0.0
 
-    def piece(text: str, thinking: str = "") -> dict[str, Any]:
+    def piece(
+        text: str, thinking: str = "", tool_calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         head: dict[str, Any] = {"model": model, "created_at": now()}
         if chat:
             head["message"] = {"role": "assistant", "content": text}
             if thinking:
                 head["message"]["thinking"] = thinking
+            if tool_calls:
+                head["message"]["tool_calls"] = tool_calls
         else:
             head["response"] = text
             if thinking:
@@ -262,19 +129,22 @@ async def _generate(
                 if message.done_bytes >= message.total_bytes:
                     load_s = time.perf_counter() - load_started
             elif isinstance(message, Chunk):
-                if not message.text and not message.reasoning and not message.logprobs:
+                made = [_tool_call(c) for c in message.tool_calls or ()]
+                if not (message.text or message.reasoning or message.logprobs or made):
                     continue
                 lps = [_logprob(e) for e in message.logprobs or ()]
                 if not body.stream:
                     texts.append(message.text)
                     thoughts.append(message.reasoning)
                     logprobs += lps
+                    calls += made
                     continue
                 if stream is None:
                     stream = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
                     await stream.prepare(request)
                 extra = {"logprobs": lps} if lps else {}
-                await line({**piece(message.text, message.reasoning), **extra, "done": False})
+                out = piece(message.text, message.reasoning, made)
+                await line({**out, **extra, "done": False})
             elif isinstance(message, Error):
                 untemplated = (
                     message.field == "$.messages" and "no chat template" in message.message
@@ -287,7 +157,7 @@ async def _generate(
                 await stream.write_eof()
                 return stream
             elif isinstance(message, Done):
-                whole = ("", "") if body.stream else ("".join(texts), "".join(thoughts))
+                whole = ("", "", []) if body.stream else ("".join(texts), "".join(thoughts), calls)
                 final = {**piece(*whole), **_stats(message, load_s)}
                 if req.logprobs and not body.stream:
                     final["logprobs"] = logprobs
@@ -302,6 +172,12 @@ async def _generate(
     raise AssertionError("a generate ended without done or error")
 
 
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    """Ollama's shape of a call, arguments an object; the native id beside it, an extra
+    field its SDK ignores (a tool turn may answer by it)."""
+    return {"id": call.id, "function": {"name": call.name, "arguments": call.arguments}}
+
+
 def _logprob(entry: TokenLogprob) -> dict[str, Any]:
     """Ollama's shape of a token's logprob (its ``bytes`` as OpenAI's, a list of ints)."""
     top = [
@@ -313,7 +189,7 @@ def _logprob(entry: TokenLogprob) -> dict[str, Any]:
 
 
 async def _load_or_unload(
-    request: web.Request, body: _Common, model: str, chat: bool
+    request: web.Request, body: CommonBody, model: str, chat: bool
 ) -> web.Response:
     """An empty prompt (or no messages): load the model, or unload it with keep_alive 0."""
     keep = parse_keep_alive(body.keep_alive)
@@ -371,17 +247,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
         body = decode(await request.read(), ChatBody)
         if not body.model:
             raise BadRequest("model is required")
-        if body.tools:
-            raise BadRequest("tools are not supported by mlxd yet")
-        for i, m in enumerate(body.messages):
-            if m.images:
-                raise BadRequest(f"messages[{i}].images: images are not supported by mlxd")
-            if m.tool_calls:
-                raise BadRequest(f"messages[{i}].tool_calls: tools are not supported by mlxd yet")
+        messages = chat_messages(body.messages)
         model = model_name(body.model)
         if not body.messages:
             return await _load_or_unload(request, body, model, chat=True)
-        messages = [ChatMessage(role=m.role, content=m.content) for m in body.messages]
         return await _generate(request, body, model, [{"messages": messages}], chat=True)
     except BadRequest as exc:
         return error_response(str(exc), 400)

@@ -1,7 +1,9 @@
 """What Ollama's model endpoints (``/api/tags``, ``/api/ps``, ``/api/show``) say about a
 model, read from its directory: size on disk, a digest, the modification time, the
 architecture and parameter count (from ``config.json`` and the safetensors headers), the
-chat template, whether it has fill-in-the-middle tokens.
+chat template, whether it has fill-in-the-middle tokens, and whether mlx-lm finds
+tool-call and thinking markers in it (its own inference, run on the template and the
+vocabulary read from disk rather than on a loaded tokenizer).
 
 Threading: plain file reads, no MLX. ``describe`` may block on the disk, so the event
 loop runs it with ``asyncio.to_thread``; its cache is guarded by a lock.
@@ -34,6 +36,10 @@ class ModelFacts:
     context_length: int | None
     template: str
     fim: bool
+    tools: bool = False
+    """mlx-lm knows the chat template's tool-call format (``has_tool_calling``)."""
+    thinking: bool = False
+    """mlx-lm finds thinking markers in the vocabulary (``has_thinking``)."""
     model_info: dict[str, Any] = field(default_factory=dict)
 
     def details(self) -> dict[str, Any]:
@@ -115,6 +121,41 @@ def _parameters(files: list[Path], bits: int | None) -> int:
     return total
 
 
+class _Vocabulary:
+    """What mlx-lm's marker inference reads of a tokenizer: the chat template and the
+    vocabulary (token ids are not needed to know whether markers exist)."""
+
+    def __init__(self, template: str, tokenizer_json: str) -> None:
+        self.chat_template = template
+        self._vocab: dict[str, int] = {}
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            data = json.loads(tokenizer_json)
+            vocab = data.get("model", {}).get("vocab") or {}
+            pieces = vocab if isinstance(vocab, dict) else [v[0] for v in vocab]  # unigram
+            self._vocab = {str(p): 0 for p in pieces}
+            self._vocab.update((t["content"], 0) for t in data.get("added_tokens", []))
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._vocab
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return []
+
+
+def _markers(template: str, tokenizer_json: str, parser: Any) -> tuple[bool, bool]:
+    """Whether mlx-lm will find a tool-call format and thinking markers, by the inference
+    its ``load`` runs (``tool_parser_type`` in tokenizer_config.json first, as there)."""
+    from mlx_lm import tokenizer_utils  # heavy (transformers): only when a model is shown
+
+    shim = _Vocabulary(template, tokenizer_json)
+    try:
+        tools = bool(parser) or tokenizer_utils._infer_tool_parser(shim) is not None
+        thinking = tokenizer_utils._infer_thinking(shim)[0] is not None
+    except AttributeError:  # a mlx-lm without these: claim neither
+        return False, False
+    return tools, thinking
+
+
 def _read(root: Path, files: list[Path], stamp: tuple[tuple[str, int, int], ...]) -> ModelFacts:
     config = _json(root / "config.json")
     tokenizer_config = _json(root / "tokenizer_config.json")
@@ -134,6 +175,7 @@ def _read(root: Path, files: list[Path], stamp: tuple[tuple[str, int, int], ...]
     fim = any(
         all(f'"{n}"' in vocab or json.dumps(n) in vocab for n in names) for names in FIM_TOKENS
     )
+    tools, thinking = _markers(str(template), vocab, tokenizer_config.get("tool_parser_type"))
     info: dict[str, Any] = {"general.architecture": family, "general.parameter_count": params}
     for ours, theirs in (
         ("context_length", "max_position_embeddings"),
@@ -158,5 +200,7 @@ def _read(root: Path, files: list[Path], stamp: tuple[tuple[str, int, int], ...]
         context_length=context if isinstance(context, int) else None,
         template=str(template),
         fim=fim,
+        tools=tools,
+        thinking=thinking,
         model_info=info,
     )

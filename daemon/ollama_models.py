@@ -147,7 +147,8 @@ async def show(request: web.Request) -> web.Response:
     if isinstance(known, Error):
         return native_error(known)
     f = await asyncio.to_thread(describe, known.path)
-    capabilities = ["completion"] + (["insert"] if f.fim else [])
+    has = {"tools": f.tools, "insert": f.fim, "thinking": f.thinking}
+    capabilities = ["completion"] + [name for name, yes in has.items() if yes]
     return json_response(
         {
             "modelfile": f"# mlxd serves {known.name} from {known.path}\nFROM {known.path}\n",
