@@ -6,7 +6,8 @@ Ollama's tools are OpenAI's shape, passed through to the native ``tools``. Its t
 carry no id: an assistant turn's calls given back without one get a fresh native id, so
 the history is well formed for every chat template; a ``tool`` turn's ``tool_name`` is
 the native ``name``. ``options.tool_choice`` is an mlxd extension (the native
-``tool_choice``), in ``options`` because Ollama's SDKs send that mapping as it is.
+``tool_choice``; ``options.parallel_tool_calls`` too), in ``options`` because Ollama's SDKs
+send that mapping as it is.
 
 Threading: pure translation, no I/O; called on the event loop.
 """
@@ -38,6 +39,8 @@ class Options(msgspec.Struct):
     repeat_last_n: int | None = None
     tool_choice: Any = None
     """An mlxd extension: the native ``tool_choice`` (validated there)."""
+    parallel_tool_calls: bool | None = None
+    """An mlxd extension: the native ``parallel_tool_calls``."""
 
 
 class CommonBody(msgspec.Struct):
@@ -96,6 +99,7 @@ _OPTION_NAMES = {
     "repetition_penalty": "options.repeat_penalty",
     "repetition_context_size": "options.repeat_last_n",
     "tool_choice": "options.tool_choice",
+    "parallel_tool_calls": "options.parallel_tool_calls",
 }
 
 
@@ -183,6 +187,8 @@ def build_generate(
         fields["tools"] = body.tools
     if o.tool_choice is not None:
         fields["tool_choice"] = o.tool_choice
+    if o.parallel_tool_calls is not None:
+        fields["parallel_tool_calls"] = o.parallel_tool_calls
     try:
         return msgspec.convert(fields, type=Generate)
     except msgspec.ValidationError as exc:

@@ -75,7 +75,8 @@ def post(d: HttpDaemon, body: dict[str, Any]) -> tuple[int, bytes]:
 
 
 def forced(model: str, choice: Any, stream: bool, messages: list[Any] = ASK) -> dict[str, Any]:
-    options = {"tool_choice": choice, "num_predict": 80}
+    # One call at most: a random-weight model may go on adding calls to a list.
+    options = {"tool_choice": choice, "parallel_tool_calls": False, "num_predict": 80}
     return {"model": model, "messages": messages, "tools": TOOLS, "options": options,
             "stream": stream, "think": False if model == "qwen3" else None}  # fmt: skip
 
