@@ -44,6 +44,7 @@ from .pausing import Held, can_pause
 from .running import Sequence
 from .sampling import make_sampling
 from .sequences import Sequences
+from .speculative import Speculation, speculation_for
 from .tools import forced_constraint, forced_format, tool_ban
 
 # One logger for all the worker thread does.
@@ -72,6 +73,8 @@ class Waiting:
     paused: Sequence | None = None
     """A sequence that left its batch while its owner was paused, to resume as it was."""
     held: Held | None = None
+    speculation: Speculation | None = None
+    """How it will speculate if it starts alone (daemon/speculative.py)."""
 
     def lane(self, now: float, aging_s: float) -> int:
         """0 goes first: interactive, or background that has waited long enough."""
@@ -128,6 +131,9 @@ class Admission:
             constraint = forced_constraint(*tool_format, loaded)
         if constraint is not None:
             processors = [*processors, constraint]  # last: nothing lifts its -inf
+        speculation = speculation_for(
+            req, loaded, constrained=constraint is not None, warm=warm is not None
+        )
         free = max(0, self.config.max_batch_size - self._sequences.running(loaded))
         waiting = self.queued()
         if waiting >= self.config.max_queued + free:
@@ -138,9 +144,11 @@ class Admission:
         loaded.active += 1  # reserved: a model with waiting work is not unloaded
         # Admitted by the run loop once the whole inbox is read, so that a burst of
         # requests is seen as one and batched from its first step.
-        self.waiting.append(
-            Waiting(req, sink, received_at, loaded, tokens, sampler, processors, footprint, warm)
+        entry = Waiting(
+            req, sink, received_at, loaded, tokens, sampler, processors, footprint, warm
         )
+        entry.speculation = speculation
+        self.waiting.append(entry)
 
     def queued(self) -> int:
         """Requests waiting for a place, less a paused owner's: a client that does not read

@@ -91,6 +91,11 @@ def sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    parser.add_argument(
+        "--speculative",
+        choices=["off", "prompt_lookup", "draft"],
+        help="speculative decoding (default: the model's configured mode, else off)",
+    )
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,5 +109,6 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
         "repetition_penalty",
         "seed",
         "stop",
+        "speculative",
     )
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}

@@ -50,6 +50,9 @@ def done_summary(done: Done) -> str:
         )
     if u is not None:
         parts.append(f"prompt {u.prompt_tokens} tokens, {u.cached_tokens} cached")
+    if done.speculative is not None:
+        sp = done.speculative
+        parts.append(f"{sp.mode}: {sp.accepted} of {sp.drafted} drafted tokens accepted")
     if done.finish_reason is not None:
         parts.append(f"finish: {done.finish_reason}")
     return "; ".join(parts)
@@ -70,6 +73,9 @@ def stats_summary(s: ServerStats) -> str:
         ("tokens", f"{s.tokens_generated} generated in {s.decode_steps} decode steps"
                    f"{mean_batch}; {s.prompt_tokens_processed} prompt tokens computed"),
     ]  # fmt: skip
+    if s.tokens_drafted:
+        rows.append(("speculative", f"{s.tokens_accepted} of {s.tokens_drafted} drafted tokens "
+                                    "accepted"))  # fmt: skip
     m = s.memory
     if m is not None:
         rows += [

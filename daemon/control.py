@@ -54,6 +54,8 @@ class WorkerStats:
     tokens_generated: int
     prompt_tokens_processed: int
     sequences_preempted: int
+    tokens_drafted: int
+    tokens_accepted: int
     models_resident: int
     memory_active_bytes: int
     memory_peak_bytes: int
@@ -115,6 +117,8 @@ class Control:
             tokens_generated=self._sequences.tokens_generated,
             prompt_tokens_processed=self._sequences.prompt_tokens_processed,
             sequences_preempted=self._admission.preempted,
+            tokens_drafted=self._sequences.tokens_drafted,
+            tokens_accepted=self._sequences.tokens_accepted,
             models_resident=len(self._models.resident()),
             memory_active_bytes=mx.get_active_memory(),
             memory_peak_bytes=mx.get_peak_memory(),

@@ -66,6 +66,7 @@ def done(seq: Sequence, reason: str) -> Done:
             tokens_per_s=rate,
         ),
         cache=seq.cache_use,
+        speculative=seq.speculation.use() if seq.speculation is not None else None,
         fim=fim_mode(seq.request, seq.model),  # type: ignore[arg-type]
     )
 

@@ -92,6 +92,10 @@ class LoadedModel:
     last_used: float = field(default_factory=time.time)
     active: int = 0
     """Sequences running on it now; a model with any is never unloaded."""
+    speculative: str | None = None
+    """Its configured speculative mode (``Generate.speculative`` when a request gives none)."""
+    draft: LoadedModel | None = None
+    """Its draft model, loaded with it, for ``speculative`` ``draft``."""
 
     @property
     def pinned(self) -> bool:

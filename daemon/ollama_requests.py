@@ -41,6 +41,8 @@ class Options(msgspec.Struct):
     """An mlxd extension: the native ``tool_choice`` (validated there)."""
     parallel_tool_calls: bool | None = None
     """An mlxd extension: the native ``parallel_tool_calls``."""
+    speculative: str | None = None
+    """An mlxd extension: the native ``speculative`` (validated there)."""
 
 
 class CommonBody(msgspec.Struct):
@@ -100,6 +102,7 @@ _OPTION_NAMES = {
     "repetition_context_size": "options.repeat_last_n",
     "tool_choice": "options.tool_choice",
     "parallel_tool_calls": "options.parallel_tool_calls",
+    "speculative": "options.speculative",
 }
 
 
@@ -189,6 +192,8 @@ def build_generate(
         fields["tool_choice"] = o.tool_choice
     if o.parallel_tool_calls is not None:
         fields["parallel_tool_calls"] = o.parallel_tool_calls
+    if o.speculative is not None:
+        fields["speculative"] = o.speculative
     try:
         return msgspec.convert(fields, type=Generate)
     except msgspec.ValidationError as exc:

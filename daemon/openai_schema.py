@@ -29,7 +29,7 @@ from mlxd.protocol.messages import (
     Probability,
     Temperature,
 )
-from mlxd.protocol.options import ReasoningEffort
+from mlxd.protocol.options import ReasoningEffort, SpeculativeMode
 
 from .openai_logprobs import ChatLogprobs, CompletionLogprobs
 from .openai_tools import (
@@ -78,6 +78,7 @@ class _Body(Struct, kw_only=True):
     priority: Priority | None = None
     keep_alive: KeepAlive | None = None
     cache: bool | None = None
+    speculative: SpeculativeMode | None = None
 
 
 class CompletionBody(_Body, kw_only=True):
@@ -243,7 +244,7 @@ def _common(body: _Body, max_tokens: int | None) -> dict[str, Any]:
         fields["max_tokens"] = max_tokens
     for name in (
         "model", "temperature", "top_p", "seed", "top_k", "min_p", "repetition_penalty",
-        "priority", "keep_alive", "cache",
+        "priority", "keep_alive", "cache", "speculative",
     ):  # fmt: skip
         value = getattr(body, name)
         if value is not None and value != "":

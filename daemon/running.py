@@ -24,6 +24,7 @@ from .memory import Footprint
 from .models import LoadedModel
 from .sampling import StopMatcher
 from .solo import SoloGenerator
+from .speculative import Speculation
 
 if TYPE_CHECKING:
     from .admission import Waiting
@@ -74,6 +75,8 @@ class Sequence:
     tool_calls: list[ToolCall] = field(default_factory=list)
     """The calls it made, for ``done`` and the next turn's key."""
     eos: frozenset[int] = field(default_factory=frozenset)
+    speculation: Speculation | None = None
+    """How it speculates while alone, and what it drafted (daemon/speculative.py)."""
     origin: Waiting | None = None
     """Its queue entry: where it goes back to (with its sampler) if its owner is paused."""
 

@@ -77,6 +77,8 @@ class Sequences:
         self.tokens_generated = 0
         self.decode_steps = 0
         self.prompt_tokens_processed = 0
+        self.tokens_drafted = 0
+        self.tokens_accepted = 0
         self.changes = 0
         """Counts what changes the memory charged: sequences starting, ending, pausing,
         resuming, or prefilled (their first token)."""
@@ -150,6 +152,9 @@ class Sequences:
         # (``merge_solo``) before this prompt looks for one.
         batch = self._batch_for(loaded, solo, events)
         lookup = self._lookup(req, loaded, tokens)
+        spec = waiting.speculation
+        if batch.solo and isinstance(batch.generator, SoloGenerator):
+            batch.generator.speculation = spec
         # No decoding past the model's context: what the footprint's span was charged for.
         max_tokens = waiting.footprint.span - len(tokens)
         (uid,) = batch.generator.insert(
@@ -191,6 +196,7 @@ class Sequences:
             held=0 if batch.solo or lookup.state is None else cache_bytes(lookup.state),
             warm=waiting.warm,
             split=Split(loaded.tokenizer, tokens, reader_for(req, loaded.tokenizer)),
+            speculation=spec,
             eos=frozenset(loaded.tokenizer.eos_token_ids),
             origin=waiting,
         )
@@ -225,6 +231,8 @@ class Sequences:
         """Put a paused sequence back into a batch: it goes on where it was."""
         batch = self._batch_for(seq.model, solo, events)
         remaining = seq.max_tokens - seq.completion_tokens  # capped at the context
+        if isinstance(batch.generator, SoloGenerator):  # alone again: it speculates again
+            batch.generator.speculation = seq.speculation
         uid = put_back(batch.generator, held, remaining, sampler, processors)
         seq.model.active += 1
         seq.batch, seq.uid = batch, uid
@@ -328,6 +336,9 @@ class Sequences:
         reason, chunk = last_chunk(seq, ending)
         if chunk is not None:
             events.append((seq.sink, chunk))
+        if seq.speculation is not None:
+            self.tokens_drafted += seq.speculation.drafted
+            self.tokens_accepted += seq.speculation.accepted
         if final is None:
             removed = seq.batch.generator.remove([seq.uid], return_prompt_caches=True)
             final = removed.get(seq.uid)

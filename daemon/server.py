@@ -500,6 +500,8 @@ class Server:
             decode_steps=worker.decode_steps,
             prompt_tokens_processed=worker.prompt_tokens_processed,
             sequences_preempted=worker.sequences_preempted,
+            tokens_drafted=worker.tokens_drafted,
+            tokens_accepted=worker.tokens_accepted,
             models_resident=worker.models_resident,
             memory_active_bytes=worker.memory_active_bytes,
             memory_peak_bytes=worker.memory_peak_bytes,

@@ -21,6 +21,8 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
+from .speculative import Speculation, can_speculate, draft_step, lookup_step
+
 
 @dataclass
 class SoloResponse:
@@ -45,6 +47,8 @@ class SoloGenerator:
         self._tokens: list[int] = []
         self._max_tokens = 0
         self._generated = 0
+        self.speculation: Speculation | None = None
+        """Set before ``insert`` to decode speculatively (daemon/speculative.py)."""
 
     def insert(
         self,
@@ -59,10 +63,26 @@ class SoloGenerator:
         self._state = caches[0] if caches[0] is not None else make_prompt_cache(self._model)
         self._tokens = [*context, *prompt]
         self._max_tokens = max_tokens[0]
-        processors = logits_processors[0]
+        raw = processors = logits_processors[0]
         if context and processors:
             prefix = mx.array(context)
             processors = [_with_context(p, prefix) for p in processors]
+        spec = self.speculation
+        if spec is not None and can_speculate(spec, self._state):
+            common = {
+                "context": list(context),
+                "state": self._state,
+                "spec": spec,
+                "sampler": samplers[0],
+                "prefill_step_size": self._prefill_step_size,
+                "max_tokens": self._max_tokens,
+            }
+            if spec.mode == "prompt_lookup":
+                # It gives the processors the whole context itself.
+                self._steps = lookup_step(list(prompt), self._model, processors=raw, **common)
+            else:
+                self._steps = draft_step(list(prompt), self._model, processors=processors, **common)
+            return [0]
         self._steps = generate_step(
             mx.array(prompt),
             self._model,
@@ -80,7 +100,7 @@ class SoloGenerator:
         return self._state
 
     def next(self) -> tuple[list[Any], list[SoloResponse]]:
-        token, logprobs = next(self._steps)
+        token, logprobs, *_ = next(self._steps)
         self._tokens.append(token)
         self._generated += 1
         finish = None

@@ -28,6 +28,7 @@ from .options import (  # noqa: F401
     JsonSchemaFormat,
     ReasoningEffort,
     RegexFormat,
+    SpeculativeMode,
     TokenLogprob,
     TopLogprob,
     _Format,
@@ -40,6 +41,7 @@ from .reports import (  # noqa: F401
     MemoryStats,
     ModelInfo,
     ServerStats,
+    SpeculativeUse,
     Timings,
     Usage,
 )
@@ -150,6 +152,9 @@ class Generate(_Message, tag="generate"):
     parallel_tool_calls: bool = True
     """False: ``tool_choice`` ``required`` makes exactly one call (not enforced for ``auto``:
     the model's own format is not constrained)."""
+    speculative: SpeculativeMode | None = None
+    """Speculative decoding while the sequence runs alone; absent: the model's configured
+    mode, else ``off`` (daemon/speculative.py)."""
 
 
 class Warm(_Message, tag="warm"):
@@ -302,6 +307,8 @@ class Done(_Message, tag="done"):
     usage: Usage | None = None
     timings: Timings | None = None
     cache: CacheUse | None = None
+    speculative: SpeculativeUse | None = None
+    """A generate that speculated (asked, or by its model's configuration): what it did."""
     fim: FimMode | None = None
     """A generate with ``suffix``: ``tokens`` (the model's FIM tokens framed prefix and
     suffix) or ``prefix_only`` (the model has none: the suffix was dropped)."""

@@ -21,6 +21,10 @@ Bytes = bytes  # a field named ``bytes`` would shadow the type in its Struct's a
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
+SpeculativeMode = Literal["off", "prompt_lookup", "draft"]
+"""How a lone sequence speculates (daemon/speculative.py): not at all, with proposals from
+its own text (prompt lookup), or from the model's configured draft model."""
+
 
 class _Format(Struct, tag_field="type", kw_only=True):
     """Base for ``Generate.format``: what the output must match, tagged by ``type``."""
@@ -76,6 +80,7 @@ __all__ = [
     "JsonFormat",
     "JsonSchemaFormat",
     "RegexFormat",
+    "SpeculativeMode",
     "TokenLogprob",
     "TopLogprob",
 ]

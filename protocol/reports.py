@@ -126,6 +126,15 @@ class Health(Struct, kw_only=True):
     uptime_s: float
 
 
+class SpeculativeUse(Struct, kw_only=True):
+    """What speculative decoding did for one generate: its mode, the tokens proposed and
+    the tokens of those the model accepted."""
+
+    mode: str
+    drafted: int
+    accepted: int
+
+
 class ServerStats(Struct, kw_only=True):
     uptime_s: float
     connections: int
@@ -149,6 +158,10 @@ class ServerStats(Struct, kw_only=True):
     sequences_preempted: int = 0
     """Times a running sequence left its batch, state kept, because its connection's
     replies piled up unread; it resumed where it was once they were read."""
+    tokens_drafted: int = 0
+    """Tokens speculative decoding proposed, in every finished generate so far."""
+    tokens_accepted: int = 0
+    """Of those, the tokens the model accepted (generated without a pass of their own)."""
 
 
 __all__ = [
@@ -159,6 +172,7 @@ __all__ = [
     "MemoryStats",
     "ModelInfo",
     "ServerStats",
+    "SpeculativeUse",
     "Timings",
     "Usage",
 ]
