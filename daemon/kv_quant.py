@@ -22,10 +22,16 @@ Threading: worker thread only (it calls MLX).
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+import structlog
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
+
+log = structlog.get_logger("mlxd.worker")
 
 BITS = (2, 3, 4, 5, 6, 8)
 """What ``mx.quantize`` takes."""
@@ -112,3 +118,36 @@ def bytes_per_element(bits: int, group_size: int, itemsize: int) -> float:
 def quantized_share(bits: int, group_size: int, itemsize: int) -> float:
     """A quantized state's size over the plain one's (0.28 at 4 bits, 64 a group, fp16)."""
     return bytes_per_element(bits, group_size, itemsize) / itemsize
+
+
+_PER_TOKEN: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], int | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def quantized_bytes_per_token(loaded: Any, bits: int, group_size: int) -> int | None:
+    """What one token of ``loaded``'s KV costs quantized, measured as
+    ``models._kv_bytes_per_token`` measures the plain cost: a one-token forward pass, its
+    cache quantized. None where the model's head dimension cannot be quantized in groups
+    of ``group_size`` (its ``kv_bits`` is then not used: logged once)."""
+    known = _PER_TOKEN.setdefault(loaded, {})
+    if (bits, group_size) not in known:
+        cache = make_prompt_cache(loaded.model)
+        loaded.model(mx.array([[0]]), cache=cache)
+        if not quantize(cache, bits, group_size):
+            log.warning("kv_bits_unusable", model=loaded.name, kv_group_size=group_size)
+            known[bits, group_size] = None
+        else:
+            arrays = [a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)]
+            known[bits, group_size] = sum(
+                math.ceil(a.nbytes / a.shape[2]) for a in arrays if a.ndim == 4 and a.shape[2]
+            )
+    return known[bits, group_size]
+
+
+def model_kv_bits(loaded: Any, kv_bits: int | None, group_size: int) -> int | None:
+    """The ``kv_bits`` a lone sequence of ``loaded`` runs with: the configured ones, if its
+    head dimension can take them."""
+    if kv_bits is None or quantized_bytes_per_token(loaded, kv_bits, group_size) is None:
+        return None
+    return kv_bits
