@@ -132,8 +132,9 @@ def fork(state: KVState, length: int) -> KVState:
     """An independent copy of the first ``length`` tokens of ``state``, sharing memory.
 
     A ``KVCache`` is forked by slicing: the slice is a view until either side writes, and
-    MLX copies a buffer that has two owners before it writes to it. Other cache types
-    (rotating, quantized, recurrent) are deep-copied and trimmed.
+    MLX copies a buffer that has two owners before it writes to it; a quantized one too
+    (its packed arrays, scales and biases). Other cache types (rotating, recurrent) are
+    deep-copied and trimmed.
     """
     out: KVState = []
     for c in state:
@@ -144,6 +145,8 @@ def fork(state: KVState, length: int) -> KVState:
                 f.values = c.values[..., :length, :]
                 f.offset = length
             out.append(f)
+        elif type(c) is QuantizedKVCache:
+            out.append(kv_quant.fork_layer(c, length))
         else:
             out.append(copy.deepcopy(c))
     if any(type(c) is not KVCache for c in state):

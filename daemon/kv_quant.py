@@ -99,6 +99,17 @@ def _dequantize(parts: tuple[mx.array, ...], n: int, group_size: int, bits: int)
     return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
 
 
+def fork_layer(layer: QuantizedKVCache, length: int) -> QuantizedKVCache:
+    """The first ``length`` tokens of a quantized layer as slices of its arrays (views,
+    copied by MLX before either side writes: see ``cache.fork``)."""
+    f = QuantizedKVCache(group_size=layer.group_size, bits=layer.bits)
+    if layer.keys is not None:
+        f.keys = tuple(a[..., :length, :] for a in layer.keys)
+        f.values = tuple(a[..., :length, :] for a in layer.values)
+        f.offset = length
+    return f
+
+
 def compact(layer: QuantizedKVCache) -> None:
     """Cut a quantized layer's arrays to its tokens, each owning its buffer: mlx-lm grows
     them 256 tokens at a time, and a stored entry must not be billed for (or keep) slack."""
