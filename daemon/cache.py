@@ -55,9 +55,12 @@ from mlx_lm.models.cache import (
     CacheList,
     KVCache,
     PromptTrie,
+    QuantizedKVCache,
     can_trim_prompt_cache,
     trim_prompt_cache,
 )
+
+from . import kv_quant
 
 log = structlog.get_logger("mlxd.cache")
 
@@ -107,6 +110,8 @@ def settle(state: KVState, tokens: list[int]) -> list[int] | None:
         if type(c) is KVCache and c.keys.shape[2] > c.offset:
             c.keys = mx.contiguous(c.keys[..., : c.offset, :])
             c.values = mx.contiguous(c.values[..., : c.offset, :])
+        elif type(c) is QuantizedKVCache:
+            kv_quant.compact(c)  # it grows in 256-token steps too
         else:
             _own(c)
         mx.eval(c.state)
@@ -127,8 +132,9 @@ def fork(state: KVState, length: int) -> KVState:
     """An independent copy of the first ``length`` tokens of ``state``, sharing memory.
 
     A ``KVCache`` is forked by slicing: the slice is a view until either side writes, and
-    MLX copies a buffer that has two owners before it writes to it. Other cache types
-    (rotating, quantized, recurrent) are deep-copied and trimmed.
+    MLX copies a buffer that has two owners before it writes to it; a quantized one too
+    (its packed arrays, scales and biases). Other cache types (rotating, recurrent) are
+    deep-copied and trimmed.
     """
     out: KVState = []
     for c in state:
@@ -139,6 +145,8 @@ def fork(state: KVState, length: int) -> KVState:
                 f.values = c.values[..., :length, :]
                 f.offset = length
             out.append(f)
+        elif type(c) is QuantizedKVCache:
+            out.append(kv_quant.fork_layer(c, length))
         else:
             out.append(copy.deepcopy(c))
     if any(type(c) is not KVCache for c in state):
@@ -195,9 +203,18 @@ class CacheCounters:
 
 
 class PromptCache:
-    def __init__(self, max_bytes: int, max_entries: int = 256) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        max_entries: int = 256,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+    ) -> None:
         self.max_bytes = max_bytes
         self.max_entries = max_entries
+        self.kv_bits = kv_bits
+        """Store entries quantized to this many bits (``cache.kv_bits``; daemon/kv_quant.py)."""
+        self.kv_group_size = kv_group_size
         self.counters = CacheCounters()
         self._trie = PromptTrie()
         self._lru: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
@@ -322,7 +339,7 @@ class PromptCache:
 
         Returns False when it was not stored (alone over the byte budget, or empty).
         """
-        settled = settle(state, tokens)
+        settled = self.settle(state, tokens)
         if settled is None:
             return False
         tokens = settled
@@ -351,6 +368,15 @@ class PromptCache:
                     self._forget(self._lru.pop((model, tuple(tokens[:n]))))
         self._evict()
         return key in self._lru
+
+    def settle(self, state: KVState, tokens: list[int]) -> list[int] | None:
+        """``settle``, then the state in the form it is stored in: quantized, layer by
+        layer, when ``kv_bits`` is set (an entry already quantized stays as it is). Its
+        ``cache_bytes`` after this are what it is charged."""
+        settled = settle(state, tokens)
+        if settled and self.kv_bits is not None:
+            kv_quant.quantize(state, self.kv_bits, self.kv_group_size)
+        return settled
 
     def _evict(self) -> None:
         """Keep within the cache's own caps, least recently used first, pins passed over."""
@@ -383,10 +409,14 @@ class PromptCache:
         self.counters.evictions += 1
         log.info("cache_evicted", model=entry.model, tokens=len(entry.tokens), bytes=entry.nbytes)
 
-    def set_limits(self, max_bytes: int, max_entries: int) -> None:
-        """New budgets (a configuration reload); evicts at once down to them."""
+    def set_limits(
+        self, max_bytes: int, max_entries: int, kv_bits: int | None = None, kv_group_size: int = 64
+    ) -> None:
+        """New budgets (a configuration reload); evicts at once down to them. A new
+        ``kv_bits`` applies to entries stored from now on."""
         self.max_bytes = max_bytes
         self.max_entries = max_entries
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self._evict()
 
     def _remove(self, entry: _Entry) -> None:

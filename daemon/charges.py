@@ -12,6 +12,7 @@ Threading: worker thread only.
 from __future__ import annotations
 
 from .config import Config
+from .kv_quant import quantized_bytes_per_token
 from .memory import Footprint, generator_bytes
 from .models import LoadedModel
 from .running import Batch
@@ -25,7 +26,17 @@ def batch_bytes(batch: Batch, config: Config, extra: Footprint | None = None) ->
     if extra is not None:
         sequences.append(extra)
     group = min(config.prefill_batch_size, config.max_batch_size)
-    return generator_bytes(batch.model, sequences, group, batched=not batch.solo)
+    quantized = _quantized(batch.model, config) if batch.solo else None
+    return generator_bytes(batch.model, sequences, group, not batch.solo, quantized)
+
+
+def _quantized(loaded: LoadedModel, config: Config) -> int | None:
+    """Bytes a token of ``loaded``'s KV costs when it runs alone quantized (its
+    ``kv_bits``); None when it runs plain."""
+    opts = config.options(loaded.name)
+    if opts.kv_bits is None:
+        return None
+    return quantized_bytes_per_token(loaded, opts.kv_bits, opts.kv_group_size)
 
 
 def live_bytes(sequences: Sequences) -> dict[str, tuple[int, int]]:
@@ -45,7 +56,8 @@ def added_bytes(sequences: Sequences, loaded: LoadedModel, footprint: Footprint,
     padding it gives the others; starting the batch also moves a sequence running alone
     into it (``Sequences.merge_solo``), at the cost of that sequence's batched footprint."""
     if solo:
-        return sum(generator_bytes(loaded, [footprint], 1, batched=False))
+        quantized = _quantized(loaded, sequences.config)
+        return sum(generator_bytes(loaded, [footprint], 1, False, quantized))
     config = sequences.config
     batch = sequences.joinable(loaded)
     if batch is not None:

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-step-size", type=int, help="prompt tokens per prefill step")
     serve.add_argument("--cache-max-bytes", type=size_arg, help="prompt cache budget; 0 disables")
     serve.add_argument("--cache-max-entries", type=int)
+    serve.add_argument("--cache-kv-bits", type=int, help="store cache entries quantized (4, 8)")
+    serve.add_argument("--cache-kv-group-size", type=int, help="their quantization group")
     serve.add_argument(
         "--no-cache-persist",
         dest="cache_persist",

@@ -17,6 +17,8 @@ import msgspec
 from mlxd.protocol import DEFAULT_MAX_FRAME_BYTES
 from mlxd.protocol.paths import default_socket_path
 
+from .model_options import ModelOptions
+
 DEMO_MODEL_NAME = "demo"
 
 
@@ -55,6 +57,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     models: dict[str, str] = {}
     """Model name -> local mlx-lm model directory, or a Hugging Face repo id (``org/name``:
     no such path) found in huggingface_hub's cache (``daemon/hub.py``)."""
+    model_options: dict[str, ModelOptions] = {}
+    """Model name -> its options (``[model_options.NAME]``; daemon/model_options.py)."""
     models_dir: str | None = None
     """Folder whose sub-folders are models addressable by their folder name."""
     default_model: str | None = None
@@ -110,6 +114,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """Bytes of KV state the prompt cache may hold, across all models (within the memory
     budget, which may hold it to less); 0 disables it."""
     cache_max_entries: int = 256
+    cache_kv_bits: int | None = None
+    """Store prompt-cache entries quantized to this many bits (daemon/kv_quant.py); None:
+    as the sequence left them."""
+    cache_kv_group_size: int = 64
     cache_persist: bool = True
     """Write the prompt cache to ``state_dir`` on shutdown; restore it when a model loads."""
     cache_persist_max_bytes: int = 1024**3
@@ -123,6 +131,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     log_format: str = "auto"
     """``json``, ``console``, or ``auto``: console on a terminal, JSON otherwise."""
+
+    def options(self, model: str) -> ModelOptions:
+        return self.model_options.get(model) or ModelOptions()
 
     def default_model_name(self) -> str | None:
         return self.default_model or next(iter(self.models), None)

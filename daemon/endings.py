@@ -31,7 +31,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxd.protocol import Done, Error, Generate, Timings, Usage, Warm, errors
 
-from .cache import PromptCache, cache_bytes, cache_length, settle
+from .cache import PromptCache, cache_bytes, cache_length
 from .memory import MemoryBudget
 from .models import ModelRegistry
 from .rendering import fim_mode, next_turn_tokens
@@ -142,8 +142,9 @@ def return_state(
     elif finished and seq.request.messages is not None:
         tokens, state = _next_turn_key(seq, tokens, state, prefill_step)
     # The state can hold one token more than was streamed (the step ahead), and room to
-    # grow: trimmed to the key and copied compact before room is made for it.
-    settled = settle(state, tokens)
+    # grow: trimmed to the key and copied compact (quantized, with ``cache.kv_bits``)
+    # before room is made for it: the budget is asked for what it will be charged.
+    settled = cache.settle(state, tokens)
     if not settled:
         return False
     # Background work's states take the room of no other work's entries.

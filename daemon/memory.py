@@ -108,14 +108,21 @@ class Footprint:
 
 
 def generator_bytes(
-    model: LoadedModel, sequences: list[Footprint], prefill_batch: int, batched: bool = True
+    model: LoadedModel,
+    sequences: list[Footprint],
+    prefill_batch: int,
+    batched: bool = True,
+    quantized_per_token: int | None = None,
 ) -> tuple[int, int]:
     """(KV, scratch) bytes that one generator running ``sequences`` of ``model`` may hold
-    at once: its padded KV arrays, and the largest transient of a step."""
+    at once: its padded KV arrays, and the largest transient of a step.
+    ``quantized_per_token``: a lone sequence's KV is quantized (the model's ``kv_bits``,
+    daemon/kv_quant.py), at this many bytes a token."""
     if not sequences:
         return 0, 0
     longest = max(s.span for s in sequences) + KV_STEP
-    kv = len(sequences) * longest * model.kv_bytes_per_token
+    per_token = quantized_per_token or model.kv_bytes_per_token
+    kv = len(sequences) * longest * per_token
     # Growing a cache concatenates one layer's arrays at a time: the old and the new copy
     # of that layer live together for a moment. A batch also copies its arrays when
     # sequences leave it (and merges prefilled groups in): measured on MLX's CPU backend,
@@ -130,6 +137,9 @@ def generator_bytes(
         context = max(s.context for s in prefilling)
         scratch += group * model.scratch_bytes(chunk, context)
         scratch += sum(s.held for s in prefilling)
+        if quantized_per_token:
+            # mlx-lm quantizes after the first prefill chunk: that chunk's plain KV first.
+            scratch += (chunk + KV_STEP) * model.kv_bytes_per_token
     return kv, scratch
 
 

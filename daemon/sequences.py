@@ -34,6 +34,7 @@ from .channels import Split
 from .config import Config
 from .endings import done, return_state, warm_refused
 from .faults import Faults
+from .kv_quant import dequantize, is_quantized, model_kv_bits
 from .logprobs import of_round
 from .memory import MemoryBudget
 from .models import LoadedModel, ModelRegistry
@@ -105,6 +106,8 @@ class Sequences:
         seq = next(iter(batch.sequences.values()), None)
         if seq is None or seq.first_token_at is None or seq.origin is None or seq.warm:
             return None
+        if is_quantized(batch.generator.state):
+            return None  # quantized KV runs alone (daemon/kv_quant.py): it stays there
         return seq if can_pause(loaded) else None
 
     # ------------------------------------------------------------------ joining, leaving
@@ -115,7 +118,10 @@ class Sequences:
         batch, which the model's sequence running alone (if any) then joins too."""
         if solo:
             eos = frozenset(loaded.tokenizer.eos_token_ids)
-            single = SoloGenerator(loaded.model, eos, self.config.prefill_step_size)
+            opts = self.config.options(loaded.name)
+            step = self.config.prefill_step_size
+            bits = model_kv_bits(loaded, opts.kv_bits, opts.kv_group_size)
+            single = SoloGenerator(loaded.model, eos, step, bits, opts.kv_group_size)
             batch = Batch(loaded, single, solo=True)
             self.batches[loaded.name, True] = batch
             return batch
@@ -152,6 +158,8 @@ class Sequences:
         # (``merge_solo``) before this prompt looks for one.
         batch = self._batch_for(loaded, solo, events)
         lookup = self._lookup(req, loaded, tokens)
+        if not batch.solo and is_quantized(lookup.state):
+            dequantize(lookup.state)  # a batch cannot run a quantized cache entry
         spec = waiting.speculation
         if batch.solo and isinstance(batch.generator, SoloGenerator):
             batch.generator.speculation = spec
@@ -230,6 +238,8 @@ class Sequences:
     ) -> None:
         """Put a paused sequence back into a batch: it goes on where it was."""
         batch = self._batch_for(seq.model, solo, events)
+        if not batch.solo and is_quantized(held.state):
+            dequantize(held.state)
         remaining = seq.max_tokens - seq.completion_tokens  # capped at the context
         if isinstance(batch.generator, SoloGenerator):  # alone again: it speculates again
             batch.generator.speculation = seq.speculation

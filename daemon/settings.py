@@ -26,8 +26,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 import msgspec
 
+from . import model_options
 from .config import DEMO_MODEL_NAME, Config, default_demo_model_dir
 from .hub import is_repo_id
+from .model_options import ModelOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,6 +79,9 @@ class CacheSection(_Strict):
     max_bytes: Size | None = None
     """KV state the prompt cache may hold, across all models; 0 disables it."""
     max_entries: Count | None = None
+    kv_bits: Literal[2, 3, 4, 5, 6, 8] | None = None
+    """Store entries quantized to this many bits (off by default)."""
+    kv_group_size: Literal[32, 64, 128] | None = None
     persist: bool | None = None
     """Save the prompt cache on shutdown and restore it when a model loads."""
     persist_max_bytes: Size | None = None
@@ -128,6 +133,8 @@ class FileSchema(_Strict):
     """Linux: the BLAS MLX multiplies with (daemon/blas.py)."""
     models: dict[str, str] = msgspec.field(default_factory=dict)
     """Model name -> mlx-lm model directory, or Hugging Face repo id (``daemon/hub.py``)."""
+    model_options: dict[str, ModelOptions] = msgspec.field(default_factory=dict)
+    """Model name -> its options (daemon/model_options.py); from the file only."""
     cache: CacheSection = CacheSection()
     limits: LimitsSection = LimitsSection()
     log: LogSection = LogSection()
@@ -177,6 +184,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("blas", "blas", "--blas"),
     Setting("cache.max_bytes", "cache_max_bytes", "--cache-max-bytes", size=True),
     Setting("cache.max_entries", "cache_max_entries", "--cache-max-entries"),
+    Setting("cache.kv_bits", "cache_kv_bits", "--cache-kv-bits"),
+    Setting("cache.kv_group_size", "cache_kv_group_size", "--cache-kv-group-size"),
     Setting("cache.persist", "cache_persist", "--no-cache-persist"),
     Setting(
         "cache.persist_max_bytes", "cache_persist_max_bytes", "--cache-persist-max-bytes", size=True
@@ -260,7 +269,11 @@ def load(
             sources[key] = source
         models.update(layer_models)
 
+    options = values.pop("model_options", {})
+    option_source = sources.pop("model_options", "default")
     fields = {_BY_KEY[k].field: v for k, v in values.items()}
+    fields["model_options"] = options
+    sources.update({f"model_options.{name}": option_source for name in options})
     fields["models"] = {name: d for name, (d, _) in models.items()}
     for name, (_, source) in models.items():
         sources[f"models.{name}"] = source
@@ -293,6 +306,8 @@ def _flatten(
         if s.path and base is not None:
             value = _relative_to(value, base)
         out[s.key] = value
+    if parsed.model_options:
+        out["model_options"] = dict(parsed.model_options)
     # A repo id stays one: relative to the file's folder only what is a path there.
     models = {
         name: d if base is None or is_repo_id(d, base) else _relative_to(d, base)
@@ -421,6 +436,9 @@ def _error_key(exc: msgspec.ValidationError, raw: dict[str, Any]) -> tuple[str, 
     path = at.group(1) if at else ""
     message = text[: at.start()] if at else text
     key = path.lstrip(".")
+    if key.startswith("model_options["):  # msgspec says `[...]` for a table's entry
+        name = model_options.bad_entry(raw.get("model_options") or {})
+        key = f"model_options.{name}{key.partition(']')[2]}" if name else "model_options"
     unknown = _UNKNOWN.match(message)
     if unknown:
         key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
@@ -430,7 +448,7 @@ def _error_key(exc: msgspec.ValidationError, raw: dict[str, Any]) -> tuple[str, 
         bad = [n for n, d in (raw.get("models") or {}).items() if not isinstance(d, str)]
         key = f"models.{bad[0]}" if bad else "models"
     if message.startswith("Invalid enum value") and (choices := _choices(key)):
-        message += f"; expected one of {', '.join(choices)}"
+        message += f"; expected one of {', '.join(map(str, choices))}"
     # TOML cannot say null, so "| null" in msgspec's expected types only confuses.
     return key, message.replace(" | null", "")
 
@@ -439,6 +457,9 @@ def _choices(key: str) -> tuple[str, ...]:
     """The values a ``Literal`` key of ``FileSchema`` may take; () for any other key."""
     hint: Any = FileSchema
     for part in key.split("."):
+        if get_origin(hint) is dict:  # a table of names (model_options.NAME): its values
+            hint = get_args(hint)[1]
+            continue
         try:
             hint = get_type_hints(hint)[part]
         except (TypeError, KeyError):
@@ -503,7 +524,7 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     for name in sorted(set(old.models) | set(new.models)):
         if old.models.get(name) != new.models.get(name):
             keys.append(f"models.{name}")
-    return keys
+    return keys + model_options.changed(old.model_options, new.model_options)
 
 
 def keep_restart_only(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -548,6 +569,7 @@ def render(loaded: Loaded) -> str:
             lines.append(f"# {line}  # default: the built-in demo model, with no model set")
         else:
             lines.append(f"{line}  # {source}")
+    lines += model_options.lines(config.model_options, loaded.sources)
     return "\n".join(lines)
 
 
@@ -567,6 +589,7 @@ def as_json(loaded: Loaded) -> dict[str, Any]:
             "value": directory,
             "source": loaded.sources[f"models.{name}"],
         }
+    settings.update(model_options.as_json(config.model_options, loaded.sources))
     return {
         "file": str(loaded.path),
         "file_found": loaded.file_found,

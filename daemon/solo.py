@@ -6,7 +6,9 @@ Why: a batch of one still pays ``BatchGenerator``'s per-step bookkeeping (about 
 single-stream decode speed on a small model, measured in bench/single_stream.py), and a
 lone sequence (the common case on a laptop) should run as fast as ``mlx_lm.generate``.
 The worker starts a model's first sequence here; sequences that arrive while it runs join
-the model's ``BatchGenerator``. Both yield exactly ``mlx_lm.generate``'s tokens.
+the model's ``BatchGenerator``. Both yield exactly ``mlx_lm.generate``'s tokens. A model
+with ``kv_bits`` runs quantized here (``generate_step``'s ``kv_bits``, from the first
+token), as does a state the prompt cache stored quantized.
 
 Threading: worker thread only.
 """
@@ -22,6 +24,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 from .speculative import Speculation, can_speculate, draft_step, lookup_step
+from .kv_quant import bits_of
 
 
 @dataclass
@@ -38,8 +41,17 @@ class SoloResponse:
 
 
 class SoloGenerator:
-    def __init__(self, model: Any, eos: frozenset[int], prefill_step_size: int = 512) -> None:
+    def __init__(
+        self,
+        model: Any,
+        eos: frozenset[int],
+        prefill_step_size: int = 512,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+    ) -> None:
         self._model = model
+        self._kv = (kv_bits, kv_group_size)
+        """Quantized KV from the first token (the model's ``kv_bits``; daemon/kv_quant.py)."""
         self._prefill_step_size = prefill_step_size
         self._eos = eos
         self._steps: Any = None
@@ -64,11 +76,14 @@ class SoloGenerator:
         self._tokens = [*context, *prompt]
         self._max_tokens = max_tokens[0]
         raw = processors = logits_processors[0]
+        # A state taken quantized from the prompt cache goes on quantized, as it was stored.
+        kv_bits, kv_group_size = bits_of(self._state) or self._kv
         if context and processors:
             prefix = mx.array(context)
             processors = [_with_context(p, prefix) for p in processors]
         spec = self.speculation
-        if spec is not None and can_speculate(spec, self._state):
+        # Quantized KV goes through generate_step, which quantizes as mlx-lm does.
+        if spec is not None and kv_bits is None and can_speculate(spec, self._state):
             common = {
                 "context": list(context),
                 "state": self._state,
@@ -91,6 +106,9 @@ class SoloGenerator:
             logits_processors=processors,
             prompt_cache=self._state,
             prefill_step_size=self._prefill_step_size,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+            quantized_kv_start=0,
         )
         return [0]
 

@@ -112,7 +112,12 @@ class Worker:
         self._on_death = on_death
         self._inbox = Inbox()
         self._thread = threading.Thread(target=self._run, name="mlxd-worker", daemon=True)
-        self._cache = PromptCache(config.cache_max_bytes, config.cache_max_entries)
+        self._cache = PromptCache(
+            config.cache_max_bytes,
+            config.cache_max_entries,
+            config.cache_kv_bits,
+            config.cache_kv_group_size,
+        )
         self._restored: set[str] = set()
         self._models = ModelRegistry(
             config,
@@ -275,7 +280,13 @@ class Worker:
             self._config = command.config
             self._sequences.config = self._admission.config = self._intake.config = command.config
             self._models.reconfigure(command.config)
-            self._cache.set_limits(command.config.cache_max_bytes, command.config.cache_max_entries)
+            new = command.config
+            self._cache.set_limits(
+                new.cache_max_bytes,
+                new.cache_max_entries,
+                new.cache_kv_bits,
+                new.cache_kv_group_size,
+            )
             self._budget.limit = command.config.memory_budget_bytes
             self._budget.headroom = command.config.memory_headroom
             self._budget.bound_buffer_cache()

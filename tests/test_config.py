@@ -153,8 +153,23 @@ def test_a_daemon_uses_the_files_socket_and_limits_under_env_and_flags(
         ("[limits]\nmax_tokens = 10\nmax_tokns = 20\n", 3, "limits.max_tokns", "unknown key"),
         ('socket = "x.sock"\n\n[limits]\nmax_tokens = "lots"\n', 4, "limits.max_tokens", "int"),
         ("[log]\nlevel = 'loud'\n", 2, "log.level", "loud"),
+        (
+            "[model_options.a]\nkv_bits = 4\n\n[model_options.b]\nkv_bits = 7\n",
+            5,
+            "model_options.b.kv_bits",
+            "expected one of 2, 3, 4, 5, 6, 8",
+        ),
+        ("[model_options.a]\nkv_bit = 4\n", 2, "model_options.a.kv_bit", "unknown key"),
+        ("[cache]\nkv_bits = 1\n", 2, "cache.kv_bits", "expected one of"),
     ],
-    ids=["unknown-key", "wrong-type", "bad-choice"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "bad-choice",
+        "model-option-choice",
+        "model-option-unknown",
+        "cache-kv-bits",
+    ],
 )
 def test_an_invalid_file_names_the_key_and_its_line_and_no_daemon_starts(
     base: Path, tiny_model: Path, body: str, line: int, key: str, says: str
@@ -177,6 +192,23 @@ def test_an_invalid_file_names_the_key_and_its_line_and_no_daemon_starts(
     # `config show` refuses it the same way.
     shown = mlxd("config", "show", "--config", str(config))
     assert shown.returncode == 78 and f"{config}:{line}: {key}" in shown.stderr
+
+
+def test_model_options_and_cache_kv_bits_are_shown_with_their_source(base: Path) -> None:
+    config = base / "config.toml"
+    config.write_text(
+        '[models]\ncoder = "/m"\n\n[cache]\nkv_bits = 8\n\n'
+        "[model_options.coder]\nkv_bits = 4\nkv_group_size = 32\n"
+    )
+    out = mlxd("config", "show", "--config", str(config), env={"MLXD_CACHE_KV_GROUP_SIZE": "128"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f"cache.kv_bits = 8  # file:{config}" in lines
+    assert "cache.kv_group_size = 128  # env:MLXD_CACHE_KV_GROUP_SIZE" in lines
+    assert f"model_options.coder.kv_bits = 4  # file:{config}" in lines
+    assert f"model_options.coder.kv_group_size = 32  # file:{config}" in lines
+    shown = json.loads(mlxd("config", "show", "--json", "--config", str(config)).stdout)
+    assert shown["settings"]["model_options.coder.kv_bits"]["value"] == 4
 
 
 def test_invalid_env_and_flag_values_are_named_too(base: Path) -> None:
