@@ -23,8 +23,8 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
-from .speculative import Speculation, can_speculate, draft_step, lookup_step
 from .kv_quant import bits_of
+from .speculative import Speculation, can_speculate, draft_step, lookup_step
 
 
 @dataclass
