@@ -10,7 +10,7 @@ Threading: immutable; read by every thread.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -23,6 +23,19 @@ class ModelOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     plain KV (mlx-lm's ``BatchGenerator`` has no quantized cache)."""
     kv_group_size: Literal[32, 64, 128] = 64
     """Elements sharing one scale and bias; must divide the model's head dimension."""
+    draft: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    """A model name (a ``models`` entry or a ``models_dir`` folder) whose weights propose
+    tokens for this model's ``speculative: "draft"``: loaded with it (its weights and KV
+    charged to it), with the same vocabulary."""
+    speculative: Literal["off", "prompt_lookup", "draft"] | None = None
+    """How a generate of this model speculates when it does not say (daemon/speculative.py);
+    ``draft`` needs ``draft``."""
+    num_draft_tokens: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
+    """Tokens proposed per forward pass, by either mode."""
+
+    def __post_init__(self) -> None:
+        if self.speculative == "draft" and self.draft is None:
+            raise ValueError("speculative = 'draft' needs a draft model (draft = NAME)")
 
 
 DEFAULT = ModelOptions()

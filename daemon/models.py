@@ -94,8 +94,9 @@ class LoadedModel:
     """Sequences running on it now; a model with any is never unloaded."""
     speculative: str | None = None
     """Its configured speculative mode (``Generate.speculative`` when a request gives none)."""
-    draft: LoadedModel | None = None
-    """Its draft model, loaded with it, for ``speculative`` ``draft``."""
+    draft: Any = None
+    """Its draft model (an mlx-lm model), loaded with it, for ``speculative`` ``draft``."""
+    num_draft_tokens: int = 4
 
     @property
     def pinned(self) -> bool:
@@ -339,6 +340,10 @@ class ModelRegistry:
             raise ModelError(errors.MODEL_LOAD_FAILED, f"{path} is not an mlx-lm model directory")
         budget = self._config.memory_budget_bytes
         needed = _weights_on_disk(path)
+        draft = self._config.options(name).draft
+        if draft is not None:
+            with contextlib.suppress(ModelError):  # an unknown draft fails its load below
+                needed += _weights_on_disk(self.resolve(draft))  # loaded with it
         if needed > budget:
             raise ModelError(
                 errors.INSUFFICIENT_MEMORY,
@@ -364,6 +369,15 @@ class ModelRegistry:
             self.mlx_peak_floor = max(self.mlx_peak_floor, mx.get_peak_memory())
             scratch = _scratch_per_token(model, config, context_length)
             identity = _identity(path)
+            vocab_size = _vocab_size(model, tokenizer)
+            options = self._config.options(name)
+            draft = None
+            if options.draft is not None:
+                draft, draft_bytes, draft_kv = self._load_draft(name, options.draft, vocab_size)
+                nbytes += draft_bytes
+                kv_per_token += draft_kv  # as if every sequence ran the draft beside it
+        except ModelError:
+            raise
         except Exception as exc:  # any failure to load is the model's, not the daemon's
             raise ModelError(errors.MODEL_LOAD_FAILED, f"loading {name!r} failed: {exc}") from exc
         pinned = name in self._config.pinned_models
@@ -374,7 +388,7 @@ class ModelRegistry:
             tokenizer=tokenizer,
             nbytes=nbytes,
             identity=identity,
-            vocab_size=_vocab_size(model, tokenizer),
+            vocab_size=vocab_size,
             context_length=context_length,
             keep_alive_s=-1.0 if pinned else self._config.keep_alive_s,
             kv_bytes_per_token=kv_per_token,
@@ -382,6 +396,9 @@ class ModelRegistry:
             num_layers=max(1, len(make_prompt_cache(model))),
             max_token_bytes=max_token_bytes(tokenizer),
             pinned_by_config=pinned,
+            speculative=options.speculative,
+            draft=draft,
+            num_draft_tokens=options.num_draft_tokens,
         )
         self._resident[name] = loaded
         log.info(
@@ -394,6 +411,23 @@ class ModelRegistry:
         if self._on_load is not None:
             self._on_load(loaded)
         return loaded
+
+    def _load_draft(self, name: str, draft: str, vocab_size: int) -> tuple[Any, int, int]:
+        """Model ``name``'s draft model ``draft``: (the model, its bytes, its KV bytes per
+        token). Raises ``ModelError`` for one that is unknown or has another vocabulary."""
+        try:
+            path = self.resolve(draft)
+        except ModelError as exc:
+            raise ModelError(exc.code, f"the draft model of {name!r}: {exc.message}") from None
+        model, tokenizer = mlx_lm_load(str(path), lazy=True)
+        nbytes = _read_weights(model, None)
+        if (size := _vocab_size(model, tokenizer)) != vocab_size:
+            raise ModelError(
+                errors.MODEL_LOAD_FAILED,
+                f"the draft model {draft!r} of {name!r} has {size} tokens in its vocabulary, "
+                f"{name!r} {vocab_size}: a draft must share the model's",
+            )
+        return model, nbytes, _kv_bytes_per_token(model)
 
     def _unload_idle_for(self, needed: int) -> bool:
         """The policy without a worker's budget: weights only, idle unpinned models go."""

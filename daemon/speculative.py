@@ -77,8 +77,8 @@ def speculation_for(
             "$.speculative",
             f"model {loaded.name!r} has no draft model (model_options.{loaded.name}.draft)",
         )
-    draft = loaded.draft.model if mode == "draft" else None
-    return Speculation(mode, draft, 0 if constrained else NUM_DRAFT_TOKENS)
+    draft = loaded.draft if mode == "draft" else None
+    return Speculation(mode, draft, 0 if constrained else loaded.num_draft_tokens)
 
 
 def can_speculate(spec: Speculation | None, state: list[Any]) -> bool:

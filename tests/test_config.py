@@ -161,6 +161,7 @@ def test_a_daemon_uses_the_files_socket_and_limits_under_env_and_flags(
         ),
         ("[model_options.a]\nkv_bit = 4\n", 2, "model_options.a.kv_bit", "unknown key"),
         ("[cache]\nkv_bits = 1\n", 2, "cache.kv_bits", "expected one of"),
+        ("[model_options.a]\nspeculative = 'draft'\n", 1, "model_options.a", "needs a draft"),
     ],
     ids=[
         "unknown-key",
@@ -169,6 +170,7 @@ def test_a_daemon_uses_the_files_socket_and_limits_under_env_and_flags(
         "model-option-choice",
         "model-option-unknown",
         "cache-kv-bits",
+        "draft-without-draft",
     ],
 )
 def test_an_invalid_file_names_the_key_and_its_line_and_no_daemon_starts(

@@ -54,6 +54,29 @@ def spec_daemon(tiny_model: Path) -> Iterator[Daemon]:
     assert code == 0, d.log()
 
 
+@pytest.fixture(scope="module")
+def draft_daemon(tiny_model: Path, tiny_model_b: Path, models_root: Path) -> Iterator[Daemon]:
+    """ "self": the tiny model drafting for itself; "other": the other tiny model drafting
+    for it, by default; "mismatch": a draft with another vocabulary."""
+    from mlxd.daemon.demo_model import build_demo_model
+
+    small = build_demo_model(models_root / "small", size="small")
+    folder = short_tmpdir()
+    config = folder / "config.toml"
+    config.write_text(
+        f'[models]\ntiny = "{tiny_model}"\nself = "{tiny_model}"\nother = "{tiny_model}"\n'
+        f'tiny-b = "{tiny_model_b}"\nsmall = "{small}"\nmismatch = "{tiny_model}"\n\n'
+        '[model_options.self]\ndraft = "tiny"\n\n'
+        '[model_options.other]\ndraft = "tiny-b"\nspeculative = "draft"\nnum_draft_tokens = 3\n\n'
+        '[model_options.mismatch]\ndraft = "small"\n'
+    )
+    d = start_daemon(folder / "mlxd.sock", env={"MLXD_CONFIG": str(config)})
+    yield d
+    code = d.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+    assert code == 0, d.log()
+
+
 def _tokens(d: Daemon, prompt: str, **options: Any) -> tuple[list[int], Any]:
     with d.client() as c:
         r = c.generate(prompt, max_tokens=MAX_TOKENS, cache=False, **options)
@@ -79,6 +102,36 @@ def test_prompt_lookup_greedy_output_is_plain_decoding_s(
         after = c.stats()
     assert after.tokens_drafted - before.tokens_drafted == drafted  # stats total them
     assert after.tokens_accepted - before.tokens_accepted == accepted
+
+
+@pytest.mark.parametrize("model", ["self", "other"])
+def test_draft_model_greedy_output_is_plain_decoding_s(
+    draft_daemon: Daemon, tiny_model: Path, model: str
+) -> None:
+    drafted = accepted = 0
+    for prompt in PROMPTS:
+        _, plain = reference(tiny_model, prompt, MAX_TOKENS)
+        # "other" speculates with its draft by its configuration, unasked.
+        asked = {"speculative": "draft"} if model == "self" else {}
+        tokens, done = _tokens(draft_daemon, prompt, model=model, **asked)
+        assert tokens == plain, prompt
+        assert done.speculative.mode == "draft"
+        drafted += done.speculative.drafted
+        accepted += done.speculative.accepted
+    if model == "self":  # the model proposing its own greedy tokens: nearly all right
+        assert accepted >= 0.9 * drafted > 0
+    else:  # another model's: nearly all wrong, every one checked
+        assert drafted > 0 and accepted < 0.5 * drafted
+
+
+def test_a_draft_with_another_vocabulary_fails_the_load_saying_so(draft_daemon: Daemon) -> None:
+    from mlxd.client import ModelLoadError
+
+    with draft_daemon.client() as c:
+        with pytest.raises(ModelLoadError) as info:
+            c.generate("x", model="mismatch", max_tokens=2)
+        assert "vocabulary" in str(info.value) and "small" in str(info.value)
+        assert c.generate("x", model="tiny", max_tokens=2).done.finish_reason == "length"
 
 
 def test_off_reports_nothing_and_draft_without_a_draft_model_is_refused(
@@ -179,44 +232,43 @@ def _counts(samples: list[tuple[int, ...]]) -> Counter[tuple[int, ...]]:
     return Counter(samples)
 
 
+@pytest.mark.parametrize(("model", "mode"), [("tiny", LOOKUP), ("self", "draft")])
 def test_sampling_at_temperature_keeps_the_distribution(
-    spec_daemon: Daemon, tiny_model: Path
+    draft_daemon: Daemon, tiny_model: Path, model: str, mode: str
 ) -> None:
     """Two-sample chi-squared test on three tokens after the first, 300 seeds each, plain
-    against prompt lookup. ``logit_bias`` leaves the model two tokens (" a", " b") to
-    choose between, in proportions of its own, so proposals (copies of "a b a b") are
-    often right and often wrong. The test must also tell plain sampling apart from a
-    wrong decoder that takes every proposal unchecked."""
+    against speculative (prompt lookup; the model drafting for itself). ``logit_bias``
+    leaves the model two tokens (" a", " b") to choose between, in proportions of its own,
+    so proposals are often right and often wrong. For prompt lookup the test must also
+    tell plain sampling apart from a wrong decoder that takes every proposal unchecked."""
     from mlx_lm import load
 
     _, tokenizer = load(str(tiny_model))
     prompt = "a b a b a b a b a b a"
     ids = tokenizer.encode(prompt)
-    a, b = ids[-1], ids[-2]
-    bias = {a: 30.0, b: 30.0}
+    bias = {ids[-1]: 30.0, ids[-2]: 30.0}
     n = 300
 
     def sample(**options: Any) -> list[list[int]]:
-        with spec_daemon.client() as c:
+        with draft_daemon.client() as c:
             return [
                 c.generate(
-                    prompt, max_tokens=4, temperature=0.8, seed=seed, cache=False,
-                    logit_bias=bias, **options,
+                    prompt, model=model, max_tokens=4, temperature=0.8, seed=seed,
+                    cache=False, logit_bias=bias, **options,
                 ).tokens
                 for seed in range(n)
             ]  # fmt: skip
 
     plain = sample()
-    fast = sample(speculative=LOOKUP)
+    fast = sample(speculative=mode)
     assert all(len(t) == 4 for t in plain + fast)
-    assert (
-        _chi2_p(_counts([tuple(t[1:]) for t in plain]), _counts([tuple(t[1:]) for t in fast]))
-        > 1e-3
-    )
-    from mlxd.daemon.speculative import propose
+    after_first = _counts([tuple(t[1:]) for t in plain])
+    assert _chi2_p(after_first, _counts([tuple(t[1:]) for t in fast])) > 1e-3
+    if mode == LOOKUP:
+        from mlxd.daemon.speculative import propose
 
-    unchecked = [(t[1], *propose([*ids, *t[:2]], 2)) for t in plain]
-    assert _chi2_p(_counts([tuple(t[1:]) for t in plain]), _counts(unchecked)) < 1e-6
+        unchecked = [(t[1], *propose([*ids, *t[:2]], 2)) for t in plain]
+        assert _chi2_p(after_first, _counts(unchecked)) < 1e-6
 
 
 def _chi2_p(a: Counter[Any], b: Counter[Any]) -> float:
