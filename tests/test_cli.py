@@ -169,3 +169,18 @@ def test_stats_prints_a_readable_summary(daemon: Daemon) -> None:
     # No raw byte count of the budget: sizes are scaled.
     stats = json.loads(mlxd("stats", "--socket", sock, "--json").stdout)
     assert str(stats["memory"]["budget_bytes"]) not in text
+
+
+def test_generate_speculative_gives_the_same_text_and_says_what_it_drafted(
+    daemon: Daemon, tiny_model: Path
+) -> None:
+    prompt = "a b c a b c a b c a b"
+    out = mlxd(
+        "generate", "--socket", str(daemon.socket), "--max-tokens", "20",
+        "--speculative", "prompt_lookup", "--verbose", prompt,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == reference(tiny_model, prompt, 20)[0] + "\n"
+    assert "prompt_lookup: " in out.stderr and "drafted tokens accepted" in out.stderr
+    bad = mlxd("generate", "--socket", str(daemon.socket), "--speculative", "maybe", "x")
+    assert bad.returncode == 2 and "maybe" in bad.stderr

@@ -307,3 +307,26 @@ def _chi2_sf(x: float, k: int) -> float:
             break
     lower = math.exp(-z + s * math.log(z) - math.lgamma(s)) * total
     return max(0.0, 1.0 - lower)
+
+
+def test_the_http_apis_take_speculative_as_an_extra_field(http_daemon: Any) -> None:
+    import httpx
+    import openai
+
+    sdk = openai.OpenAI(base_url=f"{http_daemon.base_url}/v1", api_key="x", max_retries=0)
+    prompt = PROMPTS[7]
+    plain = sdk.completions.create(model="tiny", prompt=prompt, max_tokens=16)
+    fast = sdk.completions.create(
+        model="tiny", prompt=prompt, max_tokens=16, extra_body={"speculative": LOOKUP}
+    )
+    assert fast.choices[0].text == plain.choices[0].text
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.completions.create(model="tiny", prompt="x", extra_body={"speculative": "maybe"})
+    assert info.value.body["param"] == "speculative"  # type: ignore[index]
+    url, body = f"{http_daemon.base_url}/api/generate", {"model": "tiny", "prompt": prompt}
+    options: dict[str, Any] = {"num_predict": 16}
+    replies = [
+        httpx.post(url, json={**body, "stream": False, "options": o}, timeout=60).json()
+        for o in (options, {**options, "speculative": LOOKUP})
+    ]
+    assert replies[0]["response"] == replies[1]["response"]
