@@ -10,16 +10,18 @@ masks filled into one bitmask by llguidance's ``LLExecutor`` (``fill_next_token_
 unpacked once, and applied to the batch's logits by one ``mx.where``; free rows' mask is
 all ones, so their logits, and tokens, are exactly what they would be unmasked.
 
-How: ``install`` wraps mlx-lm's ``GenerationBatch._step`` (present, with the attributes
-read here, from mlx-lm 0.31.2 through 0.32.x). A step with constrained rows runs the
-original with the batch's ``model`` swapped for a ``_Masking`` one, which masks the
-forward pass's logits; the rows it masked have ``batched`` set, so that their processors,
-which mlx-lm still calls, pass the logits through (anything after them, e.g. a
-repetition penalty, cannot lift a -inf either way). A row this cannot do the usual way (its
-context shorter than the matcher's: a rollback) is left to its processor. mlx-lm's
-processor interface has no batch-level hook, and this keeps its loop, caches and sampling
-untouched; where ``GenerationBatch`` is not what this expects, nothing is wrapped and the
-processors do it all, row by row, as before.
+How: ``install`` wraps mlx-lm's ``GenerationBatch._step`` (present, with the ``model``,
+``logits_processors`` and ``tokens`` read here, from mlx-lm 0.31.2 through 0.32.x). A step
+with constrained rows runs the original with the batch's ``model`` swapped for a
+``_Masking`` one, which masks the forward pass's logits, and with the constraints taken
+out of the rows' processors for that call (put back after), so that mlx-lm does not run
+them too, and a batch with no other processors keeps mlx-lm's batched path (no per-row
+slicing). A row's context is mlx-lm's own list of its tokens (``tokens``) plus the step's
+input, as a processor would see it, so a re-fed token after a pause is not consumed
+twice. Whatever comes after the mask (a repetition penalty, a logit bias) cannot lift a
+-inf. mlx-lm's processor interface has no batch-level hook, and this leaves its loop,
+caches and sampling as they are; where ``GenerationBatch`` is not what this expects, nothing
+is wrapped and the processors do it all, row by row, as before.
 
 Threading: worker thread only (the executor and the matchers are not shared).
 """
@@ -51,10 +53,10 @@ def _executor() -> llguidance.LLExecutor:
 
 
 class _Masking:
-    """The batch's model, its logits masked for the constrained ``rows`` (row index, the
-    row's constraint, its context length this step)."""
+    """The batch's model, its logits masked for the constrained ``rows``: (row index, the
+    row's constraint, the row's tokens before this step's input, mlx-lm's own list)."""
 
-    def __init__(self, model: Any, rows: list[tuple[int, Constraint, int]]) -> None:
+    def __init__(self, model: Any, rows: list[tuple[int, Constraint, list[int]]]) -> None:
         self.model = model
         self.rows = rows
 
@@ -67,10 +69,11 @@ class _Masking:
         bits = np.full((batch, (vocab + 31) // 32), -1, dtype=np.int32)  # free rows: all
         filled: list[tuple[llguidance.LLMatcher, int]] = []
         broken: list[tuple[int, Constraint]] = []
-        for e, constraint, n in self.rows:
+        for e, constraint, history in self.rows:
+            n = len(history) + 1  # the context a processor would see: this step's input last
             ahead = constraint.steps_to(n)
-            matcher = constraint.advance(n, [tokens[e]] if ahead == 1 else [])
-            constraint.batched = True
+            new = [*history[len(history) - ahead + 1 :], tokens[e]] if ahead > 0 else []
+            matcher = constraint.advance(n, new)
             if matcher is None:
                 broken.append((e, constraint))
             else:
@@ -91,18 +94,6 @@ class _Masking:
         return mx.where(mask, logits, mx.array(-mx.inf, logits.dtype))
 
 
-def _rows(batch: Any) -> list[tuple[int, Constraint, int]]:
-    """The batch's constrained rows this step can mask: (row, constraint, context length)."""
-    rows = []
-    for e, processors in enumerate(batch.logits_processors or ()):
-        for processor in processors or ():
-            if isinstance(processor, Constraint):
-                n = batch._token_context[e]._size + 1  # after this step's input token
-                if processor.steps_to(n) in (0, 1):
-                    rows.append((e, processor, n))
-    return rows
-
-
 def install() -> bool:
     """Wrap ``GenerationBatch._step`` (once); False where mlx-lm's is not what this expects."""
     try:
@@ -115,17 +106,25 @@ def install() -> bool:
 
     @functools.wraps(step)
     def masked_step(self: Any) -> Any:
-        rows = _rows(self) if enabled and any(self.logits_processors or ()) else []
+        processors = self.logits_processors
+        if not enabled or not any(processors or ()):
+            return step(self)
+        rows, others = [], []
+        for e, row in enumerate(processors):
+            row = tuple(row or ())
+            constraints = [p for p in row if isinstance(p, Constraint)]
+            if constraints:
+                rows.append((e, constraints[0], self.tokens[e]))
+                row = tuple(p for p in row if not isinstance(p, Constraint))
+            others.append(row)
         if not rows:
             return step(self)
         model = self.model
-        self.model = _Masking(model, rows)
+        self.model, self.logits_processors = _Masking(model, rows), others
         try:
             return step(self)
         finally:
-            self.model = model
-            for _, constraint, _ in rows:
-                constraint.batched = False
+            self.model, self.logits_processors = model, processors
 
     masked_step._mlxd_masked = True  # type: ignore[attr-defined]
     GenerationBatch._step = masked_step  # type: ignore[method-assign]

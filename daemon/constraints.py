@@ -132,12 +132,12 @@ class Constraint:
     context is as long as the last time, so nothing is consumed twice; a shorter context
     rolls the matcher back.
 
-    In a ``BatchGenerator`` step, daemon/batch_mask.py usually does this for all the
-    batch's constraints at once (one wait for the sampled tokens, one mask): it sets
-    ``batched`` and the call passes the logits through.
+    In a ``BatchGenerator`` step, daemon/batch_mask.py does this for all the batch's
+    constraints at once (one wait for the sampled tokens, one mask), through
+    ``steps_to`` and ``advance``, instead of calling it.
     """
 
-    __slots__ = ("_consumed", "_eos", "_matcher", "_start", "_vocab", "batched")
+    __slots__ = ("_consumed", "_eos", "_matcher", "_start", "_vocab")
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: list[int]) -> None:
         self._matcher = matcher
@@ -145,7 +145,6 @@ class Constraint:
         self._eos = eos
         self._start: int | None = None
         self._consumed = 0
-        self.batched = False
 
     @property
     def vocab_size(self) -> int:
@@ -177,9 +176,6 @@ class Constraint:
         return allowed
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if self.batched:
-            self.batched = False
-            return logits
         n = tokens.shape[-1]
         ahead = self.steps_to(n)
         new = tokens[n - ahead :].tolist() if ahead > 0 else []
