@@ -237,16 +237,23 @@ def _batch_outputs(model: Any, tokenizer: Any, loaded: Any, pause_at: int) -> li
     PERSON; the first constrained one is taken out after its ``pause_at``-th token and put
     back after the next step, as the worker pauses a sequence (daemon/pausing.py)."""
     from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_logits_processors
 
     from mlxd.daemon.constraints import constraint_for
     from mlxd.daemon.pausing import put_back, take_out
     from mlxd.protocol import JsonSchemaFormat
 
     prompts = [tokenizer.encode(p) for p in FREE_PROMPTS[:6]]
-    processors = [
+    processors: list[list[Any]] = [
         [constraint_for(JsonSchemaFormat(schema=PERSON), loaded)] if i % 2 else []
         for i in range(len(prompts))
     ]
+    # A bias (every even token down) before the constraint, and one on a free row: the
+    # batch's mask must leave both working (mlx-lm still runs them, the constraint taken
+    # out for the step).
+    bias = make_logits_processors(logit_bias={t: -30.0 for t in range(0, loaded.vocab_size, 2)})
+    processors[3] = [*bias, *processors[3]]
+    processors[4] = bias
     generator = BatchGenerator(
         model,
         stop_tokens=[[t] for t in tokenizer.eos_token_ids],
