@@ -3,12 +3,13 @@
 A ``Constraint`` (daemon/constraints.py) is a per-sequence logits processor, and as one,
 each constrained row of a batch waits for its own sampled token (a ``tolist`` that forces
 an eval), computes its own mask and builds its own ``mx.where``: 16 waits and 16 masks a
-step at 16 sequences, which cost more than a fifth of the batch's decode throughput on
-2 x86 cores (bench/structured.py). Here a step does it once for the batch: one wait for
-the step's input tokens (every row's last sampled one), the matchers advanced, their
-masks filled into one bitmask by llguidance's ``LLExecutor`` (``fill_next_token_bitmask_par``),
-unpacked once, and applied to the batch's logits by one ``mx.where``; free rows' mask is
-all ones, so their logits, and tokens, are exactly what they would be unmasked.
+step at 16 sequences, which cost 15-25% of the batch's decode throughput on 2 x86 cores
+(bench/structured.py's headline; in process, with the two alternating). Here a step does
+it once for the batch: one wait for the step's input tokens (every row's last sampled
+one), the matchers advanced, their masks filled into one bitmask by llguidance's
+``LLExecutor`` (``fill_next_token_bitmask_par``), unpacked once, and applied to the batch's
+logits by one ``mx.where``; free rows' mask is all ones, so their logits, and tokens, are
+exactly what they would be unmasked.
 
 How: ``install`` wraps mlx-lm's ``GenerationBatch._step`` (present, with the ``model``,
 ``logits_processors`` and ``tokens`` read here, from mlx-lm 0.31.2 through 0.32.x). A step
@@ -94,6 +95,10 @@ class _Masking:
         return mx.where(mask, logits, mx.array(-mx.inf, logits.dtype))
 
 
+_EXPECTED = {"model", "logits_processors", "tokens"}
+"""The ``GenerationBatch`` attributes read and swapped here."""
+
+
 def install() -> bool:
     """Wrap ``GenerationBatch._step`` (once); False where mlx-lm's is not what this expects."""
     try:
@@ -106,8 +111,8 @@ def install() -> bool:
 
     @functools.wraps(step)
     def masked_step(self: Any) -> Any:
-        processors = self.logits_processors
-        if not enabled or not any(processors or ()):
+        processors = getattr(self, "logits_processors", None)
+        if not enabled or not any(processors or ()) or not vars(self).keys() >= _EXPECTED:
             return step(self)
         rows, others = [], []
         for e, row in enumerate(processors):
