@@ -114,6 +114,9 @@ def constraint_for(fmt: Format | None, loaded: LoadedModel) -> Constraint | None
     raises ``InvalidField`` for a format that does not compile."""
     if fmt is None:
         return None
+    from . import batch_mask  # imports this module
+
+    batch_mask.install()  # once: the batch's constraints as one mask per step
     formats = formats_of(loaded)
     grammar, field, what = _grammar(fmt)
     return Constraint(formats.matcher(grammar, field, what), formats.vocab_size, formats.eos)
@@ -128,6 +131,10 @@ class Constraint:
     then. A paused sequence (daemon/pausing.py) resumes one token back, fed again: the
     context is as long as the last time, so nothing is consumed twice; a shorter context
     rolls the matcher back.
+
+    In a ``BatchGenerator`` step, daemon/batch_mask.py does this for all the batch's
+    constraints at once (one wait for the sampled tokens, one mask), through
+    ``steps_to`` and ``advance``, instead of calling it.
     """
 
     __slots__ = ("_consumed", "_eos", "_matcher", "_start", "_vocab")
@@ -139,22 +146,43 @@ class Constraint:
         self._start: int | None = None
         self._consumed = 0
 
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        n = tokens.shape[-1]
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    def steps_to(self, n: int) -> int:
+        """Tokens a context of ``n`` brings that the matcher has not consumed (negative:
+        it must roll back); 0 on the first call."""
+        return 0 if self._start is None else n - self._start - self._consumed
+
+    def advance(self, n: int, new: list[int]) -> llguidance.LLMatcher | None:
+        """Bring the matcher to a context of ``n`` tokens whose unconsumed ones are ``new``
+        (``steps_to(n)`` of them, or none to roll back); the matcher, or None if it is in
+        error (never expected: every token came from the mask)."""
         if self._start is None:
             self._start = n
         generated = n - self._start
         matcher = self._matcher
         if generated < self._consumed:
             matcher.rollback(self._consumed - generated)
-        elif generated > self._consumed:
-            matcher.consume_tokens(tokens[self._start + self._consumed :].tolist())
+        elif new:
+            matcher.consume_tokens(new)
         self._consumed = generated
+        return None if matcher.is_error() else matcher
+
+    def eos_only(self, width: int) -> np.ndarray:
+        allowed = np.zeros(width, dtype=np.bool_)
+        allowed[[t for t in self._eos if t < width]] = True
+        return allowed
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        n = tokens.shape[-1]
+        ahead = self.steps_to(n)
+        new = tokens[n - ahead :].tolist() if ahead > 0 else []
+        matcher = self.advance(n, new)
         width = logits.shape[-1]
-        if matcher.is_error():
-            # Never expected (every token came from the mask); end the output cleanly.
-            allowed = np.zeros(width, dtype=np.bool_)
-            allowed[[t for t in self._eos if t < width]] = True
+        if matcher is None:  # end the output cleanly
+            allowed = self.eos_only(width)
         else:
             bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
             allowed = np.unpackbits(bits, bitorder="little")[:width].astype(np.bool_)

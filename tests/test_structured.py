@@ -230,3 +230,86 @@ def test_each_distinct_format_is_compiled_once_per_model(tiny_model: Path) -> No
     constraint_for(RegexFormat(pattern="[ab]+"), loaded)
     assert formats_of(loaded).compiles == 2
     assert first is not None and again is not None and first is not again
+
+
+def _batch_outputs(model: Any, tokenizer: Any, loaded: Any, pause_at: int) -> list[list[int]]:
+    """Greedy tokens of 6 sequences in one ``BatchGenerator``, every other one constrained to
+    PERSON; the first constrained one is taken out after its ``pause_at``-th token and put
+    back after the next step, as the worker pauses a sequence (daemon/pausing.py)."""
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_logits_processors
+
+    from mlxd.daemon.constraints import constraint_for
+    from mlxd.daemon.pausing import put_back, take_out
+    from mlxd.protocol import JsonSchemaFormat
+
+    prompts = [tokenizer.encode(p) for p in FREE_PROMPTS[:6]]
+    processors: list[list[Any]] = [
+        [constraint_for(JsonSchemaFormat(schema=PERSON), loaded)] if i % 2 else []
+        for i in range(len(prompts))
+    ]
+    # A bias (every even token down) before the constraint, and one on a free row: the
+    # batch's mask must leave both working (mlx-lm still runs them, the constraint taken
+    # out for the step).
+    bias = make_logits_processors(logit_bias={t: -30.0 for t in range(0, loaded.vocab_size, 2)})
+    processors[3] = [*bias, *processors[3]]
+    processors[4] = bias
+    generator = BatchGenerator(
+        model,
+        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+        completion_batch_size=8,
+        prefill_batch_size=2,  # joiners arrive over steps: rows move
+    )
+    uids = generator.insert(prompts, max_tokens=[40] * len(prompts), logits_processors=processors)
+    owner = {uid: i for i, uid in enumerate(uids)}
+    out: list[list[int]] = [[] for _ in prompts]
+    ended: set[int] = set()
+    held = None
+    while len(ended) < len(prompts):
+        if held is not None:
+            (uid,) = [put_back(generator, held, 40 - len(out[1]), None, processors[1])]
+            owner[uid], held = 1, None
+        _, responses = generator.next()
+        for r in responses:
+            i = owner[r.uid]
+            out[i].append(r.token)
+            if r.finish_reason:
+                ended.add(i)
+            elif i == 1 and len(out[1]) == pause_at:
+                held = take_out(generator, r.uid, None)
+                assert held is not None
+    generator.close()
+    return out
+
+
+def test_a_batch_masks_its_constrained_rows_at_once_as_each_row_alone_would(
+    tiny_model: Path,
+) -> None:
+    """In process: daemon/batch_mask.py's one mask per step gives every row the tokens the
+    per-row processors give (free rows unmasked, constrained ones valid), through a pause
+    and resume that feeds a constrained row's last token again."""
+    from helpers import _load
+
+    from mlxd.daemon import batch_mask
+
+    model, tokenizer = _load(str(tiny_model))
+
+    class Loaded:
+        def __init__(self) -> None:
+            self.tokenizer = tokenizer
+            self.vocab_size = int(model.args.vocab_size)
+
+    loaded: Any = Loaded()
+    try:
+        batch_mask.enabled = False
+        alone = _batch_outputs(model, tokenizer, loaded, pause_at=3)
+        batch_mask.enabled = True
+        before = dict(batch_mask.stats)
+        together = _batch_outputs(model, tokenizer, loaded, pause_at=3)
+    finally:
+        batch_mask.enabled = True
+    assert batch_mask.stats["rows"] - before["rows"] > 20  # the batch path masked them
+    assert together == alone
+    eos = set(tokenizer.eos_token_ids)
+    for i in (1, 3, 5):
+        check(tokenizer.decode([t for t in together[i] if t not in eos]), PERSON)
