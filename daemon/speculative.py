@@ -85,22 +85,41 @@ def can_speculate(spec: Speculation | None, state: list[Any]) -> bool:
     return spec is not None and spec.num_draft_tokens > 0 and can_trim_prompt_cache(state)
 
 
-def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of the longest
-    suffix of ``tokens`` (``max_ngram`` tokens at most) that occurred before."""
-    n_tokens = len(tokens)
-    if k <= 0 or n_tokens < 2:
+class NgramIndex:
+    """Where each n-gram (1 to ``max_ngram`` tokens) of a growing token list last occurred
+    with a token after it: prompt lookup's proposals, found in constant time per pass
+    rather than by a scan of the whole context."""
+
+    def __init__(self, tokens: Sequence[int], max_ngram: int = MAX_NGRAM) -> None:
+        self.tokens: list[int] = []
+        self._max = max_ngram
+        self._after: list[dict[tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+        self.extend(tokens)
+
+    def extend(self, new: Sequence[int]) -> None:
+        tokens, after = self.tokens, self._after
+        for token in new:
+            end = len(tokens)  # the n-grams ending here are followed by ``token``
+            tokens.append(token)
+            for n in range(1, min(self._max, end) + 1):
+                after[n][tuple(tokens[end - n : end])] = end
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest
+        suffix that occurred before."""
+        tokens = self.tokens
+        if k <= 0:
+            return []
+        for n in range(min(self._max, len(tokens) - 1), 0, -1):
+            start = self._after[n].get(tuple(tokens[len(tokens) - n :]))
+            if start is not None:
+                return tokens[start : start + k]
         return []
-    for n in range(min(max_ngram, n_tokens - 1), 0, -1):
-        suffix = list(tokens[n_tokens - n :])
-        first = suffix[0]
-        # The latest occurrence first: recent text is the likeliest to be copied again.
-        for start in range(n_tokens - n - 1, -1, -1):
-            if tokens[start] == first and list(tokens[start : start + n]) == suffix:
-                follow = list(tokens[start + n : start + n + k])
-                if follow:
-                    return follow
-    return []
+
+
+def propose(tokens: Sequence[int], k: int, max_ngram: int = MAX_NGRAM) -> list[int]:
+    """``NgramIndex(tokens).propose(k)``: what prompt lookup proposes after ``tokens``."""
+    return NgramIndex(tokens, max_ngram).propose(k)
 
 
 def _sample(
@@ -143,7 +162,8 @@ def lookup_step(
     already in ``state``): yields (token, logprobs, proposed) as ``generate_step`` does,
     ``max_tokens`` of them at most (never a proposal past them: the state stays within
     what the sequence was charged for)."""
-    tokens = [*context, *prompt]
+    index = NgramIndex([*context, *prompt])
+    tokens = index.tokens
     y = prompt
     while len(y) > 1:  # the prompt but its last token, as generate_step prefills it
         n = min(prefill_step_size, len(y) - 1)
@@ -151,9 +171,9 @@ def lookup_step(
         mx.eval([c.state for c in state])
         y = y[n:]
         mx.clear_cache()
-    produced = 0
+    produced, k = 0, spec.num_draft_tokens
     while produced < max_tokens:
-        proposals = propose(tokens, min(spec.num_draft_tokens, max_tokens - produced - 1))
+        proposals = index.propose(min(k, max_tokens - produced - 1))
         logits = model(mx.array(y + proposals)[None], cache=state)[0, -(len(proposals) + 1) :]
         sampled, logprobs = _sample(logits, tokens, proposals, sampler, processors)
         out = sampled.tolist()
@@ -162,10 +182,14 @@ def lookup_step(
             accepted += 1
         spec.drafted += len(proposals)
         spec.accepted += accepted
+        # Propose as far as the last pass got right, and one more: a wrong run costs the
+        # pass its length, a right one saves as many passes.
+        if proposals:
+            k = min(spec.num_draft_tokens, accepted + 1 if accepted < len(proposals) else k + 1)
         # The state holds y and every proposal; keep y and the accepted ones.
         trim_prompt_cache(state, len(proposals) - accepted)
         kept = out[: accepted + 1]
-        tokens.extend(kept)
+        index.extend(kept)
         produced += len(kept)
         y = kept[-1:]
         for i, token in enumerate(kept):
