@@ -138,7 +138,7 @@ _PER_TOKEN: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], int | None]] = 
 
 def quantized_bytes_per_token(loaded: Any, bits: int, group_size: int) -> int | None:
     """What one token of ``loaded``'s KV costs quantized, measured as
-    ``models._kv_bytes_per_token`` measures the plain cost: a one-token forward pass, its
+    ``weights.kv_bytes_per_token`` measures the plain cost: a one-token forward pass, its
     cache quantized. None where the model's head dimension cannot be quantized in groups
     of ``group_size`` (its ``kv_bits`` is then not used: logged once)."""
     known = _PER_TOKEN.setdefault(loaded, {})

@@ -3,7 +3,7 @@
 A saved entry must never be wrong, never fatal and never another user's to read:
 
 - each entry is one mlx-lm ``save_prompt_cache`` file whose metadata carries its model,
-  the identity of that model's weights (``models._identity``: a content hash), its
+  the identity of that model's weights (``weights.identity``: a content hash), its
   tokens, its pin, and ``mlxd_check``: a sha256 binding all of these to every tensor's
   name, dtype, shape and bytes. A file is used only if it passes every check; any other
   (corrupt, truncated, malformed, another model's, made from other weights) is skipped
