@@ -24,7 +24,6 @@ Threading: worker thread only.
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ import structlog
 
 from mlxd.protocol import Error, Generate, Queued, Warm, errors
 
+from . import clock
 from .charges import added_bytes
 from .config import Config
 from .constraints import constraint_for
@@ -175,7 +175,7 @@ class Admission:
         if self.paused:
             self._pause_running(events)
         position = 0
-        now = time.perf_counter()
+        now = clock.mono()
         aging = self.config.background_aging_s
         # Once a request waits for memory, lower lanes wait too: they would take the room
         # it waits for.

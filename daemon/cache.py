@@ -43,7 +43,6 @@ Threading: worker thread only. It holds MLX arrays and calls MLX; no locks, by d
 from __future__ import annotations
 
 import copy
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +59,7 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
-from . import kv_quant
+from . import clock, kv_quant
 
 log = structlog.get_logger("mlxd.cache")
 
@@ -180,7 +179,7 @@ class _Entry:
 
     @property
     def pinned(self) -> bool:
-        return self.pin_until > time.time()
+        return self.pin_until > clock.wall()
 
 
 @dataclass(eq=False)

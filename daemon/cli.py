@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--allow-root", action="store_true", default=None, help="accept root's connections too"
     )
+    serve.add_argument(
+        "--distributed",
+        action="store_true",
+        default=None,
+        help="one model across the ranks of mlx.launch (rank 0 serves; see the README)",
+    )
     serve.add_argument("--http", help="serve the OpenAI and Ollama HTTP APIs: HOST:PORT, unix:PATH")
     serve.add_argument("--api-key-file", help="a 0600 file with the HTTP API's bearer key")
     serve.add_argument(

@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from mlxd.protocol.paths import socket_path_problem
 
@@ -69,11 +70,27 @@ def serve(args: argparse.Namespace) -> int:
         preflight.check(loaded, download=False)
         return loaded.config
 
-    code = run_server(config, reload)
-    # Everything is closed and flushed by now. Leave without running C++ static destructors:
-    # MLX's stream threads can still be winding down from the worker thread's exit, and
-    # destroying them then aborts the process ("terminate called without an active
-    # exception"), turning a clean exit into a crash report.
+    lockstep = None
+    if config.distributed:  # every rank agrees, or none starts (daemon/distributed.py)
+        from . import distributed
+
+        try:
+            config, lockstep = distributed.prepare(config)
+        except distributed.RefusedToStart as exc:
+            print(f"mlxd: error: invalid_config: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if not lockstep.leads:
+            _leave(distributed.follow(config, lockstep))
+    # No reload in distributed mode: every rank must run the one configuration.
+    _leave(run_server(config, None if lockstep is not None else reload, lockstep))
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit with ``code``. Everything is closed and flushed by now. Leave without running
+    C++ static destructors:
+    MLX's stream threads can still be winding down from the worker thread's exit, and
+    destroying them then aborts the process ("terminate called without an active
+    exception"), turning a clean exit into a crash report."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -94,7 +111,9 @@ def _unbindable_socket(config: Config) -> str | None:
     return None if problem is None else f"{problem}: use a shorter --http unix:PATH"
 
 
-def run_server(config: Config, reload: Callable[[], Config] | None = None) -> int:
+def run_server(
+    config: Config, reload: Callable[[], Config] | None = None, lockstep: Any = None
+) -> int:
     import asyncio
 
     from .http_auth import HttpRefused, check_http
@@ -111,7 +130,7 @@ def run_server(config: Config, reload: Callable[[], Config] | None = None) -> in
         except HttpRefused as exc:
             print(f"mlxd: error: http_refused: {exc}", file=sys.stderr)
             return 1
-    server = Server(config, reload)
+    server = Server(config, reload, lockstep)
     try:
         if uvloop is not None:
             return uvloop.run(server.serve())

@@ -103,6 +103,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     """A worker round (a model load, one batch step) running longer than this is a stall:
     the daemon reports unhealthy, fails what is in flight and exits non-zero."""
     allow_root: bool = False
+    distributed: bool = False
+    """Serve one model across the ranks of ``mlx.launch``: rank 0 serves, the others follow
+    its rounds (daemon/lockstep.py)."""
     """Also accept connections from root when the daemon runs as another user."""
     http: str | None = None
     """Where the OpenAI- and Ollama-compatible HTTP API listens: ``HOST:PORT`` or

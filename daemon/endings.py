@@ -31,6 +31,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlxd.protocol import Done, Error, Generate, Timings, Usage, Warm, errors
 
+from . import clock
 from .cache import PromptCache, cache_bytes, cache_length
 from .memory import MemoryBudget
 from .models import ModelRegistry
@@ -157,7 +158,7 @@ def return_state(
 def _pin_until(warm: Warm) -> float:
     if not warm.pin:
         return 0.0
-    return math.inf if warm.ttl_s is None else time.time() + warm.ttl_s
+    return math.inf if warm.ttl_s is None else clock.wall() + warm.ttl_s
 
 
 def _next_turn_key(

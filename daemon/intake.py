@@ -118,8 +118,8 @@ class Intake:
         """Refuse a prompt that its size alone puts over the limits; hand a big one to the
         tokenizer thread (True), whose result comes back through the inbox."""
         refuse_oversized(req, loaded, self.config.max_prompt_tokens)
-        if req.tokens is not None or text_chars(req) <= INLINE_CHARS:
-            return False
+        if req.tokens is not None or text_chars(req) <= INLINE_CHARS or self.config.distributed:
+            return False  # (distributed: every rank tokenizes in the same round)
         self._tokenizing[sink] = req
 
         def job() -> None:  # on the tokenizer thread: HF tokenizer work only, no MLX

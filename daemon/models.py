@@ -31,14 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import msgspec
 import structlog
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
+from mlx_lm.utils import sharded_load
 
 from mlxd.protocol import ModelInfo, errors
 
-from . import hub, weights
+from . import clock, hub, weights
 from .config import Config
 from .prompts import max_token_bytes
 from .weights import LOAD_STEPS  # noqa: F401  (how progress is reported: tests read it)
@@ -85,7 +87,7 @@ class LoadedModel:
     """The most bytes of text one token stands for (``prompts.max_token_bytes``): a text
     of B bytes is at least B / this many tokens. None: no such bound for this tokenizer."""
     pinned_by_config: bool = False
-    last_used: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=clock.wall)
     active: int = 0
     """Sequences running on it now; a model with any is never unloaded."""
     speculative: str | None = None
@@ -105,7 +107,7 @@ class LoadedModel:
         return math.ceil(tokens * (per_token + per_pair * context))
 
     def touch(self, keep_alive_s: float | None) -> None:
-        self.last_used = time.time()
+        self.last_used = clock.wall()
         if keep_alive_s is not None and not self.pinned_by_config:
             self.keep_alive_s = keep_alive_s
 
@@ -129,8 +131,11 @@ class ModelRegistry:
         on_load: Callable[[LoadedModel], None] | None = None,
         on_unload: Callable[[LoadedModel], None] | None = None,
         make_room: Callable[[int], bool] | None = None,
+        agree: Callable[[bytes], bytes] | None = None,
     ) -> None:
         self._config = config
+        self._agree = agree
+        """Distributed mode: rank 0's value of what each rank measures for itself."""
         self._on_load = on_load
         self._on_unload = on_unload
         self._make_room = make_room or self._unload_idle_for
@@ -227,13 +232,20 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             # Lazy: the arrays only name their place in the files; weights.read_weights reads them.
-            model, tokenizer, config = mlx_lm_load(str(path), return_config=True, lazy=True)
+            if self._config.distributed:  # this rank's share of the weights
+                model, tokenizer, config = sharded_load(str(path), return_config=True)
+            else:
+                model, tokenizer, config = mlx_lm_load(str(path), return_config=True, lazy=True)
             report = functools.partial(on_progress, name) if on_progress else None
             nbytes = weights.read_weights(model, report)
             kv_per_token = weights.kv_bytes_per_token(model)
             context_length = config.get("max_position_embeddings")
             self.mlx_peak_floor = max(self.mlx_peak_floor, mx.get_peak_memory())
             scratch = weights.scratch_per_token(model, config, context_length)
+            if self._agree is not None:  # every rank charges alike, so decides alike
+                scratch = msgspec.msgpack.decode(
+                    self._agree(msgspec.msgpack.encode(scratch)), type=tuple[float, float]
+                )
             identity = weights.identity(path)
             vocab_size = weights.vocab_size(model, tokenizer)
             options = self._config.options(name)
@@ -319,7 +331,7 @@ class ModelRegistry:
 
     def sweep(self, now: float | None = None) -> None:
         """Unload idle models whose keep-alive has passed."""
-        now = time.time() if now is None else now
+        now = clock.wall() if now is None else now
         if self._stale:
             self._unload_stale()
         for m in list(self._resident.values()):
@@ -329,7 +341,7 @@ class ModelRegistry:
     def next_expiry(self) -> float | None:
         """Seconds until the next keep-alive expiry, so the worker knows how long to sleep."""
         times = [
-            m.last_used + m.keep_alive_s - time.time()
+            m.last_used + m.keep_alive_s - clock.wall()
             for m in self._resident.values()
             if m.active == 0 and m.keep_alive_s >= 0
         ]

@@ -299,9 +299,15 @@ class Connection:
 
 
 class Server:
-    def __init__(self, config: Config, reload: Callable[[], Config] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reload: Callable[[], Config] | None = None,
+        lockstep: Any = None,
+    ) -> None:
         self.config = config
         self._reload = reload  # builds the configuration anew for SIGHUP; may raise
+        self._lockstep = lockstep  # distributed mode: rank 0's end (daemon/lockstep.py)
         self.connections: set[Connection] = set()
         # Those of them that have not said hello yet, oldest first.
         self._handshaking: dict[Connection, None] = {}
@@ -363,6 +369,7 @@ class Server:
             self.config,
             LoopOutbox(loop, self._deliver),
             on_death=lambda exc: loop.call_soon_threadsafe(self._worker_died, exc),
+            lockstep=self._lockstep,
         )
         self.worker.start()
         if self.config.default_model_name():

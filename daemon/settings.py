@@ -126,6 +126,8 @@ class FileSchema(_Strict):
     stall_timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
     """Seconds one worker round may take before the daemon exits 1 to be restarted."""
     allow_root: bool | None = None
+    distributed: bool | None = None
+    """Serve one model across the ranks of ``mlx.launch`` (daemon/lockstep.py)."""
     http: str | None = None
     """``HOST:PORT`` or ``unix:PATH``: the HTTP API's listener."""
     api_key_file: str | None = None
@@ -179,6 +181,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_grace", "shutdown_grace_s", "--shutdown-grace"),
     Setting("stall_timeout", "stall_timeout_s", "--stall-timeout"),
     Setting("allow_root", "allow_root", "--allow-root"),
+    Setting("distributed", "distributed", "--distributed"),
     Setting("http", "http", "--http"),
     Setting("api_key_file", "api_key_file", "--api-key-file", path=True),
     Setting("blas", "blas", "--blas"),

@@ -59,6 +59,7 @@ from .inbox import (
     WorkerRequest,
 )
 from .intake import Intake
+from .lockstep import HEARTBEAT_S, Lockstep
 from .memory import MemoryBudget, give_back_buffers
 from .models import LoadedModel, ModelError, ModelRegistry, RequestError
 from .outbox import Event, LoopOutbox
@@ -106,8 +107,11 @@ class Worker:
         config: Config,
         outbox: LoopOutbox,
         on_death: Callable[[BaseException], None],
+        lockstep: Lockstep | None = None,
     ) -> None:
         self._config = config
+        self._lockstep = lockstep
+        """Distributed mode: this rank's end of the rounds (daemon/lockstep.py)."""
         self._outbox = outbox
         self._on_death = on_death
         self._inbox = Inbox()
@@ -124,6 +128,7 @@ class Worker:
             on_load=self._model_loaded,
             on_unload=self._model_unloaded,
             make_room=lambda needed: self._budget.make_room(needed),
+            agree=lockstep.agree if lockstep is not None else None,
         )
         self._budget = MemoryBudget(
             config.memory_budget_bytes,
@@ -167,6 +172,10 @@ class Worker:
         self._inbox.put(Preload(model))
 
     def cancel(self, sink: Any) -> None:
+        if self._lockstep is not None:
+            # Not marked at once: every rank must see the cancel in the same round.
+            self._inbox.put(Cancel(sink))
+            return
         self._inbox.cancel(sink)
 
     def pause(self, owner: Any) -> None:
@@ -200,6 +209,8 @@ class Worker:
                     raise InjectedCrash("injected worker crash (MLXD_FAULTS)")
                 events: list[Event] = []
                 commands = self._take_commands()
+                if self._lockstep is not None:  # every rank: rank 0's commands and clock
+                    commands = self._lockstep.share(commands)
                 if PROFILE is not None:
                     PROFILE.begin(len(self._sequences.active))
                 self._publish(idle=False)
@@ -213,9 +224,9 @@ class Worker:
                     # accounting (a decode round changes no charge): not summed every token.
                     self._budget.note()
                     self._noted = self._sequences.changes
-                self._outbox.post(events)
+                self._post(events)
                 if self._sequences.active:
-                    self._outbox.post(self._sequences.step_all())
+                    self._post(self._sequences.step_all())
                 if PROFILE is not None:
                     PROFILE.end()
                 now = time.monotonic()
@@ -226,12 +237,21 @@ class Worker:
                     self._swept_at = now
             self._end_all(errors.SHUTTING_DOWN, "the daemon is shutting down")
             self._persist_cache()
+            if self._lockstep is not None and self._lockstep.leads:
+                log.info(
+                    "rounds_shared", rounds=self._lockstep.rounds, bytes=self._lockstep.bytes_sent
+                )
             if PROFILE is not None:
                 PROFILE.write()
             mx.synchronize()  # no MLX work may outlive the thread that queued it
         except BaseException as exc:
             log.critical("worker_died", error=repr(exc), traceback=traceback.format_exc())
             self._on_death(exc)
+
+    def _post(self, events: list[Event]) -> None:
+        if self._lockstep is not None:
+            self._lockstep.ended(events)
+        self._outbox.post(events)
 
     def _publish(self, idle: bool) -> None:
         now = time.monotonic()
@@ -246,6 +266,8 @@ class Worker:
 
     def _take_commands(self) -> list[Command]:
         commands: list[Command] = []
+        if self._lockstep is not None and not self._lockstep.leads:
+            return commands  # a follower's come from rank 0 (``share``)
         if not self._sequences.active and not self._admission.waiting:
             # Idle: sleep until a command comes or a model's keep-alive expires.
             self._publish(idle=True)
@@ -254,6 +276,8 @@ class Worker:
                 # Give MLX's buffer cache back to the system once idle for a moment (not
                 # between the keystrokes of a burst, which reuse it).
                 timeout = IDLE_TRIM_S if timeout is None else min(timeout, IDLE_TRIM_S)
+            if self._lockstep is not None:  # the followers hear from rank 0 even when idle
+                timeout = HEARTBEAT_S if timeout is None else min(timeout, HEARTBEAT_S)
             command = self._inbox.wait(timeout)
             if command is None:
                 give_back_buffers()
@@ -396,4 +420,4 @@ class Worker:
         self._sequences.end_all(code, message, events)
         self._admission.end_all(code, message, events)
         self._intake.end_all(code, message, events)
-        self._outbox.post(events)
+        self._post(events)

@@ -69,6 +69,14 @@ NOT_RUN: dict[str, str] = {
     "protocol/      mlxd.protocol": "a file tree, not code",
     "./dev test": "runs the whole test suite (minutes)",
     ".venv/bin/python bench/single_stream.py": "benchmarks: minutes each",
+    "mlx.distributed_config --verbose": (
+        "needs two Macs (Thunderbolt or Ethernet); tests/test_distributed.py runs two ranks "
+        "over loopback as mlx.launch starts them"
+    ),
+    "mlx.launch -n 2 --backend ring": (
+        "starts two daemon ranks in the foreground; tests/test_distributed.py starts them the "
+        "same way (MLX_HOSTFILE, MLX_RANK), to kill or signal one"
+    ),
 }
 
 RUN_LANGUAGES = {"python", "sh", "bash", "console"}
