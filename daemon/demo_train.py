@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import sysconfig
 import time
 from functools import partial
@@ -61,7 +62,7 @@ HELD_OUT = [
 MODEL_CONFIG: dict[str, Any] = {
     "model_type": "llama",
     "num_hidden_layers": 4,
-    "hidden_size": 256,
+    "hidden_size": 192,
     "intermediate_size": 512,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
@@ -73,7 +74,7 @@ MODEL_CONFIG: dict[str, Any] = {
 }
 SETTINGS: dict[str, Any] = {
     "seed": 0,
-    "steps": 1100,
+    "steps": 1700,
     "batch": 4,
     "seq_len": 256,
     "lr": 3e-3,
@@ -247,7 +248,7 @@ def train(out: Path, settings: dict[str, Any] | None = None, log: Any = print) -
         "tokens_per_second": round(s["steps"] * s["batch"] * s["seq_len"] / seconds),
         "loss_curve": curve,
         "mlx": mx.__version__,
-        "python": ".".join(map(str, __import__("sys").version_info[:3])),
+        "python": ".".join(map(str, sys.version_info[:3])),
     }
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"held-out loss {held:.3f} (uniform {math.log(config['vocab_size']):.3f})")
