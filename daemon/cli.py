@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo-model", help="build the demo model directory and exit")
     demo.add_argument("--out", required=True, help="the directory to write")
-    demo.add_argument("--size", choices=["demo", "small", "tiny", "bench"], default="demo")
+    sizes = ["trained", "demo", "small", "tiny", "bench"]
+    demo.add_argument("--size", choices=sizes, default="trained")
 
     from .service import add_parser as add_service_parser
 
@@ -336,10 +337,13 @@ def clear_cache(args: argparse.Namespace) -> int:
 
 
 def demo_model(args: argparse.Namespace) -> int:
-    from .demo_model import build_demo_model
+    from .demo_model import build_demo_model, install_trained_model
 
     try:
-        print(build_demo_model(args.out, size=args.size))
+        if args.size == "trained":  # the shipped trained model, as `serve` gets it
+            print(install_trained_model(args.out))
+        else:
+            print(build_demo_model(args.out, size=args.size))
     except OSError as exc:  # e.g. --out a folder of other files, or one we may not write
         message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else exc
         raise CommandError("cannot_write", f"--out: {message}") from None

@@ -1,11 +1,13 @@
-"""The demo model: a small random-weight llama, built locally and deterministically.
+"""The demo models: the shipped trained one, and small random-weight llamas built locally.
 
-mlxd must be usable (and testable) with no download, so this module writes an mlx-lm model
-directory from nothing: a byte-level BPE tokenizer trained on this Python's own standard
-library sources, and llama weights drawn from ``numpy.random.default_rng(seed)``. The text
-it generates is gibberish, but varied, and the shapes, tokenizer, chat template and
-streaming paths are those of a real model. "demo" is the default model of a fresh install;
-"tiny" is for tests and must build and run fast on a small CPU.
+mlxd must be usable (and testable) with no download. The demo model a fresh install serves
+("demo" in the configuration) is the trained one in ``daemon/demo_weights/`` (made by
+daemon/demo_train.py; it writes Python-like text and fills FIM gaps), which
+``ensure_demo_model`` copies into the demo directory. The random-weight sizes in ``SIZES``
+are written from nothing: a byte-level BPE tokenizer trained on this Python's own standard
+library sources, and llama weights drawn from ``numpy.random.default_rng(seed)``. Their
+text is gibberish, but varied, and the shapes, tokenizer, chat template and streaming paths
+are those of a real model; "tiny" is for tests and must build and run fast on a small CPU.
 
 The weights are the same on every machine; the tokenizer depends on the stdlib sources, so
 it is the same for a given Python version. A directory is complete when its fingerprint
@@ -29,6 +31,7 @@ import sys
 import sysconfig
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,40 +186,63 @@ _HEAD_GAIN = 4.0
 _QUIET_SCALE = 0.5
 
 
+TRAINED_DIR = Path(__file__).with_name("demo_weights")
+"""The shipped trained demo model (daemon/demo_train.py made it): what users get as "demo"."""
+
+
 def ensure_demo_model(out_dir: str | Path | None = None) -> Path:
-    """The demo model directory, built first if it is missing or stale."""
-    return build_demo_model(out_dir if out_dir is not None else default_demo_model_dir())
+    """The demo model directory: the shipped trained model, installed there first if it is
+    missing or stale."""
+    return install_trained_model(out_dir if out_dir is not None else default_demo_model_dir())
+
+
+def install_trained_model(out_dir: str | Path) -> Path:
+    """Copy the shipped trained model to ``out_dir`` (unless it is already there)."""
+    names = sorted(p.name for p in TRAINED_DIR.iterdir() if p.is_file())
+    shipped = {name: _sha256(TRAINED_DIR / name) for name in names}
+    # The copy is stale (and replaced) once the shipped files change, e.g. by an upgrade.
+    want = {"builder": BUILDER_VERSION, "size": "trained", "shipped": shipped}
+
+    def fill(tmp: Path) -> None:
+        for name in names:
+            shutil.copyfile(TRAINED_DIR / name, tmp / name)
+
+    return _build(Path(out_dir), want, fill)
 
 
 def build_demo_model(
     out_dir: str | Path,
     *,
-    size: Literal["demo", "tiny", "bench"] = "demo",
+    size: Literal["demo", "small", "tiny", "bench"] = "demo",
     seed: int = 0,
     markers: str | None = None,
 ) -> Path:
-    """Write the model to ``out_dir`` (unless it is already there) and return the path.
-    ``markers``: one of ``MARKERS`` (a tokenizer and template with tool-call and thinking
-    markers), or None for the plain chat template."""
+    """Write a random-weight model to ``out_dir`` (unless it is already there) and return
+    the path. ``markers``: one of ``MARKERS`` (a tokenizer and template with tool-call and
+    thinking markers), or None for the plain chat template."""
     if size not in SIZES:
         raise ValueError(f"unknown demo model size {size!r}; expected one of {sorted(SIZES)}")
     if markers is not None and markers not in MARKERS:
         raise ValueError(
             f"unknown demo model markers {markers!r}; expected one of {sorted(MARKERS)}"
         )
-    out = Path(out_dir).expanduser().absolute()
     want: dict[str, Any] = {"builder": BUILDER_VERSION, "size": size, "seed": seed}
     if markers is not None:  # absent for the plain builds, so theirs stay valid
         want["markers"] = markers
+    return _build(Path(out_dir), want, lambda tmp: _write_model(tmp, SIZES[size], seed, markers))
+
+
+def _build(out_dir: Path, want: dict[str, Any], fill: Callable[[Path], None]) -> Path:
+    out = out_dir.expanduser().absolute()
     if _is_complete(out, want):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
     try:
-        _write_model(tmp, SIZES[size], seed, markers)
+        fill(tmp)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        # Provenance only: the tokenizer's corpus is this Python's stdlib.
+        # Provenance only: a random build's tokenizer corpus is this Python's stdlib.
         python = ".".join(map(str, sys.version_info[:3]))
         _write_json(tmp / FINGERPRINT_FILE, {**want, "python": python, "files": files})
         _install(tmp, out, want)
@@ -267,6 +293,15 @@ def _sha256(path: Path) -> str:
 
 
 def _write_model(out: Path, config: dict[str, Any], seed: int, markers: str | None) -> None:
+    tokenizer = write_tokenizer(out, config, markers)
+    specials = len(SPECIAL_TOKENS) + (len(MARKERS[markers][0]) if markers is not None else 0)
+    weights = _weights(config, seed, _quiet_ids(tokenizer, specials))
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+
+
+def write_tokenizer(out: Path, config: dict[str, Any], markers: str | None = None) -> Tokenizer:
+    """Train the tokenizer and write it, its settings and ``config.json`` (all but the
+    weights) to ``out``; daemon/demo_train.py's trained model uses it too."""
     extra, template = MARKERS[markers] if markers is not None else ([], CHAT_TEMPLATE)
     specials = SPECIAL_TOKENS + extra
     tokenizer = _train_tokenizer(config["vocab_size"], specials)
@@ -298,8 +333,7 @@ def _write_model(out: Path, config: dict[str, Any], seed: int, markers: str | No
             "torch_dtype": "bfloat16",
         },
     )
-    weights = _weights(config, seed, _quiet_ids(tokenizer, len(specials)))
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return tokenizer
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -84,10 +84,11 @@ def test_greedy_outputs_vary(tiny_model: Path) -> None:
 def test_ensure_builds_once_and_replaces_only_stale_demo_builds(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    # A stale build (another size) at the demo path is replaced by the demo build...
+    # A stale build (a random size) at the demo path is replaced by the shipped trained
+    # model...
     path = shutil.copytree(tiny_model, tmp_path / "demo")
     assert ensure_demo_model(path) == path
-    assert json.loads((path / FINGERPRINT_FILE).read_text())["size"] == "demo"
+    assert json.loads((path / FINGERPRINT_FILE).read_text())["size"] == "trained"
     # ...which a second call keeps as it is.
     before = _stamps(path)
     assert ensure_demo_model(path) == path

@@ -32,3 +32,23 @@ def test_the_blocker_really_blocks_mlx() -> None:
         [sys.executable, "-c", BLOCK_MLX + "import mlx.core"], capture_output=True, text=True
     )
     assert out.returncode != 0 and "MLX is absent" in out.stderr
+
+
+def test_the_trained_demo_model_is_package_data() -> None:
+    import fnmatch
+    from pathlib import Path
+
+    from mlxd.daemon.demo_model import TRAINED_DIR
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = config["package-data"]["mlxd.daemon"]
+    names = sorted(p.name for p in TRAINED_DIR.iterdir() if p.is_file())
+    assert "model.safetensors" in names and "tokenizer.json" in names
+    for name in names:
+        relative = f"{TRAINED_DIR.name}/{name}"
+        assert any(fnmatch.fnmatch(relative, pat) for pat in patterns), relative

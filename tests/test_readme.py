@@ -77,6 +77,9 @@ NOT_RUN: dict[str, str] = {
         "starts two daemon ranks in the foreground; tests/test_distributed.py starts them the "
         "same way (MLX_HOSTFILE, MLX_RANK), to kill or signal one"
     ),
+    ".venv/bin/python -m mlxd.daemon.demo_train": (
+        "trains the demo model (minutes); tests/test_demo_trained.py checks the shipped one"
+    ),
 }
 
 RUN_LANGUAGES = {"python", "sh", "bash", "console"}
@@ -250,7 +253,7 @@ def test_the_readme_lists_every_demo_model_size() -> None:
     found = re.search(r"--size \{([^}]*)\}", help_text)
     assert found, help_text
     choices = found.group(1).split(",")
-    assert set(choices) == set(SIZES)
+    assert set(choices) == {"trained", *SIZES}  # trained: the shipped one, the rest random
     listed = "\\|".join(choices)  # as a Markdown table cell writes "|"
     assert f"mlxd demo-model --out DIR [--size {listed}]" in README_TEXT
     for size in choices:
