@@ -282,3 +282,48 @@ def test_a_follower_that_stalls_makes_rank_0_say_so_and_exit_nonzero(model32: Pa
     finally:
         r.procs[1].send_signal(signal.SIGCONT)
         r.kill()
+
+
+SHARDED_REFERENCE = """
+import json, sys
+import mlx.core as mx
+from mlx_lm import stream_generate
+from mlx_lm.utils import sharded_load
+group = mx.distributed.init()
+model, tokenizer = sharded_load(sys.argv[1])
+out = {}
+for prompt in json.loads(sys.argv[2]):
+    ids = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=24)]
+    out[prompt] = [t for t in ids if t not in tokenizer.eos_token_ids]
+if group.rank() == 0:
+    print(json.dumps(out))
+"""
+
+
+def test_in_bfloat16_the_output_is_mlx_lm_s_own_sharded_generation(tiny_model: Path) -> None:
+    """In bfloat16 a sharded pass may round a greedy token differently from one process;
+    the daemon's two ranks still give exactly what mlx-lm's own sharded generation gives:
+    the lockstep adds nothing to the arithmetic."""
+    folder = short_tmpdir()
+    hosts = folder / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARDED_REFERENCE, str(tiny_model), json.dumps(PROMPTS)],
+            env={**os.environ, "MLX_HOSTFILE": str(hosts), "MLX_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    expected = json.loads(procs[0].communicate(timeout=120)[0])
+    assert procs[1].wait(60) == 0
+    r = start_ranks([[f"tiny={tiny_model}"]] * 2)
+    try:
+        with r.client() as c:
+            for prompt in PROMPTS:
+                assert c.generate(prompt, max_tokens=24, cache=False).tokens == expected[prompt]
+    finally:
+        r.procs[0].send_signal(signal.SIGTERM)
+        assert r.wait(60) == [0, 0]
+        r.kill()
