@@ -5,6 +5,7 @@ fills a FIM gap using the text after it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -13,12 +14,13 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import pytest
 from conftest import Daemon, short_tmpdir, start_daemon
 from helpers import fim_tokens, reference
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm import load
 
 from mlxd.daemon.demo_model import FINGERPRINT_FILE, TRAINED_DIR, build_demo_model
@@ -42,9 +44,18 @@ def demo_daemon() -> Iterator[tuple[Daemon, Path]]:
     assert code == 0, d.log()
 
 
+@functools.cache
+def _float32(model_dir: str) -> Any:
+    """The model's weights upcast to float32 for scoring: the same numbers, and on this
+    CPU many times faster (MLX's bfloat16 matmul does not go through the BLAS)."""
+    model, _ = load(model_dir)
+    model.update(tree_map(lambda a: a.astype(mx.float32), model.parameters()))
+    return model
+
+
 def _loss(model_dir: Path, ids: list[int]) -> float:
     """Mean next-token cross-entropy (nats) of ``ids``, in windows of 256 tokens."""
-    model, _ = load(str(model_dir))
+    model = _float32(str(model_dir))
     total, count = 0.0, 0
     for at in range(0, len(ids) - 1, 256):
         chunk = ids[at : at + 257]
@@ -97,7 +108,7 @@ def test_held_out_loss_is_far_below_a_uniform_and_a_random_model(tmp_path: Path)
     ids = _held_out_ids(TRAINED_DIR)
     trained = _loss(TRAINED_DIR, ids)
     random_dir = build_demo_model(tmp_path / "random", size="demo")
-    random = _loss(random_dir, _held_out_ids(random_dir))
+    random = _loss(random_dir, _held_out_ids(random_dir)[:1500])  # 15.8: far off, soon seen
     assert trained < LIMIT * UNIFORM, trained
     assert trained < random - 3, (trained, random)
     assert trained < _context_free(ids), (trained, _context_free(ids))
@@ -154,7 +165,7 @@ SUFFIX = "\n    return message\n"
 
 
 def _logprob(model_dir: Path, context: list[int], target: list[int]) -> float:
-    model, _ = load(str(model_dir))
+    model = _float32(str(model_dir))
     logits = model(mx.array([context + target[:-1]]))[0, len(context) - 1 :].astype(mx.float32)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return mx.take_along_axis(logprobs, mx.array(target)[:, None], axis=-1).sum().item()

@@ -31,7 +31,7 @@ from helpers import reference
 
 from mlxd.client import Chunk, Client, DaemonUnavailableError, MlxdError
 
-STALL_S = 8
+STALL_S = 4
 
 
 @dataclass
