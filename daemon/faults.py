@@ -8,6 +8,8 @@
   is in flight with ``worker_unavailable`` and exit non-zero);
 - ``worker_stall@N``: the worker's Nth round takes 3 s more (``health`` must still answer
   at once, from the event loop, and show the worker busy);
+- ``drop_command@N``: distributed mode, a follower: the Nth round's first command is not
+  handled (the follower must find it has diverged, and stop at once);
 - ``save_stall@N``: a prompt-cache save logs ``fault_save_stall`` and sleeps 60 s before
   writing its Nth file (a test kills the daemon there: the last save must survive).
 

@@ -83,6 +83,13 @@ class Round(msgspec.Struct, array_like=True):
     commands: list[WireCommand]
     wall: float
     mono: float
+    state: str = ""
+    """Rank 0's digest of its worker's state at the end of the last round (``Worker.digest``):
+    a follower whose own differs has diverged, and stops at once rather than serve on."""
+
+
+class Diverged(RuntimeError):
+    """This follower's worker no longer matches rank 0's: its KV shares cannot be trusted."""
 
 
 @dataclass(frozen=True)
@@ -120,12 +127,13 @@ class Lockstep:
 
     # ------------------------------------------------------------------ the round
 
-    def share(self, commands: list[Command]) -> list[Command]:
+    def share(self, commands: list[Command], state: str = "") -> list[Command]:
         """The round's commands and clock, the same on every rank: rank 0's (``commands``),
-        which the followers receive in their place (theirs are always empty)."""
+        which the followers receive in their place (theirs are always empty). ``state``:
+        this rank's digest of the last round's end; a follower's must be rank 0's."""
         if self.leads:
             pairs = [(c, w) for c in commands if (w := self._wire(c)) is not None]
-            got = Round([w for _, w in pairs], time.time(), time.perf_counter())
+            got = Round([w for _, w in pairs], time.time(), time.perf_counter(), state)
             payload = _ENCODER.encode(got)
             self._broadcast(payload)
             self.bytes_sent += len(payload)
@@ -133,6 +141,11 @@ class Lockstep:
             shared = [c for c, _ in pairs]
         else:
             got = _ROUND.decode(self._broadcast(None))
+            if got.state != state:
+                raise Diverged(
+                    f"rank {self.rank}'s worker diverged from rank 0's (after round "
+                    f"{self.rounds}: {state} here, {got.state} there)"
+                )
             shared = [self._command(w) for w in got.commands]
         clock.set_round(got.wall, got.mono)
         self.rounds += 1

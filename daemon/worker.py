@@ -28,6 +28,7 @@ replaced whole, one atomic attribute store.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 import time
 import traceback
@@ -210,7 +211,9 @@ class Worker:
                 events: list[Event] = []
                 commands = self._take_commands()
                 if self._lockstep is not None:  # every rank: rank 0's commands and clock
-                    commands = self._lockstep.share(commands)
+                    commands = self._lockstep.share(commands, self._digest())
+                    if self._faults and commands and self._faults.hit("drop_command"):
+                        commands = commands[1:]
                 if PROFILE is not None:
                     PROFILE.begin(len(self._sequences.active))
                 self._publish(idle=False)
@@ -247,6 +250,21 @@ class Worker:
         except BaseException as exc:
             log.critical("worker_died", error=repr(exc), traceback=traceback.format_exc())
             self._on_death(exc)
+
+    def _digest(self) -> str:
+        """What every rank's worker must agree on between rounds (distributed mode): the
+        running and waiting requests, the tokens generated, the prompt cache's entries
+        and bytes, the resident models. Cheap: counts and ids, not states."""
+        seqs = sorted((s.request.id, s.completion_tokens) for s in self._sequences.active.values())
+        parts = (
+            seqs,
+            len(self._admission.waiting),
+            self._sequences.tokens_generated,
+            len(self._cache),
+            self._cache.nbytes,
+            self._resident_names,
+        )
+        return hashlib.blake2b(repr(parts).encode(), digest_size=8).hexdigest()
 
     def _post(self, events: list[Event]) -> None:
         if self._lockstep is not None:

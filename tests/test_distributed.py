@@ -63,8 +63,11 @@ class Ranks:
                 p.wait(10)
 
 
-def start_ranks(models: list[list[str]], wait: bool = True) -> Ranks:
-    """Two ranks; ``models[rank]``: that rank's ``--model`` values."""
+def start_ranks(
+    models: list[list[str]], wait: bool = True, faults: tuple[str, str] = ("", "")
+) -> Ranks:
+    """Two ranks; ``models[rank]``: that rank's ``--model`` values; ``faults[rank]``: its
+    ``MLXD_FAULTS``."""
     folder = short_tmpdir()
     hosts = folder / "hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
@@ -74,7 +77,7 @@ def start_ranks(models: list[list[str]], wait: bool = True) -> Ranks:
     procs, logs = [], []
     for rank in (0, 1):
         env = {**os.environ, "MLX_HOSTFILE": str(hosts), "MLX_RANK": str(rank),
-               "MLXD_CONFIG": str(config)}  # fmt: skip
+               "MLXD_CONFIG": str(config), "MLXD_FAULTS": faults[rank]}  # fmt: skip
         cmd = [sys.executable, "-m", "mlxd.daemon", "serve", "--distributed",
                "--socket", str(socket), "--state-dir", str(folder / f"state-{rank}"),
                "--log-format", "json", "--stall-timeout", str(STALL_S)]  # fmt: skip
@@ -326,4 +329,22 @@ def test_in_bfloat16_the_output_is_mlx_lm_s_own_sharded_generation(tiny_model: P
     finally:
         r.procs[0].send_signal(signal.SIGTERM)
         assert r.wait(60) == [0, 0]
+        r.kill()
+
+
+def test_a_follower_that_diverges_stops_at_once_and_rank_0_with_it(model32: Path) -> None:
+    # The follower skips one command, a clear_cache (no forward pass: the collectives stay
+    # in step), so its prompt cache keeps an entry rank 0's dropped. The next round's digest
+    # shows it: the follower must stop, not serve on with a cache rank 0 does not have.
+    r = start_ranks([[f"tiny={model32}"]] * 2, faults=("", "drop_command@3"))
+    try:
+        with r.client() as c:
+            c.generate("x", max_tokens=4)  # round 2: an entry, on both
+            c.clear_cache()  # round 3: rank 0 only
+            with pytest.raises((MlxdError, OSError)):
+                c.generate("y", max_tokens=4)
+        codes = r.wait(STALL_S * 3)
+        assert codes[1] == 1 and "diverged from rank 0" in r.log(1), r.log(1)[-2000:]
+        assert codes[0] not in (None, 0), r.log(0)[-2000:]
+    finally:
         r.kill()
