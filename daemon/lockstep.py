@@ -12,7 +12,9 @@ round (``Round``):
 - the commands the round takes (requests, cancels, pauses, preloads, the stop), in their
   order, each request's sink named by a number the followers map to a stand-in sink;
 - the round's clock (wall and monotonic), which every decision that reads the time
-  (background aging, keep-alive, pins) reads instead of its own (daemon/clock.py).
+  (background aging, keep-alive, pins) reads instead of its own (daemon/clock.py);
+- rank 0's digest of its worker's state after the last round, which each follower checks
+  against its own (``Diverged``: it stops rather than serve on out of step).
 
 The rest is a function of those: the same tokens (prompts are tokenized on the worker, not
 on a thread of their own whose timing differs), the same byte accounting (tensor
