@@ -47,6 +47,23 @@ def tiny_model_b(models_root: Path) -> Path:
     return build_demo_model(models_root / "tiny-b", size="tiny", seed=1)
 
 
+@pytest.fixture(scope="session")
+def qwen3_model(models_root: Path) -> Path:
+    """Tiny, with Qwen3's thinking markers and Qwen3-Coder's XML tool calls (mlx-lm's
+    ``qwen3_coder`` parser)."""
+    from mlxd.daemon.demo_model import build_demo_model
+
+    return build_demo_model(models_root / "tiny-qwen3", size="tiny", markers="qwen3")
+
+
+@pytest.fixture(scope="session")
+def hermes_model(models_root: Path) -> Path:
+    """Tiny, with Hermes' JSON tool calls (mlx-lm's ``json_tools`` parser), no thinking."""
+    from mlxd.daemon.demo_model import build_demo_model
+
+    return build_demo_model(models_root / "tiny-hermes", size="tiny", markers="hermes")
+
+
 def short_tmpdir() -> Path:
     # AF_UNIX paths are limited to ~104 bytes; pytest's tmp_path can be longer.
     return Path(tempfile.mkdtemp(prefix="mlxd-", dir="/tmp"))
@@ -165,6 +182,20 @@ def start_http_daemon(*args: str, env: dict[str, str] | None = None) -> HttpDaem
     port = free_port()
     d = start_daemon(short_tmpdir() / "mlxd.sock", "--http", f"127.0.0.1:{port}", *args, env=env)
     return HttpDaemon(d.socket, d.proc, d.log_path, d.args, base_url=f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="session")
+def tools_daemon(hermes_model: Path, qwen3_model: Path, tiny_model: Path) -> Iterator[HttpDaemon]:
+    """One HTTP-serving daemon for the tool-call tests: both marker models, and the plain
+    tiny one (no tool calling)."""
+    d = start_http_daemon(
+        "--model", f"hermes={hermes_model}", "--model", f"qwen3={qwen3_model}",
+        "--model", f"tiny={tiny_model}", "--default-model", "hermes",
+    )  # fmt: skip
+    yield d
+    code = d.stop()
+    shutil.rmtree(d.socket.parent, ignore_errors=True)
+    assert code == 0, d.log()
 
 
 @pytest.fixture(scope="session")

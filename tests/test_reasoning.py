@@ -28,16 +28,6 @@ MAX_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def qwen3_model(models_root: Path) -> Path:
-    return build_demo_model(models_root / "tiny-qwen3", size="tiny", markers="qwen3")
-
-
-@pytest.fixture(scope="module")
-def hermes_model(models_root: Path) -> Path:
-    return build_demo_model(models_root / "tiny-hermes", size="tiny", markers="hermes")
-
-
-@pytest.fixture(scope="module")
 def think_daemon(qwen3_model: Path, tiny_model: Path) -> Iterator[HttpDaemon]:
     d = start_http_daemon(
         "--model", f"qwen3={qwen3_model}", "--model", f"tiny={tiny_model}",

@@ -10,7 +10,6 @@ all), so the daemon's reading of it goes through mlx-lm's real parser.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,10 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from conftest import HttpDaemon, start_http_daemon
+from conftest import HttpDaemon
 from helpers import _load
 
 from mlxd.client import Chunk, Client, InvalidRequestError
-from mlxd.daemon.demo_model import build_demo_model
 
 WEATHER = {
     "type": "object",
@@ -58,20 +56,6 @@ NATIVE_CALL = {
     "hermes": ("get_time", {"tz": "UTC"}),
     "qwen3": ("get_weather", {"city": "Paris", "days": 3}),  # "3" typed by the schema
 }
-
-
-@pytest.fixture(scope="module")
-def tools_daemon(models_root: Path, tiny_model: Path) -> Iterator[HttpDaemon]:
-    hermes = build_demo_model(models_root / "tiny-hermes", size="tiny", markers="hermes")
-    qwen3 = build_demo_model(models_root / "tiny-qwen3", size="tiny", markers="qwen3")
-    d = start_http_daemon(
-        "--model", f"hermes={hermes}", "--model", f"qwen3={qwen3}",
-        "--model", f"tiny={tiny_model}", "--default-model", "hermes",
-    )  # fmt: skip
-    yield d
-    code = d.stop()
-    shutil.rmtree(d.socket.parent, ignore_errors=True)
-    assert code == 0, d.log()
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +156,10 @@ def test_without_tools_the_markers_are_plain_text(tools_daemon: HttpDaemon) -> N
     assert r.text.startswith("<tool_call>\n{") and r.text.endswith("</tool_call>")
 
 
-def test_tool_choice_none_bans_the_start_of_a_call(tools_daemon: HttpDaemon) -> None:
-    _, tokenizer = _load(str(_model_dir(tools_daemon, "hermes")))
+def test_tool_choice_none_bans_the_start_of_a_call(
+    tools_daemon: HttpDaemon, hermes_model: Path
+) -> None:
+    _, tokenizer = _load(str(hermes_model))
     (start,) = tokenizer.tool_call_start_tokens
     push = {start: 100.0}  # the model would start a call at once
     with tools_daemon.client() as c:
@@ -184,11 +170,11 @@ def test_tool_choice_none_bans_the_start_of_a_call(tools_daemon: HttpDaemon) -> 
 
 
 def test_tools_reach_the_chat_template_and_greedy_output_is_mlx_lm_s(
-    tools_daemon: HttpDaemon,
+    tools_daemon: HttpDaemon, hermes_model: Path
 ) -> None:
     from mlx_lm import stream_generate
 
-    model, tokenizer = _load(str(_model_dir(tools_daemon, "hermes")))
+    model, tokenizer = _load(str(hermes_model))
     prompt = tokenizer.apply_chat_template(ASK, tools=TOOLS, add_generation_prompt=True)
     without = tokenizer.apply_chat_template(ASK, add_generation_prompt=True)
     assert len(prompt) > len(without)
@@ -236,7 +222,9 @@ def test_tools_go_with_messages(tools_daemon: HttpDaemon) -> None:
 
 
 @pytest.mark.parametrize("model", ["hermes", "qwen3"])
-def test_a_tool_round_trip_natively_hits_the_cache(tools_daemon: HttpDaemon, model: str) -> None:
+def test_a_tool_round_trip_natively_hits_the_cache(
+    tools_daemon: HttpDaemon, hermes_model: Path, qwen3_model: Path, model: str
+) -> None:
     with tools_daemon.client() as c:
         first = c.chat(ASK, model=model, tools=TOOLS, tool_choice={"name": "get_time"},
                        max_tokens=40)  # fmt: skip
@@ -248,7 +236,7 @@ def test_a_tool_round_trip_natively_hits_the_cache(tools_daemon: HttpDaemon, mod
              "name": call.name},
         ]  # fmt: skip
         second = c.chat(history, model=model, tools=TOOLS, max_tokens=4)
-    _, tokenizer = _load(str(_model_dir(tools_daemon, model)))
+    _, tokenizer = _load(str({"hermes": hermes_model, "qwen3": qwen3_model}[model]))
     rendered_call = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
         {"id": call.id, "type": "function",
          "function": {"name": call.name, "arguments": call.arguments}}]}]  # fmt: skip
@@ -334,13 +322,6 @@ def test_openai_a_call_s_arguments_must_be_json_object_text(sdk: openai.OpenAI) 
     with pytest.raises(openai.BadRequestError) as info:
         sdk.chat.completions.create(model="hermes", messages=bad, tools=TOOLS, max_tokens=4)  # type: ignore[arg-type]
     assert info.value.body["param"] == "messages[1].tool_calls[0].function.arguments"  # type: ignore[index]
-
-
-def _model_dir(daemon: HttpDaemon, name: str) -> Path:
-    for arg in daemon.args:
-        if arg.startswith(f"{name}="):
-            return Path(arg.split("=", 1)[1])
-    raise AssertionError(name)
 
 
 def test_a_warm_up_with_tools_is_the_prefix_of_a_chat_that_offers_them(

@@ -12,19 +12,14 @@ forcing rounds are posted as plain JSON and their replies read with the SDK's ow
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import ollama
 import pytest
-from conftest import HttpDaemon, start_http_daemon
-
-from mlxd.daemon.demo_model import build_demo_model
+from conftest import HttpDaemon
 
 WEATHER = {
     "type": "object",
@@ -47,20 +42,6 @@ TOOLS = [
     for name, schema in SCHEMAS.items()
 ]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def tools_daemon(models_root: Path, tiny_model: Path) -> Iterator[HttpDaemon]:
-    hermes = build_demo_model(models_root / "tiny-hermes", size="tiny", markers="hermes")
-    qwen3 = build_demo_model(models_root / "tiny-qwen3", size="tiny", markers="qwen3")
-    d = start_http_daemon(
-        "--model", f"hermes={hermes}", "--model", f"qwen3={qwen3}",
-        "--model", f"tiny={tiny_model}", "--default-model", "hermes",
-    )  # fmt: skip
-    yield d
-    code = d.stop()
-    shutil.rmtree(d.socket.parent, ignore_errors=True)
-    assert code == 0, d.log()
 
 
 def post(d: HttpDaemon, body: dict[str, Any]) -> tuple[int, bytes]:
