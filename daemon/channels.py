@@ -85,10 +85,6 @@ class Split:
                 transitions.setdefault(src, []).append((text, dst))
             self._machine = TextStateMachine(transitions).make_state(self.channel)
 
-    @property
-    def reasoning(self) -> bool:
-        return self.channel == REASONING
-
     def add(self, token: int) -> Piece:
         """Take one generated token: what is now safe to release."""
         if self._ids is not None and (to := self._ids.get((self.channel, token))) is not None:

@@ -14,6 +14,10 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+NUM_DRAFT_TOKENS = 4
+"""Tokens speculative decoding proposes per forward pass, unless a model's options say:
+past a few, a rejected run wastes the pass's work."""
+
 
 class ModelOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     kv_bits: Literal[2, 3, 4, 5, 6, 8] | None = None
@@ -30,7 +34,7 @@ class ModelOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     speculative: Literal["off", "prompt_lookup", "draft"] | None = None
     """How a generate of this model speculates when it does not say (daemon/speculative.py);
     ``draft`` needs ``draft``."""
-    num_draft_tokens: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
+    num_draft_tokens: Annotated[int, msgspec.Meta(ge=1, le=16)] = NUM_DRAFT_TOKENS
     """Tokens proposed per forward pass, by either mode."""
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ from mlxd.protocol import ModelInfo, errors
 
 from . import clock, hub, weights
 from .config import Config
+from .model_options import NUM_DRAFT_TOKENS
 from .prompts import max_token_bytes
 from .weights import LOAD_STEPS  # noqa: F401  (how progress is reported: tests read it)
 
@@ -94,7 +95,7 @@ class LoadedModel:
     """Its configured speculative mode (``Generate.speculative`` when a request gives none)."""
     draft: Any = None
     """Its draft model (an mlx-lm model), loaded with it, for ``speculative`` ``draft``."""
-    num_draft_tokens: int = 4
+    num_draft_tokens: int = NUM_DRAFT_TOKENS
 
     @property
     def pinned(self) -> bool:
@@ -211,10 +212,10 @@ class ModelRegistry:
             raise ModelError(errors.MODEL_LOAD_FAILED, f"{path} is not an mlx-lm model directory")
         budget = self._config.memory_budget_bytes
         needed = weights.weights_on_disk(path)
-        draft = self._config.options(name).draft
-        if draft is not None:
+        options = self._config.options(name)
+        if options.draft is not None:
             with contextlib.suppress(ModelError):  # an unknown draft fails its load below
-                needed += weights.weights_on_disk(self.resolve(draft))  # loaded with it
+                needed += weights.weights_on_disk(self.resolve(options.draft))  # loaded with it
         if needed > budget:
             raise ModelError(
                 errors.INSUFFICIENT_MEMORY,
@@ -248,7 +249,6 @@ class ModelRegistry:
                 )
             identity = weights.identity(path)
             vocab_size = weights.vocab_size(model, tokenizer)
-            options = self._config.options(name)
             draft = None
             if options.draft is not None:
                 draft, draft_bytes, draft_kv = self._load_draft(name, options.draft, vocab_size)

@@ -37,10 +37,9 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 
 from mlxd.protocol import Generate, SpeculativeUse
 
+from .model_options import NUM_DRAFT_TOKENS
 from .sampling import InvalidField
 
-NUM_DRAFT_TOKENS = 4
-"""Proposals per pass, by default: past a few, a rejected run wastes the pass's work."""
 MAX_NGRAM = 4
 """The longest suffix prompt lookup matches (then shorter, down to one token)."""
 
